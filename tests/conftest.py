@@ -1,0 +1,70 @@
+"""Tiny random models built from configs in code: nothing is downloaded by a test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = ("the a movie film was is great good bad awful fine plot actors story boring fun loved hated it this "
+         "and but not very really positive negative cat dog yes no review sentiment : . , ! ? hello world "
+         "answer question what who why how paris france capital of").split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+VOCAB = 64  # >= len(specials + WORDS)
+
+
+def tiny_config(arch: str):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.1, embd_pdrop=0.1,
+                          attn_pdrop=0.1, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    raise ValueError(arch)
+
+
+def make_backbone(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    from softprompt import CausalLMBackbone
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    model.config._name_or_path = f"tiny-{arch}-{seed}"
+    return CausalLMBackbone(model, make_tokenizer())
+
+
+ARCHS = ["llama", "gpt2", "qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def backbone(request):
+    return make_backbone(request.param)
+
+
+@pytest.fixture
+def llama():
+    return make_backbone("llama")
