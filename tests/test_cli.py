@@ -1,0 +1,83 @@
+"""The CLI: each subcommand works on a local model folder, --help works, and mistakes print one line."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_backbone
+
+import softprompt as sp
+from softprompt.cli import build_parser, main
+
+
+@pytest.fixture
+def setup(tmp_path):
+    bb = make_backbone("llama")
+    bb.model.save_pretrained(tmp_path / "model")
+    bb.tokenizer.save_pretrained(tmp_path / "model")
+    prompt = sp.PromptTuning.create(bb, num_virtual_tokens=4, init="text", init_text="great movie")
+    sp.save_prompt(tmp_path / "p.safetensors", prompt, bb)
+    return tmp_path, bb, prompt
+
+
+@pytest.mark.parametrize("cmd", ["generate", "inspect", "export", "import", "demo"])
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0 and "usage: softprompt " + cmd in capsys.readouterr().out
+
+
+def test_generate_matches_the_library(setup, capsys):
+    tmp, bb, prompt = setup
+    rc = main(["generate", "--model", str(tmp / "model"), "--prompt", str(tmp / "p.safetensors"),
+               "--max-new-tokens", "5", "--json", "the movie was", "it is"])
+    assert rc == 0
+    got = json.loads(capsys.readouterr().out)
+    expected = sp.generate(bb, prompt, ["the movie was", "it is"], max_new_tokens=5).texts
+    assert [g["output"] for g in got] == expected
+
+
+def test_inspect_shows_shape_size_metadata_and_nearest_tokens(setup, capsys):
+    tmp, bb, prompt = setup
+    assert main(["inspect", str(tmp / "p.safetensors"), "--model", str(tmp / "model"), "--nearest", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt (4, 32) float32" in out and f"({(tmp / 'p.safetensors').stat().st_size:,} bytes)" in out
+    assert "tiny-llama-0" in out and "nearest vocabulary tokens" in out
+    assert "'great':1.00" in out and "'movie':1.00" in out  # text init: each vector is exactly its word
+
+
+def test_export_then_import_round_trip(setup, capsys):
+    tmp, bb, prompt = setup
+    assert main(["export", str(tmp / "p.safetensors"), "--peft", str(tmp / "peft")]) == 0
+    assert main(["import", str(tmp / "peft"), str(tmp / "back.safetensors"), "--model", str(tmp / "model")]) == 0
+    back = sp.load_prompt(tmp / "back.safetensors", backbone=bb)
+    assert torch.equal(back.tensors["prompt"], prompt.weight.detach())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "missing.safetensors"], "no prompt file at missing.safetensors"),
+    (["generate", "--model", "no-such-model", "hello"], "not a built-in name"),
+    (["export", "missing.safetensors", "--peft", "out"], "no prompt file"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_import_refuses_to_overwrite(setup, capsys):
+    tmp, _, _ = setup
+    main(["export", str(tmp / "p.safetensors"), "--peft", str(tmp / "peft")])
+    before = (tmp / "p.safetensors").read_bytes()
+    assert main(["import", str(tmp / "peft"), str(tmp / "p.safetensors")]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp / "p.safetensors").read_bytes() == before
+
+
+def test_prompt_for_another_backbone_is_refused_by_generate(setup, capsys, tmp_path):
+    tmp, _, _ = setup
+    other = make_backbone("llama", seed=3)
+    other.model.save_pretrained(tmp / "other")
+    other.tokenizer.save_pretrained(tmp / "other")
+    assert main(["generate", "--model", str(tmp / "other"), "--prompt", str(tmp / "p.safetensors"), "hi"]) == 2
+    assert "trained on backbone 'tiny-llama-0'" in capsys.readouterr().err

@@ -1,0 +1,109 @@
+"""Generation: the prompt's key/values computed once and reused give the same tokens as recomputing them."""
+
+import pytest
+import torch
+from conftest import make_backbone
+
+import softprompt as sp
+
+TEXTS = ["the movie was", "it is a very good", "what is the capital of"]
+
+
+def test_reused_prompt_cache_equals_recomputation(backbone):
+    prompt = sp.PromptTuning.create(backbone, num_virtual_tokens=6, seed=3)
+    reused = sp.generate(backbone, prompt, TEXTS, max_new_tokens=8)
+    fresh = sp.generate(backbone, prompt, TEXTS, max_new_tokens=8, reuse_prompt_cache=False)
+    assert reused.tokens == fresh.tokens
+    torch.testing.assert_close(reused.prefill_logits, fresh.prefill_logits, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_kv_is_computed_once_per_prompt(llama):
+    prompt = sp.PromptTuning.create(llama, num_virtual_tokens=4)
+    misses = getattr(llama, "kv_misses", 0)
+    for _ in range(3):
+        sp.generate(llama, prompt, TEXTS, max_new_tokens=2)
+    assert llama.kv_misses == misses + 1 and llama.kv_hits >= 2
+    with torch.no_grad():
+        prompt.weight.add_(0.5)  # a changed prompt is a new cache entry
+    sp.generate(llama, prompt, TEXTS[:1], max_new_tokens=2)
+    assert llama.kv_misses == misses + 2
+
+
+def test_batched_generation_equals_each_row_alone(backbone):
+    prompt = sp.PromptTuning.create(backbone, num_virtual_tokens=5, seed=4)
+    together = sp.generate(backbone, prompt, TEXTS, max_new_tokens=6)
+    for i, text in enumerate(TEXTS):
+        alone = sp.generate(backbone, prompt, [text], max_new_tokens=6)
+        assert alone.tokens[0] == together.tokens[i]
+
+
+def test_greedy_matches_a_step_by_step_reference(llama):
+    """Our decode loop against argmax over the full prepended sequence recomputed at every step."""
+    prompt = sp.PromptTuning.create(llama, num_virtual_tokens=3, seed=5)
+    model = sp.PromptedModel(llama, prompt)
+    ids = llama.tokenizer(TEXTS[1])["input_ids"]
+    ref = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(torch.tensor([ids + ref])).logits[0, -1].argmax())
+            if nxt in llama.eos_token_ids:
+                break
+            ref.append(nxt)
+    assert sp.generate(llama, prompt, [TEXTS[1]], max_new_tokens=6).tokens[0] == ref
+
+
+def test_no_prompt_generation_matches_transformers_generate(llama):
+    ids = llama.tokenizer(TEXTS[0], return_tensors="pt")
+    hf = llama.model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ours = sp.generate(llama, None, [TEXTS[0]], max_new_tokens=5)
+    expected = [t for t in hf[0, ids["input_ids"].shape[1]:].tolist()]
+    cut = next((i for i, t in enumerate(expected) if t in llama.eos_token_ids), len(expected))
+    assert ours.tokens[0] == expected[:cut]
+
+
+def test_sampling_is_seeded_and_respects_top_k(llama):
+    prompt = sp.PromptTuning.create(llama, num_virtual_tokens=2)
+    a = sp.generate(llama, prompt, TEXTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    b = sp.generate(llama, prompt, TEXTS, max_new_tokens=8, do_sample=True, temperature=1.5, seed=7)
+    greedy = sp.generate(llama, prompt, TEXTS, max_new_tokens=8)
+    assert a.tokens == b.tokens and a.tokens != greedy.tokens
+    top1 = sp.generate(llama, prompt, TEXTS, max_new_tokens=8, do_sample=True, top_k=1, seed=1)
+    assert top1.tokens == greedy.tokens  # top_k=1 sampling is greedy
+
+
+def test_stops_at_eos_and_stop_strings(llama):
+    prompt = sp.PromptTuning.create(llama, num_virtual_tokens=2)
+    full = sp.generate(llama, prompt, [TEXTS[0]], max_new_tokens=10)
+    assert len(full.tokens[0]) >= 2, "tiny model should produce a few tokens"
+    word = llama.tokenizer.decode(full.tokens[0][1:2])
+    stopped = sp.generate(llama, prompt, [TEXTS[0]], max_new_tokens=10, stop=[word])
+    assert word not in stopped.texts[0] and len(stopped.tokens[0]) <= 2
+    first = full.tokens[0][0]
+    llama.model.generation_config.eos_token_id = first  # the first greedy token becomes an EOS
+    out = sp.generate(llama, prompt, [TEXTS[0]], max_new_tokens=10)
+    assert out.tokens == [[]] and out.stats["steps"] == 1  # ends at once, EOS itself not returned
+
+
+def test_generation_bad_input(llama):
+    prompt = sp.PromptTuning.create(llama, num_virtual_tokens=2)
+    with pytest.raises(sp.SoftPromptError, match="empty input"):
+        sp.generate(llama, prompt, [], max_new_tokens=2)
+    with pytest.raises(sp.SoftPromptError, match="empty input in row 1"):
+        sp.generate(llama, prompt, ["the", "  "], max_new_tokens=2)
+    with pytest.raises(sp.SoftPromptError, match="exceeds the model's 128 positions"):
+        sp.generate(llama, prompt, ["the " * 120], max_new_tokens=10)
+    out = sp.generate(llama, prompt, ["the " * 120], max_new_tokens=10, truncate=True)
+    assert out.stats["input_tokens"] == 128 - 2 - 10
+    with pytest.raises(sp.SoftPromptError, match="max_new_tokens"):
+        sp.generate(llama, prompt, ["the"], max_new_tokens=0)
+    bad = sp.PromptTuning(torch.full((2, llama.hidden_size), float("nan")))
+    with pytest.raises(sp.SoftPromptError, match="NaN"):
+        sp.generate(llama, bad, ["the"], max_new_tokens=2)
+
+
+def test_bf16_generation_with_reuse_matches_recompute():
+    bb = make_backbone("qwen2", dtype=torch.bfloat16)
+    prompt = sp.PromptTuning.create(bb, num_virtual_tokens=4)
+    a = sp.generate(bb, prompt, TEXTS, max_new_tokens=5)
+    b = sp.generate(bb, prompt, TEXTS, max_new_tokens=5, reuse_prompt_cache=False)
+    torch.testing.assert_close(a.prefill_logits, b.prefill_logits, atol=5e-2, rtol=5e-2)

@@ -1,0 +1,38 @@
+"""Real model: SmolLM2-135M-Instruct from the built-in name (fetched once into the cache, ~95 MB)."""
+
+import pytest
+import torch
+
+import softprompt as sp
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return sp.load_backbone("smollm2-135m", device="cpu")
+
+
+def test_builtin_loads_and_answers_a_simple_chat_question(smollm2):
+    assert smollm2.hidden_size == 576 and smollm2.model.config.num_hidden_layers == 30
+    assert not any(p.requires_grad for p in smollm2.model.parameters())
+    out = sp.generate(smollm2, None, ["What is the capital of France?"], chat=True, max_new_tokens=16)
+    assert "Paris" in out.texts[0]
+
+
+def test_saved_prompt_reloads_with_identical_logits_and_cached_generation(smollm2, tmp_path):
+    prompt = sp.PromptTuning.create(smollm2, num_virtual_tokens=8, init="text",
+                                    init_text="Answer with one word: positive or negative.")
+    path = sp.save_prompt(tmp_path / "p.safetensors", prompt, smollm2)
+    again = sp.load_prompt(path, backbone=smollm2).build()
+    tok = smollm2.tokenizer(["Review: a wonderful film\nSentiment:", "Review: dull\nSentiment:"],
+                            return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = sp.PromptedModel(smollm2, prompt)(**tok).logits
+        b = sp.PromptedModel(smollm2, again)(**tok).logits
+    assert torch.equal(a, b)
+    texts = ["Review: a wonderful film\nSentiment:", "Review: a dull, lifeless mess\nSentiment:"]
+    reused = sp.generate(smollm2, again, texts, max_new_tokens=8)
+    fresh = sp.generate(smollm2, again, texts, max_new_tokens=8, reuse_prompt_cache=False)
+    assert reused.tokens == fresh.tokens
+    torch.testing.assert_close(reused.prefill_logits, fresh.prefill_logits, atol=1e-3, rtol=1e-4)
