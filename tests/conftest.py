@@ -57,6 +57,50 @@ def make_backbone(arch: str = "llama", seed: int = 0, dtype=torch.float32):
     return CausalLMBackbone(model, make_tokenizer())
 
 
+def make_learnable_backbone(seed: int = 0):
+    """A tiny Llama whose random weights are large enough (init range 0.2) for a prompt to steer it: with the
+    default 0.02 the network is so close to linear that no prompt can separate the synthetic classes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from softprompt import CausalLMBackbone
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.config._name_or_path = f"tiny-learnable-{seed}"
+    return CausalLMBackbone(model, make_tokenizer())
+
+
+POSITIVE = "great good fun loved fine".split()
+NEGATIVE = "bad awful boring hated not".split()
+FILLER = "the a movie film was is plot actors story it this and very really".split()
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict]:
+    """Sentiment-like rows: one polar word among filler words, labelled by that word's polarity."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = [rng.choice(FILLER) for _ in range(4)]
+        words.insert(rng.randrange(5), rng.choice(POSITIVE if positive else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": "positive" if positive else "negative"})
+    return rows
+
+
+def synthetic_splits(seed: int = 0) -> dict:
+    return {"train": synthetic_rows(800, seed), "validation": synthetic_rows(128, seed + 1),
+            "test": synthetic_rows(128, seed + 2)}
+
+
+SYNTH_TASK = {"name": "synth", "data": "synthetic", "template": "{text} sentiment :",
+              "verbalizer": {"positive": " yes", "negative": " no"}, "max_length": 32}
+
+
 ARCHS = ["llama", "gpt2", "qwen2"]
 
 

@@ -90,10 +90,105 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({module.num_virtual_tokens} virtual tokens x {module.hidden_size})")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def _split_config(extra: list[str]) -> tuple[str | None, list[str]]:
+    """The CONFIG file among the free arguments (a .yaml/.yml/.json path that is not an option's value)."""
+    for i, item in enumerate(extra):
+        if item.endswith((".yaml", ".yml", ".json")) and (i == 0 or not extra[i - 1].startswith("--")
+                                                           or "=" in extra[i - 1]):
+            return item, extra[:i] + extra[i + 1:]
+    return None, extra
+
+
+def _config(args: argparse.Namespace, extra: list[str]):
+    from .train.config import load_config
+
+    path, rest = _split_config(extra)
+    return load_config(path, rest)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    from .train.loop import fit
+
+    cfg = _config(args, extra)
+    res = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    if res.prompt_path is None:  # a non-main DDP rank
+        return
+    r = res.report
+    print(f"saved {res.prompt_path} (step {res.best and res.final_step}, stopped by {res.stopped}); "
+          f"validation {json.dumps(res.best)}")
+    print(f"trainable {r['trainable_params']:,} of {r['total_params']:,} parameters "
+          f"({r['trainable_share']:.4%}); {r['bytes_per_task']:,} bytes per task; {r['tokens_processed']:,} tokens "
+          f"in {r['train_seconds']:.0f} s ({r['tokens_per_second']:.0f} tokens/s); peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
+    from .compare import compare, markdown_table
+    from .evaluate import evaluate
+    from .files import read_prompt
+    from .model import PromptedModel
+    from .tasks.datasets import load_splits
+    from .tasks.encode import TaskEncoder
+    from .tasks.spec import load_task
+
+    pf = read_prompt(args.prompt)
+    values = {}
+    if pf.metadata.get("task"):
+        values["task"] = pf.metadata["task"]
+    if (pf.metadata.get("backbone") or {}).get("name"):
+        values["model"] = pf.metadata["backbone"]["name"]
+    from .train.config import apply_overrides, build_config, load_config
+
+    path, rest = _split_config(extra)
+    cfg = load_config(path, rest) if path else build_config(apply_overrides(values, rest))
+    if args.baselines:
+        result = compare(cfg, prompt_file=args.prompt, baselines=("zero_shot", "few_shot", "soft_prompt"),
+                         k_shot=args.k_shot, test_examples=args.limit, out=args.out)
+        print(markdown_table(result))
+        return
+    from .backbones import load_backbone
+    from .files import check_prompt
+
+    bb = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    check_prompt(pf, bb)
+    method = pf.build(bb.device)
+    task = load_task(cfg.task)
+    enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+    rows, bad = enc.check_rows(load_splits(task.data, cfg.seed).get(args.split, []), args.split, cfg.train.skip_bad_rows)
+    if args.limit and len(rows) > args.limit:
+        import random
+
+        rows = random.Random(cfg.seed + 1).sample(rows, args.limit)
+    m = evaluate(PromptedModel(bb, method), enc, rows, cfg.train.precision)
+    if args.json:
+        print(json.dumps({**m, "skipped_rows": bad.skipped}, indent=2))
+        return
+    if "accuracy" in m:
+        print(f"{task.name} {args.split} ({m['n']} rows{f', {bad.skipped} skipped' if bad.skipped else ''}): "
+              f"accuracy {m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.4f}, loss {m['loss']:.4f}")
+        labels = m["confusion"]["labels"]
+        w = max(8, *map(len, labels))
+        print("confusion (rows: gold, columns: predicted)")
+        print(" " * w + "".join(f"{lab[:w]:>{w + 1}}" for lab in labels))
+        for lab, row in zip(labels, m["confusion"]["matrix"], strict=True):
+            print(f"{lab[:w]:>{w}}" + "".join(f"{v:>{w + 1}}" for v in row))
+    else:
+        print(f"{task.name} {args.split} ({m['n']} rows): exact match {m['exact_match']:.2%}, loss {m['loss']:.4f}")
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
+    from .compare import compare, markdown_table
+
+    cfg = _config(args, extra)
+    result = compare(cfg, prompt_file=args.prompt, baselines=tuple(b.strip() for b in args.baselines.split(",")),
+                     k_shot=args.k_shot, test_examples=args.limit, out=args.out or cfg.out_dir,
+                     overwrite=args.overwrite)
+    print(markdown_table(result))
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
     from .demo import run
 
-    run(model_name=args.model, steps=args.steps, n_test=args.n_test, out=args.out)
+    run(model_name=args.model, steps=args.steps, n_test=args.n_test, out=args.out, overrides=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,20 +239,59 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="overwrite OUT")
     m.set_defaults(func=cmd_import)
 
+    t = sub.add_parser("train", help="train a soft prompt (YAML config + --group.key value overrides)",
+                       usage="softprompt train [CONFIG.yaml] [--resume] [--overwrite] [--group.key VALUE ...]",
+                       description="Train a prompt as CONFIG says; any config key can be overridden on the command "
+                                   "line, e.g. --train.lr 0.3 --method.num_virtual_tokens 50 --task reuters_r8.")
+    t.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in out_dir")
+    t.set_defaults(func=cmd_train, extra=True)
+
+    v = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix of a prompt on a split",
+                       usage="softprompt eval PROMPT [CONFIG.yaml] [--split test] [--baselines] [--group.key VALUE ...]",
+                       description="Evaluate a prompt file on a split of its task (task and model come from the "
+                                   "file's metadata unless given). --baselines adds zero-shot and few-shot rows.")
+    v.add_argument("prompt", help="prompt file")
+    v.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    v.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many rows")
+    v.add_argument("--baselines", action="store_true", help="also zero-shot and few-shot, in one table")
+    v.add_argument("--k-shot", type=int, default=4)
+    v.add_argument("--out", default=None, help="folder for compare.json / compare.md (with --baselines)")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_eval, extra=True)
+
+    c = sub.add_parser("compare", help="zero-shot vs few-shot vs soft prompt vs full fine-tuning, one table",
+                       usage="softprompt compare [CONFIG.yaml] [--prompt FILE] [--baselines LIST] [--group.key VALUE ...]",
+                       description="Run the baselines on the same test split and frozen model; print a markdown "
+                                   "table and write compare.json / compare.md.")
+    c.add_argument("--prompt", help="use this trained prompt instead of training one")
+    c.add_argument("--baselines", default="zero_shot,few_shot,soft_prompt,fine_tune")
+    c.add_argument("--k-shot", type=int, default=4)
+    c.add_argument("--limit", type=int, default=None, help="test on a seeded sample of this many rows")
+    c.add_argument("--out", default=None, help="folder for the table (default: out_dir)")
+    c.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
+    c.set_defaults(func=cmd_compare, extra=True)
+
     d = sub.add_parser("demo", help="the built-in demo: train a prompt on Rotten Tomatoes with SmolLM2-135M",
                        description="Train, evaluate against zero-shot, save and generate, on real data and a real model.")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--steps", type=int, default=60)
-    d.add_argument("--n-test", type=int, default=200)
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's measured budget)")
+    d.add_argument("--n-test", type=int, default=400)
     d.add_argument("--out", default="runs/demo")
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=cmd_demo, extra=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        if getattr(args, "extra", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except SoftPromptError as e:
         print(f"softprompt {args.command}: error: {e}", file=sys.stderr)
         return 2

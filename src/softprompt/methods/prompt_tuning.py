@@ -63,6 +63,11 @@ class PromptTuning(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"prompt": self.weight.detach()}
 
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved values in place (resume, keep-best), keeping the parameter object the optimizer holds."""
+        self.weight.copy_(tensors["prompt"])
+
     def config_dict(self) -> dict:
         return asdict(self.config)
 

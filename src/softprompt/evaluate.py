@@ -1,0 +1,88 @@
+"""Evaluation: accuracy, macro-F1 and a confusion matrix for classification; exact match for generation.
+Scoring never asks the model to produce free text for classification: each label's words are scored by
+log-likelihood at the answer position."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from .tasks.encode import TaskEncoder
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) -> dict:
+    n = len(labels)
+    conf = [[0] * n for _ in range(n)]  # conf[gold][pred]
+    for p, g in zip(pred, gold, strict=True):
+        conf[g][p] += 1
+    f1s = []
+    for k in range(n):
+        tp = conf[k][k]
+        fp = sum(conf[g][k] for g in range(n)) - tp
+        fn = sum(conf[k]) - tp
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    present = [k for k in range(n) if sum(conf[k]) > 0 or any(conf[g][k] for g in range(n))]
+    return {
+        "accuracy": sum(conf[k][k] for k in range(n)) / max(1, len(gold)),
+        "macro_f1": sum(f1s[k] for k in present) / max(1, len(present)),
+        "confusion": {"labels": labels, "matrix": conf},
+        "n": len(gold),
+    }
+
+
+@torch.no_grad()
+def evaluate_classification(model: Any, enc: TaskEncoder, rows: list[dict], batch_size: int = 16,
+                            precision: str = "float32") -> dict:
+    device = model.backbone.device
+    preds, gold, nll = [], [], 0.0
+    for i in range(0, len(rows), batch_size):
+        batch = enc.classification_batch(rows[i:i + batch_size], device)
+        with autocast(precision, device):
+            scores = enc.label_scores(model, batch)
+        preds += scores.argmax(-1).tolist()
+        gold += batch["y"].tolist()
+        nll += float(torch.nn.functional.cross_entropy(scores, batch["y"], reduction="sum"))
+    out = classification_metrics(preds, gold, enc.task.labels)
+    out["loss"] = nll / max(1, len(rows))
+    return out
+
+
+@torch.no_grad()
+def evaluate_generation(model: Any, enc: TaskEncoder, rows: list[dict], batch_size: int = 8,
+                        precision: str = "float32", max_new_tokens: int = 32) -> dict:
+    from .generation import generate
+
+    device = model.backbone.device
+    right, nll, count = 0, 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        batch = enc.generation_batch(chunk, device)
+        with autocast(precision, device):
+            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        nll += float(out.loss) * n
+        count += n
+        inputs = [enc.encode_input(r) for r in chunk]
+        gen = generate(model.backbone, model.method, inputs, max_new_tokens=max_new_tokens)
+        for r, text in zip(chunk, gen.texts, strict=True):
+            right += text.strip().lower() == str(r[enc.task.target_field]).strip().lower()
+    return {"exact_match": right / max(1, len(rows)), "loss": nll / max(1, count), "n": len(rows)}
+
+
+def evaluate(model: Any, enc: TaskEncoder, rows: list[dict], precision: str = "float32", batch_size: int = 16) -> dict:
+    if enc.task.kind == "classification":
+        return evaluate_classification(model, enc, rows, batch_size, precision)
+    return evaluate_generation(model, enc, rows, max(1, batch_size // 2), precision)
+
+
+def headline(metrics: dict) -> float:
+    """The number that decides 'best': accuracy for classification, exact match for generation."""
+    return metrics.get("accuracy", metrics.get("exact_match", 0.0))

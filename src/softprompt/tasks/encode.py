@@ -1,0 +1,171 @@
+"""Turning task rows into token batches: fill the template, cut the named field to fit (never the template or
+the answer), left-pad so that the answer position is the last column of every row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SoftPromptError
+from .spec import TaskSpec
+
+
+@dataclass
+class BadRows:
+    skipped: int = 0
+    first: str = ""
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None):
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=device)
+    if labels is None:
+        return ids, mask
+    lab = torch.tensor([[-100] * (T - len(s)) + s for s in labels], device=device)
+    return ids, mask, lab
+
+
+class TaskEncoder:
+    """Encodes rows of one task for one tokenizer and prompt length."""
+
+    def __init__(self, task: TaskSpec, tokenizer, num_virtual_tokens: int = 0, max_positions: int | None = None,
+                 pad_id: int = 0, prefix: str = ""):
+        if tokenizer is None:
+            raise SoftPromptError("tasks need a backbone with a tokenizer")
+        self.task, self.tok, self.pad_id, self.prefix = task, tokenizer, pad_id, prefix
+        self.truncate_field = task.truncate_field or task.fields[0]
+        # candidates: every verbalizer word as token ids, and which label each belongs to
+        self.candidates: list[list[int]] = []
+        self.candidate_label: list[int] = []
+        for i, (label, words) in enumerate(task.verbalizer.items()):
+            for w in words:
+                ids = tokenizer(w, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise SoftPromptError(f"verbalizer word {w!r} of label {label!r} tokenises to nothing; "
+                                          "use a word with visible characters")
+                self.candidates.append(ids)
+                self.candidate_label.append(i)
+        answer = max(map(len, self.candidates)) if self.candidates else 0
+        limit = task.max_length
+        if max_positions is not None:
+            limit = min(limit, max_positions - num_virtual_tokens)
+        self.limit = limit  # template + answer tokens
+        self.answer_budget = answer if task.kind == "classification" else None
+        if self.limit <= answer:
+            raise SoftPromptError(f"no room for the input: max_length {task.max_length} with {num_virtual_tokens} "
+                                  f"virtual tokens leaves {self.limit} positions; raise max_length or shorten the prompt")
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(c) == 1 for c in self.candidates)
+
+    # --- rows -------------------------------------------------------------------------------------------
+    def row_problem(self, row: dict) -> str | None:
+        for f in self.task.fields:
+            if f not in row or row[f] is None:
+                return f"missing field {f!r}"
+        if self.task.kind == "classification":
+            label = row.get(self.task.label_field)
+            if str(label) not in self.task.verbalizer:
+                return f"label {label!r} is not in the verbalizer ({', '.join(self.task.labels)})"
+        else:
+            if row.get(self.task.target_field) in (None, ""):
+                return f"missing target field {self.task.target_field!r}"
+        return None
+
+    def check_rows(self, rows: list[dict], split: str, skip_bad_rows: bool = False) -> tuple[list[dict], BadRows]:
+        good, bad = [], BadRows()
+        for i, row in enumerate(rows):
+            problem = self.row_problem(row)
+            if problem is None:
+                good.append(row)
+                continue
+            if not skip_bad_rows:
+                raise SoftPromptError(f"{split} row {i}: {problem}; fix the data or pass --skip-bad-rows")
+            bad.skipped += 1
+            bad.first = bad.first or f"{split} row {i}: {problem}"
+        if not good:
+            raise SoftPromptError(f"the {split} split is empty" + (f" after skipping {bad.skipped} bad rows" if bad.skipped else ""))
+        return good, bad
+
+    # --- encoding ---------------------------------------------------------------------------------------
+    def _fill(self, row: dict, field_text: str | None = None) -> list[int]:
+        values = {f: str(row[f]) for f in self.task.fields}
+        if field_text is not None:
+            values[self.truncate_field] = field_text
+        return self.tok(self.prefix + self.task.template.format(**values))["input_ids"]
+
+    def encode_input(self, row: dict, budget: int | None = None) -> list[int]:
+        """Template filled with the row; the truncate field is cut until the whole fits in `budget` tokens."""
+        budget = budget if budget is not None else self.limit - (self.answer_budget or 0)
+        ids = self._fill(row)
+        if len(ids) <= budget:
+            return ids
+        field_ids = self.tok(str(row[self.truncate_field]), add_special_tokens=False)["input_ids"]
+        keep = len(field_ids) - (len(ids) - budget)
+        while keep > 0:
+            ids = self._fill(row, self.tok.decode(field_ids[:keep]))
+            if len(ids) <= budget:
+                return ids
+            keep -= len(ids) - budget  # re-tokenisation can merge differently: cut again by the excess
+        raise SoftPromptError(f"the template alone is longer than the {budget} tokens available; raise max_length "
+                              "or shorten the template/prompt")
+
+    def label_index(self, row: dict) -> int:
+        return self.task.labels.index(str(row[self.task.label_field]))
+
+    def classification_batch(self, rows: list[dict], device=None) -> dict:
+        ids, mask = left_pad([self.encode_input(r) for r in rows], self.pad_id, device)
+        y = torch.tensor([self.label_index(r) for r in rows], device=device)
+        return {"input_ids": ids, "attention_mask": mask, "y": y}
+
+    def generation_batch(self, rows: list[dict], device=None) -> dict:
+        seqs, labels = [], []
+        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        for r in rows:
+            target = self.tok(str(r[self.task.target_field]), add_special_tokens=False)["input_ids"] + eos
+            if len(target) >= self.limit:
+                target = target[: self.limit // 2]  # an over-long answer keeps its start; the input keeps the rest
+            inp = self.encode_input(r, budget=self.limit - len(target))
+            seqs.append(inp + target)
+            labels.append([-100] * len(inp) + target)
+        ids, mask, lab = left_pad(seqs, self.pad_id, device, labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def batch(self, rows: list[dict], device=None) -> dict:
+        return (self.classification_batch if self.task.kind == "classification" else self.generation_batch)(rows, device)
+
+    def count(self, rows: list[dict]) -> int:
+        """The loss normaliser of a global batch: examples (classification) or target tokens (generation)."""
+        if self.task.kind == "classification":
+            return len(rows)
+        return int((self.generation_batch(rows)["labels"] != -100).sum())
+
+    # --- scoring ---------------------------------------------------------------------------------------
+    def label_scores(self, model, batch: dict) -> torch.Tensor:
+        """(B, n_labels) log-likelihood of each label's words at the answer position (logsumexp over a label's
+        words). One forward with logits at the last position when every word is a single token; otherwise each
+        row is scored once per candidate word, with logits kept only for the word's positions."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        B, n_labels = ids.shape[0], len(self.task.labels)
+        C = len(self.candidates)
+        if self.single_token:
+            logits = model(ids, mask, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            cand = logits.log_softmax(-1)[:, [c[0] for c in self.candidates]]  # (B, C)
+        else:
+            K = max(map(len, self.candidates))
+            rows = [ids[b][mask[b].bool()].tolist() + c for b in range(B) for c in self.candidates]
+            xi, xm = left_pad(rows, self.pad_id, ids.device)
+            logp = model(xi, xm, logits_to_keep=K + 1).logits[:, :-1].float().log_softmax(-1)  # (B*C, K, V)
+            scores = []
+            for r, c in enumerate(self.candidates * B):
+                pos = torch.arange(K - len(c), K, device=ids.device)
+                scores.append(logp[r, pos, torch.tensor(c, device=ids.device)].sum())
+            cand = torch.stack(scores).view(B, C)
+        label_of = torch.tensor(self.candidate_label, device=ids.device)
+        out = torch.full((B, n_labels), float("-inf"), device=ids.device)
+        for j in range(n_labels):
+            out[:, j] = cand[:, label_of == j].logsumexp(-1)
+        return out

@@ -1,0 +1,92 @@
+"""A task: the data, a template with input fields, and the target (a verbalizer or a target field)."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SoftPromptError
+
+
+@dataclass
+class TaskSpec:
+    """What to learn. Classification: `verbalizer` maps each label to one or more words (multi-token allowed);
+    generation: `target_field` names the answer column."""
+
+    name: str = "task"
+    data: Any = "rotten_tomatoes"  # built-in name, a file, or {"train": ..., "validation": ..., "test": ...}
+    template: str = "Review: {text}\nSentiment:"  # input fields in braces; the answer follows it
+    verbalizer: dict[str, list[str]] = field(default_factory=dict)  # label -> words; empty for generation
+    label_field: str = "label"
+    target_field: str | None = None  # for generation tasks
+    truncate_field: str | None = None  # cut this field to fit (default: the first field of the template)
+    max_length: int = 256  # tokens of template + answer (the prompt comes on top)
+
+    def __post_init__(self) -> None:
+        self.verbalizer = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in (self.verbalizer or {}).items()}
+        if not self.fields:
+            raise SoftPromptError(f"template {self.template!r} has no input field; write e.g. 'Review: {{text}}'")
+        if bool(self.verbalizer) == bool(self.target_field):
+            raise SoftPromptError(f"task {self.name!r}: give either a verbalizer (classification) or a target_field "
+                                  "(generation), not both or neither")
+        for label, words in self.verbalizer.items():
+            if not words or not all(isinstance(w, str) and w for w in words):
+                raise SoftPromptError(f"task {self.name!r}: label {label!r} needs at least one non-empty word")
+        if self.truncate_field is not None and self.truncate_field not in self.fields:
+            raise SoftPromptError(f"truncate_field {self.truncate_field!r} is not in the template's fields {self.fields}")
+
+    @property
+    def kind(self) -> str:
+        return "classification" if self.verbalizer else "generation"
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+BUILTIN_TASKS: dict[str, TaskSpec] = {
+    "rotten_tomatoes": TaskSpec(
+        name="rotten_tomatoes", data="rotten_tomatoes", template="Review: {text}\nSentiment:",
+        verbalizer={"positive": [" positive"], "negative": [" negative"]}, max_length=96),
+    "reuters_r8": TaskSpec(
+        name="reuters_r8", data="reuters_r8", template="Article: {text}\nTopic:",
+        verbalizer={"earn": [" earnings"], "acq": [" acquisition"], "crude": [" oil"], "trade": [" trade"],
+                    "money-fx": [" currency"], "interest": [" interest"], "ship": [" shipping"], "grain": [" grain"]},
+        max_length=160),
+}
+
+
+def load_task(task: str | dict | TaskSpec) -> TaskSpec:
+    """A built-in task name, a YAML/JSON file, a dict, or a TaskSpec."""
+    if isinstance(task, TaskSpec):
+        return task
+    if isinstance(task, str) and task in BUILTIN_TASKS:
+        return TaskSpec(**BUILTIN_TASKS[task].to_dict())
+    if isinstance(task, str):
+        path = Path(task)
+        if not path.exists():
+            raise SoftPromptError(f"unknown task {task!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) or a file")
+        import yaml
+
+        task = yaml.safe_load(path.read_text()) or {}
+    if isinstance(task, dict):
+        base = {}
+        if "builtin" in task:  # a built-in task with some fields changed
+            if task["builtin"] not in BUILTIN_TASKS:
+                raise SoftPromptError(f"unknown built-in task {task['builtin']!r}; known: {', '.join(BUILTIN_TASKS)}")
+            base = BUILTIN_TASKS[task["builtin"]].to_dict()
+            task = {k: v for k, v in task.items() if k != "builtin"}
+        from ..train.config import check_keys
+
+        check_keys(task, TaskSpec, "task")
+        return TaskSpec(**{**base, **task})
+    raise SoftPromptError(f"a task is a name, a file or a mapping, not {type(task).__name__}")

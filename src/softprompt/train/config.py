@@ -1,0 +1,185 @@
+"""The run configuration: one schema for the YAML file, the CLI overrides (``--train.lr 0.3``) and Python.
+
+Each group is a small dataclass with a comment per field; unknown keys are refused with the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SoftPromptError
+
+
+@dataclass
+class MethodArgs:
+    """What trains (the method registered under `name`) and how it starts."""
+
+    name: str = "prompt_tuning"
+    num_virtual_tokens: int = 20  # Lester et al.: 20 gets most of the gain
+    init: str = "labels"  # random | vocab | text | labels (the verbalizer words) | file
+    init_text: str | None = None
+    init_labels: list[str] = field(default_factory=list)  # default for init=labels: the task's verbalizer words
+    init_file: str | None = None
+
+
+@dataclass
+class TrainArgs:
+    """The optimisation. Defaults are the measured ones for SmolLM2-135M (see the README)."""
+
+    steps: int = 300
+    batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    optimizer: str = "adamw"  # adamw | adafactor
+    lr: float = 3e-2  # a prompt needs a far larger lr than a weight (AdamW 3e-2 measured; Adafactor: 0.3)
+    weight_decay: float = 1e-5  # Lester et al.
+    warmup_steps: int = 0  # linear warm-up, then constant
+    max_grad_norm: float | None = 1.0  # clipping; None = off
+    precision: str = "float32"  # float32 | bf16 (autocast; the prompt stays float32)
+    loss: str = "options"  # classification: options (cross-entropy over labels) | lm (NLL of the label words)
+    eval_every: int = 50  # steps between validation passes (0 = only at the end)
+    eval_examples: int | None = 400  # validation rows used (seeded sample; None = all)
+    patience: int | None = None  # early stopping: evaluations without improvement before stopping
+    save_every: int = 50  # steps between checkpoints
+    log_every: int = 10
+    skip_bad_rows: bool = False  # skip (and count) rows with a missing field or unknown label instead of failing
+    finetune_lr: float = 2e-5  # full fine-tuning baseline (compare): AdamW lr for the whole model
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise SoftPromptError(f"train.optimizer must be adamw or adafactor, not {self.optimizer!r}")
+        if self.precision not in ("float32", "bf16"):
+            raise SoftPromptError(f"train.precision must be float32 or bf16, not {self.precision!r}")
+        if self.loss not in ("options", "lm"):
+            raise SoftPromptError(f"train.loss must be options or lm, not {self.loss!r}")
+        for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
+            if int(getattr(self, key)) < 1:
+                raise SoftPromptError(f"train.{key} must be at least 1 (got {getattr(self, key)})")
+        if self.batch_size % self.grad_accum:
+            raise SoftPromptError(f"train.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    model: str = "smollm2-135m"  # built-in name, model folder, .gguf file or hub id
+    task: Any = "rotten_tomatoes"  # built-in task name, task YAML file, or a mapping (see TaskSpec)
+    method: MethodArgs = field(default_factory=MethodArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    out_dir: str = "runs/run"
+    seed: int = 0
+    dtype: str | None = None  # backbone weights: float32 (CPU default) | bfloat16
+    device: str | None = None  # cpu | cuda (default: cuda when available)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_keys(values: dict, cls: type, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
+            raise SoftPromptError(f"unknown config key {where + '.' if where else ''}{key}{hint}")
+
+
+def _coerce(cls: type, values: dict, where: str) -> dict:
+    """YAML reads '1e-4' as a string and users type '20' for ints: convert by the field's declared type."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if value is None or hint is None or hint is typing.Any:
+            continue
+        allowed = typing.get_args(hint) or (hint,)
+        if isinstance(value, bool) or any(isinstance(value, t) for t in allowed if isinstance(t, type)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and float in allowed):
+                continue
+        for t in (int, float):
+            if t in allowed:
+                try:
+                    out[key] = t(value) if t is float or float(value) == int(float(value)) else value
+                except (TypeError, ValueError):
+                    raise SoftPromptError(f"config key {where}{key} must be {t.__name__}, not {value!r}") from None
+                break
+        if bool in allowed and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise SoftPromptError(f"config key {where}{key} must be true or false, not {value!r}")
+            out[key] = value.lower() in ("true", "yes", "1")
+    return out
+
+
+def build_config(values: dict) -> RunConfig:
+    check_keys(values, RunConfig, "")
+    groups = {"method": MethodArgs, "train": TrainArgs}
+    kwargs = dict(values)
+    for name, cls in groups.items():
+        sub = kwargs.get(name) or {}
+        if not isinstance(sub, dict):
+            raise SoftPromptError(f"config key {name} must be a mapping of {cls.__name__} fields")
+        check_keys(sub, cls, name)
+        try:
+            kwargs[name] = cls(**_coerce(cls, sub, f"{name}."))
+        except TypeError as e:
+            raise SoftPromptError(f"bad {name} settings: {e}") from None
+    return RunConfig(**_coerce(RunConfig, kwargs, ""))
+
+
+def parse_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``--a.b value`` / ``--a.b=value`` pairs onto a nested dict."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    i = 0
+    while i < len(overrides):
+        item = overrides[i]
+        if not item.startswith("--"):
+            raise SoftPromptError(f"unexpected argument {item!r}; overrides look like --train.lr 0.3")
+        key, eq, val = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides):
+                raise SoftPromptError(f"override --{key} needs a value")
+            val = overrides[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        parts = key.split(".")
+        node = values
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SoftPromptError(f"cannot set {key}: {p} is not a group")
+        node[parts[-1]] = parse_value(val)
+    return values
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A YAML file (optional) plus overrides -> RunConfig, checked."""
+    import yaml
+
+    values: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise SoftPromptError(f"no config file at {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SoftPromptError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise SoftPromptError(f"{p} must be a YAML mapping of config keys")
+    return build_config(apply_overrides(values, overrides or []))

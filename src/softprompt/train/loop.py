@@ -1,0 +1,391 @@
+"""The training recipe: set up, one explicit loop, clean up. Reads top to bottom.
+
+Data order is a pure function of (seed, step): optimizer step k takes examples [k*B, (k+1)*B) of a stream of
+seeded per-epoch permutations. That is what makes --resume reach the same prompt bit for bit, and DDP with the
+same global batch reach the same prompt as one process: every micro-batch and every rank's shard is known up
+front, and each loss term is divided by the count of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import load_backbone
+from ..errors import SoftPromptError
+from ..evaluate import autocast, evaluate, headline
+from ..files import save_prompt
+from ..methods import get_method
+from ..model import PromptedModel
+from ..tasks.datasets import load_splits
+from ..tasks.encode import TaskEncoder
+from ..tasks.spec import load_task
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .distributed import Dist
+from .memory import peak_memory, reset_peak
+
+PROMPT_FILE = "prompt.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    prompt_path: Path | None
+    final_step: int
+    best: dict | None  # validation metrics of the kept prompt
+    test: dict | None = None
+    report: dict = field(default_factory=dict)
+    stopped: str = "steps"  # steps | early_stopping | interrupted
+
+
+def example_order(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """Indices of the `batch` examples of optimizer step `step` (epochs are seeded permutations, remainder dropped)."""
+    per_epoch = (n // batch) * batch
+    if per_epoch == 0:
+        raise SoftPromptError(f"the train split has {n} rows, fewer than one batch of {batch}; lower train.batch_size")
+    start = step * batch
+    epoch, offset = divmod(start, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[:per_epoch]
+    return perm[offset:offset + batch].tolist()
+
+
+def make_optimizer(params, args) -> torch.optim.Optimizer:
+    if args.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Lester et al.: constant lr, no parameter scaling, beta2 decay 0.8, weight decay 1e-5
+        return Adafactor(params, lr=args.lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         decay_rate=-0.8, weight_decay=args.weight_decay, clip_threshold=1.0)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def classification_loss(enc: TaskEncoder, model, batch: dict, kind: str) -> torch.Tensor:
+    """Summed over the batch (the caller divides by the global count)."""
+    scores = enc.label_scores(model, batch)  # (B, n_labels) log-likelihoods
+    if kind == "lm":  # NLL of the gold label's words
+        return -scores.gather(1, batch["y"][:, None]).sum()
+    return torch.nn.functional.cross_entropy(scores, batch["y"], reduction="sum")
+
+
+def generation_loss(model, batch: dict) -> torch.Tensor:
+    out = model(batch["input_ids"], batch["attention_mask"])  # logits aligned with input_ids
+    logits = out.logits[:, :-1].float()
+    target = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+
+
+RESUMABLE_CHANGES = {"train.steps", "train.patience"}  # a resumed run may be extended or given more patience
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "task":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber or mis-resume a run. Read-only: every rank runs it before rank 0 writes anything."""
+    cfg_file = out / "config.json"
+    if cfg_file.exists():
+        if resume:
+            theirs, ours = _flat(json.loads(cfg_file.read_text())), _flat(json.loads(_config_json(cfg)))
+            diff = [k for k in sorted(set(theirs) | set(ours))
+                    if theirs.get(k) != ours.get(k) and k not in RESUMABLE_CHANGES]
+            if diff:
+                shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:4])
+                raise SoftPromptError(f"{out} holds a run with a different config ({shown}); resume with the same "
+                                      "config, or use another out_dir")
+        elif not overwrite:
+            raise SoftPromptError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace "
+                                  "it, or choose another --out-dir")
+    elif resume:
+        raise SoftPromptError(f"nothing to resume in {out} (no config.json); start without --resume")
+
+
+def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
+    """Rank 0 only, after check_out_dir: clear a replaced run's files, record the config."""
+    if not resume:
+        for name in (CHECKPOINT, PROMPT_FILE, "metrics.jsonl", "summary.json", "plot.png"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(_config_json(cfg) + "\n")
+
+
+def _config_json(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbone: Any = None,
+        splits: dict | None = None, full_finetune: bool = False, on_step: Callable[[int, float], None] | None = None,
+        quiet: bool = False) -> RunResult:
+    """Train a prompt (or, with full_finetune, the whole model: the expensive baseline) as `cfg` says."""
+    # ---- set-up ------------------------------------------------------------------------------------
+    ddp = Dist.from_env(cfg.device)
+    out = Path(cfg.out_dir)
+    if not full_finetune:
+        check_out_dir(out, cfg, resume, overwrite)
+        ddp.barrier()
+        if ddp.main:
+            prepare_out_dir(out, cfg, resume)
+    ddp.barrier()
+    args = cfg.train
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.task)
+    bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=ddp.device(cfg.device))
+    splits = splits or load_splits(task.data, seed=cfg.seed)
+    if full_finetune:
+        method = get_method("prompt_tuning")(torch.empty(0, bb.hidden_size))
+        bb.model.requires_grad_(True)
+        params = [p for p in bb.model.parameters()]
+    else:
+        m = cfg.method
+        labels = m.init_labels or [ws[0] for ws in task.verbalizer.values()]
+        method = get_method(m.name).create(bb, num_virtual_tokens=m.num_virtual_tokens, init=m.init,
+                                           init_text=m.init_text, init_labels=labels, init_file=m.init_file,
+                                           seed=cfg.seed)
+        params = list(method.parameters())
+    model = PromptedModel(bb, method)
+    enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+    train_rows, bad = enc.check_rows(splits.get("train", []), "train", args.skip_bad_rows)
+    val_rows, _ = enc.check_rows(splits.get("validation", []), "validation", args.skip_bad_rows)
+    if args.eval_examples and len(val_rows) > args.eval_examples:
+        val_rows = random.Random(cfg.seed).sample(val_rows, args.eval_examples)
+    micro = args.batch_size // args.grad_accum
+    if micro % ddp.world:
+        raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
+    optimizer = make_optimizer(params, args if not full_finetune else _ft_args(args))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+    state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
+             "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
+    if resume:
+        ck = load_checkpoint(out / CHECKPOINT)
+        method.load_tensors(ck["method"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        state.update(ck["state"])
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate((ck["rng"]["python"][0], tuple(ck["rng"]["python"][1]), ck["rng"]["python"][2]))
+    log = _Logger(out, ddp.main and not full_finetune, quiet or not ddp.main, args.steps, state["step"])
+    trainable = sum(p.numel() for p in params)
+    total = trainable + (0 if full_finetune else sum(p.numel() for p in bb.model.parameters()))
+    reset_peak()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    model.train()
+    stopped = "steps"
+    t_start = time.perf_counter() - state["train_seconds"]
+    device = bb.device
+    step = state["step"]
+    while step < args.steps:
+        rows = [train_rows[i] for i in example_order(len(train_rows), args.batch_size, cfg.seed, step)]
+        count = enc.count(rows)  # loss normaliser of the whole global batch
+        loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+        for j in range(args.grad_accum):
+            shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
+            batch = enc.batch(shard, device)
+            tokens += int(batch["attention_mask"].sum()) + method.num_virtual_tokens * len(shard)
+            with autocast(args.precision, device):
+                if task.kind == "classification":
+                    loss = classification_loss(enc, model, batch, args.loss)
+                else:
+                    loss = generation_loss(model, batch)
+            (loss / count).backward()
+            loss_sum += loss.detach()
+        ddp.all_reduce_grads(params)
+        loss_value = ddp.sum(float(loss_sum)) / count  # the one host sync per step: NaN check and logging
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint (step {_ck_step(out)}) is kept in {out / CHECKPOINT}" \
+                if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
+            raise SoftPromptError(f"loss became {loss_value} at step {step + 1}; stopping: {kept}; lower train.lr "
+                                  "or use train.max_grad_norm")
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["step"] = step
+        state["tokens"] += int(ddp.sum(tokens))
+        state["train_seconds"] = time.perf_counter() - t_start
+        log.step(step, loss_value, scheduler.get_last_lr()[0], state)
+        if on_step is not None:
+            on_step(step, loss_value)
+
+        last = step == args.steps
+        if (args.eval_every and step % args.eval_every == 0) or last:
+            model.eval()
+            metrics = evaluate(model, enc, val_rows, args.precision)
+            model.train()
+            score = headline(metrics)
+            log.eval(step, metrics)
+            if state["best_score"] is None or score > state["best_score"]:
+                state.update(best_score=score, best_step=step, best_metrics=_small(metrics), bad_evals=0,
+                             best_tensors=None if full_finetune else {k: v.detach().cpu().clone()
+                                                                      for k, v in method.tensors().items()})
+            else:
+                state["bad_evals"] += 1
+            if args.patience and state["bad_evals"] >= args.patience:
+                stopped = "early_stopping"
+        if not full_finetune and ddp.main and (step % args.save_every == 0 or last or stopped != "steps"):
+            save_checkpoint(out / CHECKPOINT, {
+                "method": method.tensors(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}})
+        if stopped != "steps":
+            break
+
+    # ---- clean-up: keep the best prompt, report --------------------------------------------------
+    model.eval()
+    train_seconds = state["train_seconds"]
+    memory = peak_memory()
+    prompt_path = None
+    if not full_finetune:
+        if state["best_tensors"] is not None:  # the kept prompt is the best one on validation
+            method.load_tensors(state["best_tensors"])
+        prompt_path = out / PROMPT_FILE if ddp.main else None  # only rank 0 writes
+        report = _report(trainable, total, state, train_seconds, memory, bad.skipped, None, model)
+        if ddp.main:
+            save_prompt(out / PROMPT_FILE, method, bb, task=task.to_dict(), overwrite=True, training={
+                "config": cfg.to_dict(), "best_step": state["best_step"], "validation": state["best_metrics"],
+                **report})
+            report["bytes_per_task"] = (out / PROMPT_FILE).stat().st_size
+            log.finish(report)
+    else:
+        report = _report(trainable, total, state, train_seconds, memory, bad.skipped,
+                         sum(p.numel() * p.element_size() for p in bb.model.parameters()), model)
+        bb.model.requires_grad_(False)
+        bb.model.eval()
+    ddp.barrier()
+    return RunResult(out_dir=out, prompt_path=prompt_path, final_step=step, best=state["best_metrics"],
+                     report=report, stopped=stopped)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _ft_args(args):
+    from dataclasses import replace
+
+    return replace(args, optimizer="adamw", lr=args.finetune_lr, weight_decay=0.0)
+
+
+def _ck_step(out: Path) -> int | str:
+    try:
+        return load_checkpoint(out / CHECKPOINT)["state"]["step"]
+    except SoftPromptError:
+        return "?"
+
+
+def _small(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "confusion"}
+
+
+def _report(trainable, total, state, seconds, memory, skipped, bytes_per_task, model) -> dict:
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_share": trainable / max(1, total), "bytes_per_task": bytes_per_task,
+            "tokens_processed": state["tokens"], "train_seconds": round(seconds, 2),
+            "tokens_per_second": round(state["tokens"] / max(seconds, 1e-9), 1), **memory,
+            "skipped_rows": skipped, "steps": state["step"], "processes": _world()}
+
+
+class _Logger:
+    """Progress bar (loss, tokens/s, ETA), metrics.jsonl, TensorBoard when installed, and the final plot."""
+
+    def __init__(self, out: Path, write: bool, quiet: bool, total: int, start: int):
+        self.out, self.write = out, write
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            # disable=None: a bar on a terminal, nothing on a pipe (CI logs); evaluations print either way
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=None)
+        self.quiet = quiet
+        self.tb = None
+        if write:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:  # tensorboard not installed: the JSONL file is the record
+                self.tb = None
+
+    def _append(self, row: dict) -> None:
+        if self.write:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def step(self, step: int, loss: float, lr: float, state: dict) -> None:
+        tok_s = state["tokens"] / max(state["train_seconds"], 1e-9)
+        self._append({"step": step, "loss": loss, "lr": lr, "tokens": state["tokens"],
+                      "tokens_per_second": round(tok_s, 1), "elapsed_s": round(state["train_seconds"], 2)})
+        if self.tb:
+            self.tb.add_scalar("train/loss", loss, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
+
+    def eval(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{f"val_{k}": v for k, v in _small(metrics).items()}}
+        self._append(row)
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace("val_", "val/"), v, step)
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                         if k != "step" and isinstance(v, float)))
+
+    def finish(self, report: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self.write:
+            (self.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plot.png")
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r.get("val_accuracy", r.get("val_exact_match"))) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:blue", alpha=0.6, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label="validation accuracy")
+        ax2.set_ylabel("validation accuracy", color="tab:red")
+    ax.set_title("softprompt training")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,72 @@
+"""torchrun with 2 processes (gloo, CPU) reaches the prompt that 1 process reaches with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SYNTH_TASK, make_learnable_backbone, synthetic_splits
+
+import softprompt as sp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    bb = make_learnable_backbone()
+    bb.model.save_pretrained(tmp / "model")
+    bb.tokenizer.save_pretrained(tmp / "model")
+    for split, rows in synthetic_splits().items():
+        (tmp / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:128]))
+    task = {**SYNTH_TASK, "data": {s: str(tmp / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+    args = ["--model", str(tmp / "model"), "--task", json.dumps(task), "--method.num_virtual_tokens", "4",
+            "--method.init", "random", "--train.steps", "6", "--train.batch_size", "8", "--train.grad_accum", "2",
+            "--train.lr", "0.1", "--train.eval_every", "3", "--train.eval_examples", "16", "--device", "cpu"]
+    return tmp, args
+
+
+def run(cmd, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_reach_the_same_prompt_as_one(setup):
+    tmp, args = setup
+    run([sys.executable, "-m", "softprompt.cli", "train", *args, "--out_dir", str(tmp / "one")])
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "softprompt.cli", "train", *args, "--out_dir", str(tmp / "two")])
+    one = sp.load_prompt(tmp / "one" / "prompt.safetensors").tensors["prompt"]
+    two = sp.load_prompt(tmp / "two" / "prompt.safetensors").tensors["prompt"]
+    init = sp.PromptTuning.create(make_learnable_backbone(), num_virtual_tokens=4, init="random").weight.detach()
+    assert not torch.allclose(one, init, atol=1e-3)  # it trained
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=1e-4)
+    # only rank 0 writes: one metrics line per step and eval
+    assert json.loads((tmp / "two" / "summary.json").read_text())["processes"] == 2
+    rows = (tmp / "two" / "metrics.jsonl").read_text().splitlines()
+    assert sum('"loss"' in r for r in rows) == 6
+
+
+def test_accelerate_launch_runs_the_same_command(setup):
+    """accelerate's --cpu launcher is single-process (multi-CPU needs MPI); --multi_gpu starts torchrun-style
+    workers, which pick gloo when there is no GPU."""
+    pytest.importorskip("accelerate")
+    tmp, args = setup
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         "-m", "softprompt.cli", "train", *args, "--out_dir", str(tmp / "acc")])
+    one = sp.load_prompt(tmp / "one" / "prompt.safetensors").tensors["prompt"] if (tmp / "one").exists() else None
+    acc = sp.load_prompt(tmp / "acc" / "prompt.safetensors").tensors["prompt"]
+    assert json.loads((tmp / "acc" / "summary.json").read_text())["processes"] == 2
+    if one is not None:
+        torch.testing.assert_close(one, acc, atol=1e-5, rtol=1e-4)

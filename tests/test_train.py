@@ -1,0 +1,147 @@
+"""The training loop: it learns, it resumes bit for bit, it stops cleanly, it refuses to clobber a run."""
+
+import json
+
+import pytest
+import torch
+from conftest import SYNTH_TASK, make_learnable_backbone, synthetic_splits
+
+import softprompt as sp
+from softprompt.train.checkpoint import load_checkpoint
+from softprompt.train.config import load_config
+from softprompt.train.loop import example_order, fit
+
+
+def config(tmp_path, *overrides):
+    return load_config(None, ["--task", json.dumps(SYNTH_TASK), "--out_dir", str(tmp_path / "run"),
+                              "--method.num_virtual_tokens", "8", "--method.init", "random",
+                              "--train.batch_size", "16", "--train.lr", "0.1", "--train.eval_every", "50",
+                              *overrides])
+
+
+def test_a_tiny_model_learns_the_synthetic_task(tmp_path):
+    bb = make_learnable_backbone()
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    res = fit(config(tmp_path, "--train.steps", "150"), backbone=bb, splits=synthetic_splits(), quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[:10]) / 10 > 0.65 and sum(losses[-10:]) / 10 < 0.3  # from chance (ln 2) to learned
+    assert res.best["accuracy"] >= 0.9  # validation; chance is 0.5
+    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())
+    for name in ("prompt.safetensors", "checkpoint.safetensors", "metrics.jsonl", "summary.json", "plot.png",
+                 "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert report["trainable_params"] == 8 * 64 and report["trainable_share"] < 0.01
+    assert report["bytes_per_task"] == (tmp_path / "run" / "prompt.safetensors").stat().st_size
+    assert report["tokens_processed"] > 150 * 16 * 8 and report["peak_rss_mb"] > 0
+    pf = sp.load_prompt(tmp_path / "run" / "prompt.safetensors", backbone=bb)
+    assert pf.metadata["task"]["name"] == "synth" and pf.metadata["training"]["validation"]["accuracy"] >= 0.9
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    a = [example_order(50, 8, seed=1, step=s) for s in range(12)]
+    assert a == [example_order(50, 8, seed=1, step=s) for s in range(12)]
+    epoch0 = sum(a[:6], [])
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(epoch0) == 48  # an epoch: no repeats, remainder dropped
+    assert a[6:12] != a[:6]  # the next epoch is another permutation
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_resume_reaches_the_same_prompt_bit_for_bit(tmp_path, optimizer):
+    splits = synthetic_splits()
+    args = ("--train.steps", "12", "--train.save_every", "4", "--train.eval_every", "5", "--train.optimizer",
+            optimizer, "--train.warmup_steps", "3", "--train.grad_accum", "2")
+    whole = fit(config(tmp_path / "a", *args), backbone=make_learnable_backbone(), splits=splits, quiet=True)
+
+    def crash(step, loss):
+        if step == 10:
+            raise KeyboardInterrupt  # killed between checkpoints (last one: step 8)
+
+    cfg = config(tmp_path / "b", *args)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, backbone=make_learnable_backbone(), splits=splits, on_step=crash, quiet=True)
+    assert load_checkpoint(tmp_path / "b" / "run" / "checkpoint.safetensors")["state"]["step"] == 8
+    with pytest.raises(sp.SoftPromptError, match="already holds a run"):
+        fit(cfg, backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    resumed = fit(cfg, backbone=make_learnable_backbone(), splits=splits, resume=True, quiet=True)
+    a = sp.load_prompt(whole.prompt_path).tensors["prompt"]
+    b = sp.load_prompt(resumed.prompt_path).tensors["prompt"]
+    assert torch.equal(a, b) and resumed.final_step == 12
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    splits = synthetic_splits()
+    fit(config(tmp_path, "--train.steps", "2"), backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    with pytest.raises(sp.SoftPromptError, match=r"different config \(train.lr: 0.1 -> 0.2\)"):
+        fit(config(tmp_path, "--train.steps", "2", "--train.lr", "0.2"), backbone=make_learnable_backbone(),
+            splits=splits, resume=True, quiet=True)
+    with pytest.raises(sp.SoftPromptError, match="nothing to resume"):
+        fit(config(tmp_path / "new", "--train.steps", "2"), backbone=make_learnable_backbone(), splits=splits,
+            resume=True, quiet=True)
+
+
+def test_overwrite_replaces_a_run(tmp_path):
+    splits = synthetic_splits()
+    fit(config(tmp_path, "--train.steps", "2"), backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    res = fit(config(tmp_path, "--train.steps", "3"), backbone=make_learnable_backbone(), splits=splits,
+              overwrite=True, quiet=True)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert res.final_step == 3 and sum('"loss"' in r for r in rows) == 3  # the old run's metrics are gone
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    def diverge(step, loss):
+        if step == 5:
+            with torch.no_grad():
+                method.weight.fill_(float("nan"))
+
+    bb = make_learnable_backbone()
+    import softprompt.train.loop as loop
+
+    created = []
+    original = loop.get_method
+
+    def spy(name):
+        cls = original(name)
+
+        class Spy(cls):
+            @classmethod
+            def create(klass, *a, **k):
+                m = cls.create(*a, **k)
+                created.append(m)
+                return m
+        return Spy
+
+    loop.get_method = spy
+    try:
+        cfg = config(tmp_path, "--train.steps", "10", "--train.save_every", "2")
+        with pytest.raises(sp.SoftPromptError, match=r"loss became nan at step 6.*last good checkpoint \(step 4\)"):
+            method = None
+
+            def hook(step, loss):
+                nonlocal method
+                method = created[0]
+                diverge(step, loss)
+            fit(cfg, backbone=bb, splits=synthetic_splits(), on_step=hook, quiet=True)
+    finally:
+        loop.get_method = original
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert ck["state"]["step"] == 4 and torch.isfinite(ck["method"]["prompt"]).all()
+    assert not (tmp_path / "run" / "prompt.safetensors").exists()
+
+
+def test_early_stopping_keeps_the_best_prompt(tmp_path):
+    res = fit(config(tmp_path, "--train.steps", "200", "--train.eval_every", "10", "--train.patience", "2",
+                     "--train.lr", "1e-4"),
+              backbone=make_learnable_backbone(), splits=synthetic_splits(), quiet=True)
+    assert res.stopped == "early_stopping" and res.final_step < 200
+    pf = sp.load_prompt(res.prompt_path)
+    assert pf.metadata["training"]["best_step"] <= res.final_step - 20
+
+
+def test_bf16_autocast_trains_a_float32_prompt(tmp_path):
+    res = fit(config(tmp_path, "--train.steps", "60", "--train.precision", "bf16"),
+              backbone=make_learnable_backbone(), splits=synthetic_splits(), quiet=True)
+    assert sp.load_prompt(res.prompt_path).tensors["prompt"].dtype == torch.float32
+    assert res.best["accuracy"] >= 0.8
