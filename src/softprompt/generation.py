@@ -17,7 +17,7 @@ import torch
 
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
-from .join import check_mask, input_positions, prefix_join
+from .join import check_mask, expand_kv, input_positions, prefix_join, run_prompt
 
 _KV_CACHE_SIZE = 64  # prompts whose key/values are kept per backbone
 
@@ -37,8 +37,9 @@ def content_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values) of the prompt alone, batch 1; cached by content hash, dtype and device."""
+def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor):
+    """(per-layer (keys, values), last-position logits) of the prompt alone, batch 1, no grad; cached by content
+    hash, dtype and device, so each prompt is computed once per backbone."""
     store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
     key = (content_hash(prompt), backbone.dtype, str(backbone.device))
     if key in store:
@@ -46,21 +47,11 @@ def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor) -> list[tuple[to
         backbone.kv_hits = getattr(backbone, "kv_hits", 0) + 1
         return store[key]
     backbone.kv_misses = getattr(backbone, "kv_misses", 0) + 1
-    P = prompt.shape[0]
     with torch.no_grad():
-        embeds = prompt.to(device=backbone.device, dtype=backbone.dtype).unsqueeze(0)  # (1, P, H)
-        out = backbone.forward(embeds, attention_mask=torch.ones(1, P, dtype=torch.long, device=backbone.device),
-                               position_ids=torch.arange(P, device=backbone.device).unsqueeze(0),
-                               cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
-    layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-    store[key] = layers
+        store[key] = run_prompt(backbone, prompt.detach())
     while len(store) > _KV_CACHE_SIZE:
         store.popitem(last=False)
-    return layers
-
-
-def expand_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
-    return [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in layers]
+    return store[key]
 
 
 @dataclass
@@ -158,7 +149,7 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     embeds = backbone.embed(input_ids)  # (B, T, H)
     if soft is not None and reuse_prompt_cache:
-        cache = backbone.new_cache(expand_kv(prompt_kv(backbone, soft), B))
+        cache = backbone.new_cache(expand_kv(prompt_kv(backbone, soft)[0], B))
         full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
         out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, P),
                                cache=cache, use_cache=True, logits_to_keep=1)

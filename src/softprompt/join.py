@@ -58,6 +58,24 @@ def prefix_join(prompt: torch.Tensor, inputs_embeds: torch.Tensor, attention_mas
     )
 
 
+def run_prompt(backbone, prompt: torch.Tensor):
+    """Run the prompt alone (batch 1, positions 0..P-1) through a causal LM: per-layer (keys, values), each
+    (1, heads, P, d), and the last prompt position's logits (1, V), which predict the first input token.
+    Differentiable when the prompt requires grad."""
+    P = prompt.shape[0]
+    dev = backbone.device
+    embeds = prompt.to(device=dev, dtype=backbone.dtype).unsqueeze(0)  # (1, P, H)
+    out = backbone.forward(embeds, attention_mask=torch.ones(1, P, dtype=torch.long, device=dev),
+                           position_ids=torch.arange(P, device=dev).unsqueeze(0), cache=backbone.new_cache(),
+                           use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in out.cache.layers], out.logits[:, -1]
+
+
+def expand_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
+    """Batch-1 key/values viewed as `batch` rows (no copy; gradients sum back through the expand)."""
+    return [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in layers]
+
+
 def strip_virtual(outputs, num_virtual: int, total: int):
     """Cut the first num_virtual positions from per-position outputs (logits, hidden states, attention queries)."""
     if num_virtual == 0:

@@ -1,0 +1,73 @@
+"""compare / eval / train through the CLI on a tiny model folder and local JSONL files."""
+
+import json
+
+import pytest
+from conftest import SYNTH_TASK, make_learnable_backbone, synthetic_splits
+
+from softprompt.cli import main
+from softprompt.compare import compare, few_shot_prefix, markdown_table
+from softprompt.tasks.spec import TaskSpec
+from softprompt.train.config import load_config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    bb = make_learnable_backbone()
+    bb.model.save_pretrained(tmp / "model")
+    bb.tokenizer.save_pretrained(tmp / "model")
+    for split, rows in synthetic_splits().items():
+        (tmp / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:256]))
+    task = {**SYNTH_TASK, "data": {s: str(tmp / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+    (tmp / "run.yaml").write_text(json.dumps({
+        "model": str(tmp / "model"), "task": task, "out_dir": str(tmp / "run"),
+        "method": {"num_virtual_tokens": 8, "init": "random"},
+        "train": {"steps": 120, "batch_size": 16, "lr": 0.1, "eval_every": 40}}))
+    return tmp
+
+
+def test_train_then_eval_through_the_cli(folder, capsys):
+    assert main(["train", str(folder / "run.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "saved" in out and "trainable 512 of" in out and "bytes per task" in out
+    assert main(["train", str(folder / "run.yaml")]) == 2  # the folder holds a run now
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert main(["eval", str(folder / "run" / "prompt.safetensors"), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["accuracy"] >= 0.9 and m["n"] == 128 and len(m["confusion"]["matrix"]) == 2
+    assert main(["eval", str(folder / "run" / "prompt.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "confusion (rows: gold, columns: predicted)" in text
+
+
+def test_unknown_key_through_the_cli(folder, capsys):
+    assert main(["train", str(folder / "run.yaml"), "--train.lrr", "0.1"]) == 2
+    assert "did you mean train.lr?" in capsys.readouterr().err
+
+
+def test_compare_gives_one_table_with_costs(folder, tmp_path):
+    cfg = load_config(str(folder / "run.yaml"), ["--out_dir", str(tmp_path / "cmp"), "--train.steps", "100",
+                                                 "--train.finetune_lr", "1e-3"])
+    result = compare(cfg, k_shot=2, out=str(tmp_path / "cmp"), say=lambda *a: None)
+    rows = {r["method"].split(" (")[0]: r for r in result["rows"]}
+    assert set(rows) == {"zero-shot", "few-shot", "soft prompt", "full fine-tuning"}
+    assert rows["soft prompt"]["accuracy"] >= 0.9 > rows["zero-shot"]["accuracy"]
+    assert rows["soft prompt"]["trainable_params"] == 8 * 64 and rows["zero-shot"]["trainable_params"] == 0
+    ft = rows["full fine-tuning"]
+    assert ft["trainable_params"] > 100_000 and ft["bytes_per_task"] == ft["trainable_params"] * 4
+    assert ft["accuracy"] >= 0.9 and ft["train_seconds"] > 0 and ft["peak_rss_mb"] > 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table == markdown_table(result) + "\n" and table.count("\n|") == 5
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][0]["confusion"]["labels"]
+
+
+def test_few_shot_prefix_is_balanced_and_seeded():
+    task = TaskSpec(**SYNTH_TASK)
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    rows = synthetic_splits()["train"]
+    a = few_shot_prefix(task, tok, rows, 4, seed=1)
+    assert a == few_shot_prefix(task, tok, rows, 4, seed=1) and a != few_shot_prefix(task, tok, rows, 4, seed=2)
+    assert a.count("sentiment : yes") == 2 and a.count("sentiment : no") == 2
