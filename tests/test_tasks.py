@@ -119,6 +119,10 @@ def test_local_files_with_a_seeded_split(tmp_path):
         w.writerows(rows[:30])
     s = load_splits({"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "all.jsonl")})
     assert len(s["train"]) + len(s["validation"]) == 30 and len(s["test"]) == 50
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "all.parquet")
+    assert load_splits(str(tmp_path / "all.parquet"), seed=3) == a
     with pytest.raises(sp.SoftPromptError, match="does not exist"):
         load_splits(str(tmp_path / "missing.jsonl"))
     with pytest.raises(sp.SoftPromptError, match="unknown dataset 'imdb'"):

@@ -145,3 +145,14 @@ def test_bf16_autocast_trains_a_float32_prompt(tmp_path):
               backbone=make_learnable_backbone(), splits=synthetic_splits(), quiet=True)
     assert sp.load_prompt(res.prompt_path).tensors["prompt"].dtype == torch.float32
     assert res.best["accuracy"] >= 0.8
+
+
+def test_lr_schedules():
+    from softprompt.train.config import TrainArgs
+    from softprompt.train.loop import lr_factor
+
+    a = TrainArgs(steps=10, warmup_steps=2, schedule="linear")
+    assert [round(lr_factor(s, a), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    c = TrainArgs(steps=10, schedule="cosine")
+    assert lr_factor(0, c) == 1.0 and abs(lr_factor(5, c) - 0.5) < 1e-9 and lr_factor(10, c) < 1e-9
+    assert lr_factor(7, TrainArgs(steps=10)) == 1.0

@@ -26,6 +26,12 @@ class MethodArgs:
     init_file: str | None = None
 
 
+# Measured on rotten_tomatoes / SmolLM2-135M, batch 8, bf16, constant lr, 150 steps (README): AdamW 1e-2 -> 85.3%
+# test, AdamW 3e-2 -> 81.5%, Adafactor 0.3 (Lester's T5 recipe) -> 80.0%. A prompt needs a far larger lr than a
+# weight, but not Lester's T5 one here. 300 steps: constant 84.8%, linear decay 87.0% (validation stable at 86%).
+DEFAULT_LR = {"adamw": 1e-2, "adafactor": 0.3}
+
+
 @dataclass
 class TrainArgs:
     """The optimisation. Defaults are the measured ones for SmolLM2-135M (see the README)."""
@@ -34,9 +40,10 @@ class TrainArgs:
     batch_size: int = 8  # examples per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step
     optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = 3e-2  # a prompt needs a far larger lr than a weight (AdamW 3e-2 measured; Adafactor: 0.3)
+    lr: float | None = None  # None: 1e-2 for adamw (measured best on SmolLM2, see README), 0.3 for adafactor (Lester)
     weight_decay: float = 1e-5  # Lester et al.
-    warmup_steps: int = 0  # linear warm-up, then constant
+    warmup_steps: int = 0  # linear warm-up from 0
+    schedule: str = "linear"  # after warm-up: linear (to 0 at the last step; measured best) | cosine | constant (Lester)
     max_grad_norm: float | None = 1.0  # clipping; None = off
     precision: str = "float32"  # float32 | bf16 (autocast; the prompt stays float32)
     loss: str = "options"  # classification: options (cross-entropy over labels) | lm (NLL of the label words)
@@ -51,6 +58,12 @@ class TrainArgs:
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adafactor"):
             raise SoftPromptError(f"train.optimizer must be adamw or adafactor, not {self.optimizer!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
+        if not self.lr > 0:
+            raise SoftPromptError(f"train.lr must be positive (got {self.lr})")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise SoftPromptError(f"train.schedule must be constant, linear or cosine, not {self.schedule!r}")
         if self.precision not in ("float32", "bf16"):
             raise SoftPromptError(f"train.precision must be float32 or bf16, not {self.precision!r}")
         if self.loss not in ("options", "lm"):

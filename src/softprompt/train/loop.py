@@ -59,6 +59,18 @@ def example_order(n: int, batch: int, seed: int, step: int) -> list[int]:
     return perm[offset:offset + batch].tolist()
 
 
+def lr_factor(step: int, args) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return 1.0
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    if args.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def make_optimizer(params, args) -> torch.optim.Optimizer:
     if args.optimizer == "adafactor":
         from transformers.optimization import Adafactor
@@ -170,8 +182,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
     optimizer = make_optimizer(params, args if not full_finetune else _ft_args(args))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / args.warmup_steps) if args.warmup_steps else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
     if resume:
@@ -378,7 +389,11 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
     val = [(r["step"], r.get("val_accuracy", r.get("val_exact_match"))) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue", alpha=0.6, label="train loss")
+        steps, losses = zip(*train, strict=True)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, label="train loss (batch)")
+        w = max(1, len(losses) // 20)  # running mean over ~5% of the run
+        smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", label=f"train loss (mean of {w})")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss", color="tab:blue")
     if val:
