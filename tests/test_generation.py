@@ -107,3 +107,25 @@ def test_bf16_generation_with_reuse_matches_recompute():
     a = sp.generate(bb, prompt, TEXTS, max_new_tokens=5)
     b = sp.generate(bb, prompt, TEXTS, max_new_tokens=5, reuse_prompt_cache=False)
     torch.testing.assert_close(a.prefill_logits, b.prefill_logits, atol=5e-2, rtol=5e-2)
+
+
+def test_mixed_task_batch_equals_each_request_alone(backbone):
+    """Rows with different prompts (lengths 3 and 7) and a row with none, in one batch: each row gets exactly the
+    greedy tokens (and prefill logits within tolerance) it gets alone."""
+    short = sp.PromptTuning.create(backbone, num_virtual_tokens=3, seed=11)
+    long = sp.PromptTuning.create(backbone, num_virtual_tokens=7, seed=12)
+    prompts = [short, long, None, long, short]
+    texts = ["the movie was", "it is a very good", "what is the capital of", "bad", "the plot and the actors were"]
+    mixed = sp.generate(backbone, prompts, texts, max_new_tokens=6)
+    for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+        alone = sp.generate(backbone, p, [t], max_new_tokens=6)
+        assert mixed.tokens[i] == alone.tokens[0], i
+        torch.testing.assert_close(mixed.prefill_logits[i], alone.prefill_logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_per_row_prompt_list_must_match_the_batch(llama):
+    p = sp.PromptTuning.create(llama, num_virtual_tokens=2)
+    with pytest.raises(sp.SoftPromptError, match="2 prompts for 3 inputs"):
+        sp.generate(llama, [p, p], TEXTS, max_new_tokens=2)
+    only_none = sp.generate(llama, [None, None, None], TEXTS, max_new_tokens=3)
+    assert only_none.tokens == sp.generate(llama, None, TEXTS, max_new_tokens=3).tokens

@@ -9,6 +9,7 @@ batch, positions from the mask, transformers Cache objects, greedy or sampling, 
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from .errors import SoftPromptError
 from .join import check_mask, expand_kv, input_positions, prefix_join, run_prompt
 
 _KV_CACHE_SIZE = 64  # prompts whose key/values are kept per backbone
+_KV_LOCK = threading.Lock()  # the store is shared by request threads
 
 
 def prompt_tensor(prompt: Any) -> torch.Tensor | None:
@@ -37,21 +39,34 @@ def content_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def forget_prompt_kv(backbone: CausalLMBackbone, digest: str) -> int:
+    """Drop the cached key/values of the prompt with this content hash (every dtype/device); returns how many."""
+    with _KV_LOCK:
+        store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
+        stale = [k for k in store if k[0] == digest]
+        for k in stale:
+            del store[k]
+    return len(stale)
+
+
 def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor):
     """(per-layer (keys, values), last-position logits) of the prompt alone, batch 1, no grad; cached by content
     hash, dtype and device, so each prompt is computed once per backbone."""
-    store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
     key = (content_hash(prompt), backbone.dtype, str(backbone.device))
-    if key in store:
-        store.move_to_end(key)
-        backbone.kv_hits = getattr(backbone, "kv_hits", 0) + 1
-        return store[key]
-    backbone.kv_misses = getattr(backbone, "kv_misses", 0) + 1
+    with _KV_LOCK:
+        store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
+        if key in store:
+            store.move_to_end(key)
+            backbone.kv_hits = getattr(backbone, "kv_hits", 0) + 1
+            return store[key]
+        backbone.kv_misses = getattr(backbone, "kv_misses", 0) + 1
     with torch.no_grad():
-        store[key] = run_prompt(backbone, prompt.detach())
-    while len(store) > _KV_CACHE_SIZE:
-        store.popitem(last=False)
-    return store[key]
+        value = run_prompt(backbone, prompt.detach())
+    with _KV_LOCK:
+        store[key] = value
+        while len(store) > _KV_CACHE_SIZE:
+            store.popitem(last=False)
+    return value
 
 
 @dataclass
@@ -113,55 +128,96 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def mixed_prompt_kv(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None]):
+    """One cache for rows with different prompts (or none): each row's prompt key/values (cached per prompt
+    content) left-padded to the longest prompt. Returns (layers, prompt_mask (B, P_max), lengths (B, 1))."""
+    lengths = [0 if p is None else p.shape[0] for p in prompts]
+    P = max(lengths)
+    B = len(prompts)
+    dev = backbone.device
+    kvs = {}
+    for p in prompts:
+        if p is not None and id(p) not in kvs:
+            kvs[id(p)] = prompt_kv(backbone, p)[0]
+    template = next(iter(kvs.values()))
+    layers = []
+    for li, (k0, v0) in enumerate(template):
+        keys = k0.new_zeros(B, k0.shape[1], P, k0.shape[3])  # (B, heads, P_max, d)
+        values = v0.new_zeros(B, v0.shape[1], P, v0.shape[3])
+        for i, p in enumerate(prompts):
+            if p is not None:
+                k, v = kvs[id(p)][li]
+                keys[i, :, P - lengths[i]:] = k[0]
+                values[i, :, P - lengths[i]:] = v[0]
+        layers.append((keys, values))
+    n = torch.tensor(lengths, device=dev)
+    prompt_mask = (torch.arange(P, device=dev).unsqueeze(0) >= (P - n).unsqueeze(1)).long()  # (B, P_max)
+    return layers, prompt_mask, n.unsqueeze(1)
+
+
 @torch.no_grad()
 def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, stop: list[str] | None = None, chat: bool = False,
              reuse_prompt_cache: bool = True, truncate: bool = False) -> GenerationOutput:
-    """Continue each input after the soft prompt. `prompt` is a method module, PromptFile, (P, H) tensor or None."""
+    """Continue each input after its soft prompt.
+
+    `prompt` is one prompt for every row (a method module, PromptFile, (P, H) tensor or None), or a list with one
+    prompt (or None) per row: a mixed-task batch, each row attending to its own prompt's cached key/values.
+    """
     if max_new_tokens < 1:
         raise SoftPromptError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
     if do_sample and temperature < 0:
         raise SoftPromptError(f"temperature must be >= 0 (got {temperature})")
     if not 0 < top_p <= 1:
         raise SoftPromptError(f"top_p must be in (0, 1] (got {top_p})")
-    soft = prompt_tensor(prompt)
-    P = 0 if soft is None else soft.shape[0]
-    if soft is not None and soft.shape[-1] != backbone.hidden_size:
-        raise SoftPromptError(f"prompt width {soft.shape[-1]} does not match backbone {backbone.name!r} hidden size "
-                              f"{backbone.hidden_size}")
-    if soft is not None and not torch.isfinite(soft).all():
-        raise SoftPromptError("the prompt contains NaN/Inf values; it cannot be used")
     input_ids, mask = encode(backbone, inputs, chat=chat)
     B, T = input_ids.shape
+    per_row = isinstance(prompt, (list, tuple))
+    if per_row and len(prompt) != B:
+        raise SoftPromptError(f"{len(prompt)} prompts for {B} inputs; give one prompt (or None) per input")
+    softs = [prompt_tensor(p) for p in prompt] if per_row else [prompt_tensor(prompt)]
+    for soft in softs:
+        if soft is not None and soft.shape[-1] != backbone.hidden_size:
+            raise SoftPromptError(f"prompt width {soft.shape[-1]} does not match backbone {backbone.name!r} hidden "
+                                  f"size {backbone.hidden_size}")
+        if soft is not None and not torch.isfinite(soft).all():
+            raise SoftPromptError("the prompt contains NaN/Inf values; it cannot be used")
+    P = max(0 if s is None else s.shape[0] for s in softs)
     limit = backbone.max_positions
     if limit is not None and P + T + max_new_tokens > limit:
         if truncate and limit - P - max_new_tokens > 0:
             keep = limit - P - max_new_tokens
             input_ids, mask = input_ids[:, -keep:], mask[:, -keep:]
-            check_mask(mask)
             T = keep
         else:
             raise SoftPromptError(f"input of {T} tokens + {P} virtual tokens + {max_new_tokens} new tokens exceeds "
                                   f"the model's {limit} positions; shorten the input, lower max_new_tokens or "
                                   f"pass truncate=True")
+    check_mask(mask)
     dev = backbone.device
     generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     embeds = backbone.embed(input_ids)  # (B, T, H)
-    if soft is not None and reuse_prompt_cache:
+    soft = softs[0]
+    if per_row and any(s is not None for s in softs):
+        layers, prompt_mask, offsets = mixed_prompt_kv(backbone, softs)
+        full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], dim=1)
+        out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, offsets),
+                               cache=backbone.new_cache(layers), use_cache=True, logits_to_keep=1)
+        P = offsets  # (B, 1): each row's own prompt length sets its positions
+    elif per_row or soft is None:
+        full_mask = mask
+        out = backbone.forward(embeds, attention_mask=mask, position_ids=input_positions(mask, 0),
+                               cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
+    elif reuse_prompt_cache:
         cache = backbone.new_cache(expand_kv(prompt_kv(backbone, soft)[0], B))
         full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
         out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, P),
                                cache=cache, use_cache=True, logits_to_keep=1)
-    elif soft is not None:
+    else:
         j = prefix_join(soft, embeds, mask)
         full_mask = j.attention_mask
         out = backbone.forward(j.inputs_embeds, attention_mask=full_mask, position_ids=j.position_ids,
-                               cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
-    else:
-        check_mask(mask)
-        full_mask = mask
-        out = backbone.forward(embeds, attention_mask=mask, position_ids=input_positions(mask, 0),
                                cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
     cache = out.cache
     logits = out.logits[:, -1].float()  # (B, V)
@@ -204,4 +260,5 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
         tokens.append(row)
         texts.append(text)
     return GenerationOutput(texts=texts, tokens=tokens, prefill_logits=prefill_logits,
-                            stats={"batch": B, "input_tokens": T, "virtual_tokens": P, "steps": len(new_tokens)})
+                            stats={"batch": B, "input_tokens": T, "virtual_tokens": int(torch.as_tensor(P).max()),
+                                   "steps": len(new_tokens)})

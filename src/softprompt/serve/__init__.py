@@ -1,0 +1,5 @@
+"""Serving many tasks from one frozen backbone: the prompt bank (and, next, batching and the HTTP API)."""
+
+from .bank import PromptBank, TaskEntry, UnknownTask
+
+__all__ = ["PromptBank", "TaskEntry", "UnknownTask"]

@@ -1,0 +1,115 @@
+"""The prompt bank: many prompt files on one loaded backbone, addressable by task name.
+
+Entries are immutable; add/replace/remove swap them under a lock, so a request in flight keeps the entry it
+started with. Each prompt is checked against the backbone's fingerprint when added. The prompt key/value cache
+(generation.prompt_kv) is keyed by content hash, so a replaced prompt can never be served stale key/values; the
+old prompt's key/values are dropped from the cache when nothing else uses them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SoftPromptError
+from ..files import PromptFile, check_prompt, read_prompt
+from ..generation import content_hash, forget_prompt_kv
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class UnknownTask(SoftPromptError):
+    """No task of that name in the bank (HTTP 404)."""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    name: str
+    prompt: torch.Tensor  # (P, H) on the backbone's device, float32
+    digest: str  # content hash: the key of its cached key/values
+    metadata: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def task(self) -> dict | None:
+        return self.metadata.get("task")
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.prompt.shape[0]
+
+
+def check_task_name(name: str) -> str:
+    if not isinstance(name, str) or not TASK_NAME.match(name) or ".." in name:
+        raise SoftPromptError(f"invalid task name {name!r}: use letters, digits, '.', '_' or '-' (no path "
+                              "characters), at most 64")
+    return name
+
+
+class PromptBank:
+    def __init__(self, backbone: Any, folder: str | Path | None = None):
+        self.backbone = backbone
+        self._entries: dict[str, TaskEntry] = {}
+        self._lock = threading.Lock()
+        self.refused: dict[str, str] = {}  # file -> why, from the last load_folder
+        if folder is not None:
+            self.load_folder(folder)
+
+    def load_folder(self, folder: str | Path) -> list[str]:
+        """Add every *.safetensors file (task name = file stem); a bad file is refused and the others load."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SoftPromptError(f"prompt folder {folder} does not exist")
+        loaded, self.refused = [], {}
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                loaded.append(self.add(path.stem, path, replace=True).name)
+            except SoftPromptError as e:
+                self.refused[path.name] = str(e)
+        return loaded
+
+    def add(self, name: str, source: str | Path | PromptFile, replace: bool = False) -> TaskEntry:
+        check_task_name(name)
+        pf = source if isinstance(source, PromptFile) else read_prompt(source)
+        check_prompt(pf, self.backbone)  # NaN/Inf, width, backbone fingerprint
+        prompt = pf.build().forward().detach().to(self.backbone.device, torch.float32)
+        entry = TaskEntry(name=name, prompt=prompt, digest=content_hash(prompt), metadata=pf.metadata,
+                          source=str(getattr(pf, "path", "") or ""))
+        with self._lock:
+            old = self._entries.get(name)
+            if old is not None and not replace:
+                raise SoftPromptError(f"task {name!r} already exists; replace it explicitly")
+            self._entries[name] = entry
+        if old is not None:
+            self._forget(old)
+        return entry
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            old = self._entries.pop(name, None)
+        if old is None:
+            raise UnknownTask(f"unknown task {name!r}")
+        self._forget(old)
+
+    def get(self, name: str) -> TaskEntry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(sorted(self._entries)) or 'none'}")
+        return entry
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _forget(self, old: TaskEntry) -> None:
+        with self._lock:
+            in_use = any(e.digest == old.digest for e in self._entries.values())
+        if not in_use:
+            forget_prompt_kv(self.backbone, old.digest)

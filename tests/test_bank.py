@@ -1,0 +1,89 @@
+"""The prompt bank: many prompts on one backbone, checked on add, replaced and removed at run time."""
+
+import threading
+
+import pytest
+import torch
+from conftest import make_backbone
+
+import softprompt as sp
+from softprompt.generation import content_hash
+from softprompt.serve import PromptBank, UnknownTask
+
+
+@pytest.fixture
+def folder(tmp_path, llama):
+    for i, name in enumerate(["sentiment", "topic", "qa"]):
+        sp.save_prompt(tmp_path / f"{name}.safetensors",
+                       sp.PromptTuning.create(llama, num_virtual_tokens=2 + 2 * i, seed=i), llama,
+                       task={"name": name})
+    other = make_backbone("llama", seed=5)
+    sp.save_prompt(tmp_path / "foreign.safetensors", sp.PromptTuning.create(other, num_virtual_tokens=2), other)
+    return tmp_path
+
+
+def test_folder_loads_tasks_and_refuses_a_foreign_prompt(folder, llama):
+    bank = PromptBank(llama, folder)
+    assert bank.names() == ["qa", "sentiment", "topic"]
+    assert "foreign.safetensors" in bank.refused and "trained on backbone" in bank.refused["foreign.safetensors"]
+    assert bank.get("topic").num_virtual_tokens == 4 and bank.get("topic").task == {"name": "topic"}
+    with pytest.raises(UnknownTask, match="unknown task 'nope'; known tasks: qa, sentiment, topic"):
+        bank.get("nope")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden", "x" * 65, "a\\b"])
+def test_task_names_with_path_characters_are_refused(folder, llama, name):
+    bank = PromptBank(llama)
+    with pytest.raises(sp.SoftPromptError, match="invalid task name"):
+        bank.add(name, folder / "qa.safetensors")
+
+
+def test_replace_invalidates_the_cached_key_values(folder, llama):
+    bank = PromptBank(llama, folder)
+    old = bank.get("qa")
+    first = sp.generate(llama, old.prompt, ["the movie was"], max_new_tokens=4)
+    assert any(k[0] == old.digest for k in llama._prompt_kv)
+    with pytest.raises(sp.SoftPromptError, match="already exists"):
+        bank.add("qa", folder / "topic.safetensors")
+    new_prompt = sp.PromptTuning.create(llama, num_virtual_tokens=6, seed=99)
+    sp.save_prompt(folder / "qa2.safetensors", new_prompt, llama)
+    bank.add("qa", folder / "qa2.safetensors", replace=True)
+    assert not any(k[0] == old.digest for k in llama._prompt_kv)  # stale key/values dropped
+    entry = bank.get("qa")
+    assert entry.digest == content_hash(new_prompt.weight) != old.digest
+    now = sp.generate(llama, entry.prompt, ["the movie was"], max_new_tokens=4)
+    assert now.tokens == sp.generate(llama, new_prompt, ["the movie was"], max_new_tokens=4,
+                                     reuse_prompt_cache=False).tokens
+    assert first.tokens == sp.generate(llama, old.prompt, ["the movie was"], max_new_tokens=4).tokens  # in-flight copy
+    bank.remove("qa")
+    with pytest.raises(UnknownTask):
+        bank.remove("qa")
+
+
+def test_hot_add_and_remove_under_concurrent_requests(folder, llama):
+    bank = PromptBank(llama, folder)
+    expected = {n: sp.generate(llama, bank.get(n).prompt, ["the plot was"], max_new_tokens=3).tokens[0]
+                for n in ("sentiment", "topic")}
+    errors, stop = [], threading.Event()
+
+    def client(name):
+        while not stop.is_set():
+            try:
+                got = sp.generate(llama, bank.get(name).prompt, ["the plot was"], max_new_tokens=3).tokens[0]
+                if got != expected[name]:
+                    errors.append((name, got))
+            except Exception as e:  # noqa: BLE001 - any failure is a test failure
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in ("sentiment", "topic")]
+    for t in threads:
+        t.start()
+    for i in range(20):  # churn another task while the clients run
+        bank.add("qa", folder / ("qa.safetensors" if i % 2 else "topic.safetensors"), replace=True)
+        if i % 5 == 4:
+            bank.remove("qa")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert torch.equal(bank.get("sentiment").prompt, sp.load_prompt(folder / "sentiment.safetensors").tensors["prompt"])
