@@ -106,9 +106,6 @@ class Backbone:
     def forward(self, inputs_embeds: torch.Tensor, **kwargs: Any) -> Any:
         return self.model(inputs_embeds)
 
-    def eval_(self) -> None:
-        self.model.eval()
-
 
 def fingerprint_id(fp: dict) -> str:
     """A short, human-readable id of a fingerprint (values rounded so dtype casts do not change it)."""

@@ -43,6 +43,7 @@ class RunResult:
     prompt_path: Path | None
     final_step: int
     best: dict | None  # validation metrics of the kept prompt
+    best_step: int | None = None
     test: dict | None = None
     report: dict = field(default_factory=dict)
     stopped: str = "steps"  # steps | early_stopping | interrupted
@@ -271,7 +272,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
         if state["best_tensors"] is not None:  # the kept prompt is the best one on validation
             method.load_tensors(state["best_tensors"])
         prompt_path = out / PROMPT_FILE if ddp.main else None  # only rank 0 writes
-        report = _report(trainable, total, state, train_seconds, memory, bad.skipped, None, model)
+        report = _report(trainable, total, state, train_seconds, memory, bad.skipped, None)
         if ddp.main:
             save_prompt(out / PROMPT_FILE, method, bb, task=task.to_dict(), overwrite=True, training={
                 "config": cfg.to_dict(), "best_step": state["best_step"], "validation": state["best_metrics"],
@@ -280,12 +281,12 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
             log.finish(report)
     else:
         report = _report(trainable, total, state, train_seconds, memory, bad.skipped,
-                         sum(p.numel() * p.element_size() for p in bb.model.parameters()), model)
+                         sum(p.numel() * p.element_size() for p in bb.model.parameters()))
         bb.model.requires_grad_(False)
         bb.model.eval()
     ddp.barrier()
     return RunResult(out_dir=out, prompt_path=prompt_path, final_step=step, best=state["best_metrics"],
-                     report=report, stopped=stopped)
+                     best_step=state["best_step"], report=report, stopped=stopped)
 
 
 def _world() -> int:
@@ -311,7 +312,7 @@ def _small(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "confusion"}
 
 
-def _report(trainable, total, state, seconds, memory, skipped, bytes_per_task, model) -> dict:
+def _report(trainable, total, state, seconds, memory, skipped, bytes_per_task) -> dict:
     return {"trainable_params": trainable, "total_params": total,
             "trainable_share": trainable / max(1, total), "bytes_per_task": bytes_per_task,
             "tokens_processed": state["tokens"], "train_seconds": round(seconds, 2),
