@@ -87,3 +87,31 @@ def test_hot_add_and_remove_under_concurrent_requests(folder, llama):
         t.join()
     assert errors == []
     assert torch.equal(bank.get("sentiment").prompt, sp.load_prompt(folder / "sentiment.safetensors").tensors["prompt"])
+
+
+def test_mixed_task_classification_equals_each_task_alone(llama):
+    """Two tasks (single-token and multi-token verbalizers, prompts of 3 and 6 tokens) and a prompt-less row
+    scored in one batch give the scores each gets from its own PromptedModel."""
+    from conftest import SYNTH_TASK
+
+    from softprompt.serve.score import score_mixed
+    from softprompt.tasks.encode import TaskEncoder
+    from softprompt.tasks.spec import TaskSpec
+
+    single = TaskSpec(**SYNTH_TASK)
+    multi = TaskSpec(**{**SYNTH_TASK, "verbalizer": {"positive": [" very good", " yes"], "negative": " not good"}})
+    pa = sp.PromptTuning.create(llama, num_virtual_tokens=3, seed=1)
+    pb = sp.PromptTuning.create(llama, num_virtual_tokens=6, seed=2)
+    enc = {id(single): TaskEncoder(single, llama.tokenizer, 6, llama.max_positions, llama.pad_token_id),
+           id(multi): TaskEncoder(multi, llama.tokenizer, 6, llama.max_positions, llama.pad_token_id)}
+    cases = [(pa, single, "the movie was good"), (pb, multi, "bad plot"), (None, single, "it was fun"),
+             (pb, single, "the actors were awful"), (pa, multi, "a very boring story")]
+    requests = [(None if p is None else p.weight.detach(), enc[id(t)].encode_input({"text": x}), enc[id(t)])
+                for p, t, x in cases]
+    mixed = score_mixed(llama, requests)
+    for (p, t, x), got in zip(cases, mixed, strict=True):
+        e = enc[id(t)]
+        model = sp.PromptedModel(llama, p if p is not None else sp.PromptTuning(torch.empty(0, 32))).eval()
+        with torch.no_grad():
+            alone = e.label_scores(model, e.classification_batch([{"text": x, "label": "positive"}]))[0]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)

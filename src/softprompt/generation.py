@@ -155,6 +155,17 @@ def mixed_prompt_kv(backbone: CausalLMBackbone, prompts: list[torch.Tensor | Non
     return layers, prompt_mask, n.unsqueeze(1)
 
 
+def forward_mixed(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None], embeds: torch.Tensor,
+                  mask: torch.Tensor, logits_to_keep: int = 0):
+    """One forward for rows with different prompts (or none), each attending to its own cached prompt KV.
+    Returns (outputs, full attention mask, per-row prompt lengths (B, 1))."""
+    layers, prompt_mask, offsets = mixed_prompt_kv(backbone, prompts)
+    full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], dim=1)
+    out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, offsets),
+                           cache=backbone.new_cache(layers), use_cache=True, logits_to_keep=logits_to_keep)
+    return out, full_mask, offsets
+
+
 @torch.no_grad()
 def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -200,11 +211,8 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
     embeds = backbone.embed(input_ids)  # (B, T, H)
     soft = softs[0]
     if per_row and any(s is not None for s in softs):
-        layers, prompt_mask, offsets = mixed_prompt_kv(backbone, softs)
-        full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], dim=1)
-        out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, offsets),
-                               cache=backbone.new_cache(layers), use_cache=True, logits_to_keep=1)
-        P = offsets  # (B, 1): each row's own prompt length sets its positions
+        out, full_mask, P = forward_mixed(backbone, softs, embeds, mask, logits_to_keep=1)
+        # P is (B, 1) now: each row's own prompt length sets its positions
     elif per_row or soft is None:
         full_mask = mask
         out = backbone.forward(embeds, attention_mask=mask, position_ids=input_positions(mask, 0),
