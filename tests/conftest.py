@@ -101,6 +101,18 @@ SYNTH_TASK = {"name": "synth", "data": "synthetic", "template": "{text} sentimen
               "verbalizer": {"positive": " yes", "negative": " no"}, "max_length": 32}
 
 
+def write_model_and_data(folder, rows_per_split: int) -> dict:
+    """A learnable tiny model folder and JSONL splits on disk, for CLI / subprocess tests. Returns the task."""
+    import json
+
+    bb = make_learnable_backbone()
+    bb.model.save_pretrained(folder / "model")
+    bb.tokenizer.save_pretrained(folder / "model")
+    for split, rows in synthetic_splits().items():
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:rows_per_split]))
+    return {**SYNTH_TASK, "data": {s: str(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+
+
 ARCHS = ["llama", "gpt2", "qwen2"]
 
 

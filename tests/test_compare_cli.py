@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import SYNTH_TASK, make_learnable_backbone, synthetic_splits
+from conftest import SYNTH_TASK, synthetic_splits, write_model_and_data
 
 from softprompt.cli import main
 from softprompt.compare import compare, few_shot_prefix, markdown_table
@@ -14,12 +14,7 @@ from softprompt.train.config import load_config
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    bb = make_learnable_backbone()
-    bb.model.save_pretrained(tmp / "model")
-    bb.tokenizer.save_pretrained(tmp / "model")
-    for split, rows in synthetic_splits().items():
-        (tmp / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:256]))
-    task = {**SYNTH_TASK, "data": {s: str(tmp / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+    task = write_model_and_data(tmp, 256)
     (tmp / "run.yaml").write_text(json.dumps({
         "model": str(tmp / "model"), "task": task, "out_dir": str(tmp / "run"),
         "method": {"num_virtual_tokens": 8, "init": "random"},

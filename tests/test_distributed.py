@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SYNTH_TASK, make_learnable_backbone, synthetic_splits
+from conftest import make_learnable_backbone, write_model_and_data
 
 import softprompt as sp
 
@@ -22,12 +22,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    bb = make_learnable_backbone()
-    bb.model.save_pretrained(tmp / "model")
-    bb.tokenizer.save_pretrained(tmp / "model")
-    for split, rows in synthetic_splits().items():
-        (tmp / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:128]))
-    task = {**SYNTH_TASK, "data": {s: str(tmp / f"{s}.jsonl") for s in ("train", "validation", "test")}}
+    task = write_model_and_data(tmp, 128)
     args = ["--model", str(tmp / "model"), "--task", json.dumps(task), "--method.num_virtual_tokens", "4",
             "--method.init", "random", "--train.steps", "6", "--train.batch_size", "8", "--train.grad_accum", "2",
             "--train.lr", "0.1", "--train.eval_every", "3", "--train.eval_examples", "16", "--device", "cpu"]
