@@ -136,3 +136,24 @@ def test_gpt2_template_with_two_fields():
     ids = enc.encode_input({"a": "the movie", "b": " ".join(["fun"] * 30)})
     text = bb.tokenizer.decode(ids)
     assert text.startswith("the movie and fun") and text.endswith("?") and len(ids) <= 9
+
+
+def test_length_bucketed_evaluation_equals_row_by_row_scoring(llama):
+    """evaluate() sorts rows by length to batch them with little padding; every prediction must stay with its row."""
+    from conftest import synthetic_rows
+
+    from softprompt.evaluate import evaluate_classification
+
+    enc = encoder(llama, P=3)
+    model = sp.PromptedModel(llama, PromptTuning.create(llama, num_virtual_tokens=3, seed=4)).eval()
+    rows = synthetic_rows(40, seed=9)
+    for i in range(0, 40, 3):  # vary the lengths
+        rows[i] = {**rows[i], "text": rows[i]["text"] + " and the plot was very very boring"}
+    got = evaluate_classification(model, enc, rows, batch_size=8)
+    with torch.no_grad():
+        preds = [int(enc.label_scores(model, enc.classification_batch([r])).argmax()) for r in rows]
+    gold = [enc.label_index(r) for r in rows]
+    from softprompt.evaluate import classification_metrics
+
+    assert got["confusion"] == classification_metrics(preds, gold, enc.task.labels)["confusion"]
+    assert got["n"] == 40

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .tasks.encode import TaskEncoder
+from .tasks.encode import TaskEncoder, left_pad
 
 
 def autocast(precision: str, device: torch.device):
@@ -42,14 +42,18 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
 def evaluate_classification(model: Any, enc: TaskEncoder, rows: list[dict], batch_size: int = 16,
                             precision: str = "float32") -> dict:
     device = model.backbone.device
-    preds, gold, nll = [], [], 0.0
-    for i in range(0, len(rows), batch_size):
-        batch = enc.classification_batch(rows[i:i + batch_size], device)
+    ids = [enc.encode_input(r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))  # length buckets: little padding per batch
+    preds, gold, nll = [0] * len(rows), [enc.label_index(r) for r in rows], 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, mask = left_pad([ids[i] for i in idx], enc.pad_id, device)
+        y = torch.tensor([gold[i] for i in idx], device=device)
         with autocast(precision, device):
-            scores = enc.label_scores(model, batch)
-        preds += scores.argmax(-1).tolist()
-        gold += batch["y"].tolist()
-        nll += float(torch.nn.functional.cross_entropy(scores, batch["y"], reduction="sum"))
+            scores = enc.label_scores(model, {"input_ids": input_ids, "attention_mask": mask, "y": y})
+        for i, p in zip(idx, scores.argmax(-1).tolist(), strict=True):
+            preds[i] = p
+        nll += float(torch.nn.functional.cross_entropy(scores.float(), y, reduction="sum"))
     out = classification_metrics(preds, gold, enc.task.labels)
     out["loss"] = nll / max(1, len(rows))
     return out
