@@ -129,3 +129,8 @@ def test_per_row_prompt_list_must_match_the_batch(llama):
         sp.generate(llama, [p, p], TEXTS, max_new_tokens=2)
     only_none = sp.generate(llama, [None, None, None], TEXTS, max_new_tokens=3)
     assert only_none.tokens == sp.generate(llama, None, TEXTS, max_new_tokens=3).tokens
+
+
+def test_a_zero_token_prompt_generates_like_no_prompt(llama):
+    empty = sp.PromptTuning(torch.empty(0, llama.hidden_size))
+    assert sp.generate(llama, empty, TEXTS, max_new_tokens=4).tokens == sp.generate(llama, None, TEXTS, max_new_tokens=4).tokens

@@ -156,3 +156,19 @@ def test_lr_schedules():
     c = TrainArgs(steps=10, schedule="cosine")
     assert lr_factor(0, c) == 1.0 and abs(lr_factor(5, c) - 0.5) < 1e-9 and lr_factor(10, c) < 1e-9
     assert lr_factor(7, TrainArgs(steps=10, schedule="constant")) == 1.0
+
+
+def test_a_generation_task_trains_on_target_tokens(tmp_path):
+    """target_field task: loss on the answer tokens only; the loss falls and exact match is reported."""
+    splits = {s: [{"q": r["text"], "a": "yes" if r["label"] == "positive" else "no"} for r in rows]
+              for s, rows in synthetic_splits().items()}
+    task = {"name": "gen", "data": "x", "template": "{q} sentiment :", "target_field": "a", "max_length": 32}
+    cfg = load_config(None, ["--task", json.dumps(task), "--out_dir", str(tmp_path / "run"),
+                             "--method.num_virtual_tokens", "8", "--method.init", "random", "--train.batch_size", "16",
+                             "--train.lr", "0.1", "--train.steps", "80", "--train.eval_every", "80",
+                             "--train.eval_examples", "32"])
+    res = fit(cfg, backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+    assert "exact_match" in res.best and 0 <= res.best["exact_match"] <= 1

@@ -25,14 +25,14 @@ _KV_LOCK = threading.Lock()  # the store is shared by request threads
 
 
 def prompt_tensor(prompt: Any) -> torch.Tensor | None:
-    """(P, H) from a method module, a PromptFile, a tensor, or None (no prompt)."""
+    """(P, H) from a method module, a PromptFile, a tensor, or None (no prompt; a 0-token prompt is none too)."""
     if prompt is None:
         return None
-    if isinstance(prompt, torch.Tensor):
-        return prompt
-    if hasattr(prompt, "build"):  # PromptFile
-        prompt = prompt.build()
-    return prompt()
+    if not isinstance(prompt, torch.Tensor):
+        if hasattr(prompt, "build"):  # PromptFile
+            prompt = prompt.build()
+        prompt = prompt()
+    return prompt if prompt.shape[0] > 0 else None
 
 
 def content_hash(t: torch.Tensor) -> str:
