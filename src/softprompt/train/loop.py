@@ -208,11 +208,12 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     while step < args.steps:
         rows = [train_rows[i] for i in example_order(len(train_rows), args.batch_size, cfg.seed, step)]
         count = enc.count(rows)  # loss normaliser of the whole global batch
-        loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
         for j in range(args.grad_accum):
             shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
             batch = enc.batch(shard, device)
-            tokens += int(batch["attention_mask"].sum()) + method.num_virtual_tokens * len(shard)
+            tokens += batch["attention_mask"].sum() + method.num_virtual_tokens * len(shard)
             with autocast(args.precision, device):
                 if task.kind == "classification":
                     loss = classification_loss(enc, model, batch, args.loss)
@@ -221,7 +222,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
             (loss / count).backward()
             loss_sum += loss.detach()
         ddp.all_reduce_grads(params)
-        loss_value = ddp.sum(float(loss_sum)) / count  # the one host sync per step: NaN check and logging
+        local_loss, local_tokens = torch.stack([loss_sum, tokens]).tolist()  # the one host sync per step
+        loss_value = ddp.sum(local_loss) / count
         if not math.isfinite(loss_value):
             kept = f"the last good checkpoint (step {_ck_step(out)}) is kept in {out / CHECKPOINT}" \
                 if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
@@ -234,7 +236,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
         optimizer.zero_grad(set_to_none=True)
         step += 1
         state["step"] = step
-        state["tokens"] += int(ddp.sum(tokens))
+        state["tokens"] += int(ddp.sum(local_tokens))
         state["train_seconds"] = time.perf_counter() - t_start
         log.step(step, loss_value, scheduler.get_last_lr()[0], state)
         if on_step is not None:
