@@ -191,6 +191,34 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
     run(model_name=args.model, steps=args.steps, n_test=args.n_test, out=args.out, overrides=extra)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+    import os
+
+    import uvicorn
+
+    from .serve.app import build_server, check_port_free, create_app
+
+    api_key = args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
+    check_port_free(args.host, args.port)
+    engine = build_server(args.model, args.prompts, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
+                          window_ms=args.window_ms, reuse_prompt_cache=not args.no_prompt_cache)
+    bank = engine.bank
+    print(f"softprompt serve: {engine.model_name} with {len(bank)} task(s): {', '.join(bank.names()) or 'none'}",
+          file=sys.stderr)
+    for name, why in bank.refused.items():
+        print(f"softprompt serve: refused {name}: {why}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print("softprompt serve: warning: listening beyond loopback without --api-key", file=sys.stderr)
+    engine.start()
+    logging.basicConfig(level=logging.INFO)
+    try:
+        uvicorn.run(create_app(engine, api_key=api_key, prompts_dir=args.prompts), host=args.host, port=args.port,
+                    log_level=args.log_level)
+    finally:
+        engine.stop()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen pretrained models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -271,6 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="folder for the table (default: out_dir)")
     c.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
     c.set_defaults(func=cmd_compare, extra=True)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: many tasks (prompt files) on one backbone",
+                       description="Serve every prompt file in --prompts (task name = file name without .safetensors) "
+                                   "on one frozen backbone; `model` in a request names a task, or the backbone itself "
+                                   "for no prompt. Requests arriving together are batched across tasks.")
+    model_args(s)
+    s.add_argument("--prompts", default=None, metavar="DIR", help="folder of prompt files (reload: POST /admin/reload)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SOFTPROMPT_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=32, help="most requests in one batch")
+    s.add_argument("--window-ms", type=float, default=5.0, help="how long the first request waits for others")
+    s.add_argument("--no-prompt-cache", action="store_true", help="recompute each prompt per batch (benchmarking)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="the built-in demo: train a prompt on Rotten Tomatoes with SmolLM2-135M",
                        description="Train, evaluate against zero-shot, save and generate, on real data and a real model.")

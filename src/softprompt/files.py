@@ -93,7 +93,7 @@ def save_prompt(path: str | os.PathLike, method: Any, backbone: Any = None, *, t
         meta["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint(),
                             "fingerprint_id": backbone.fingerprint_id()}
     meta.update(extra or {})
-    header = {META_KEY: json.dumps(meta, sort_keys=True, default=str), "format": "pt"}
+    header = {META_KEY: json.dumps(meta, default=str), "format": "pt"}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), overwrite)
     return path
 

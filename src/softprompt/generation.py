@@ -18,7 +18,7 @@ import torch
 
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
-from .join import check_mask, expand_kv, input_positions, prefix_join, run_prompt
+from .join import check_mask, expand_kv, input_positions, run_prompt
 
 _KV_CACHE_SIZE = 64  # prompts whose key/values are kept per backbone
 _KV_LOCK = threading.Lock()  # the store is shared by request threads
@@ -69,6 +69,46 @@ def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor):
     return value
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one row picks its tokens. temperature 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SoftPromptError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise SoftPromptError(f"temperature must be >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise SoftPromptError(f"top_p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise SoftPromptError(f"top_k must be >= 0 (got {self.top_k})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SoftPromptError("stop strings must be non-empty strings")
+
+
+@dataclass
+class Row:
+    """One row of a decoding batch: what it generated so far and why it stopped."""
+
+    sampling: Sampling
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)  # EOS is not kept
+    text: str = ""  # decoded, cut before the first stop string
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled"
+    cancelled: bool = False  # set by another thread (a client went away): the row is dropped at the next step
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclass
 class GenerationOutput:
     texts: list[str]
@@ -110,24 +150,6 @@ def encode(backbone: CausalLMBackbone, inputs: str | list[str] | list[list[int]]
     return input_ids, mask
 
 
-def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) token ids."""
-    if not do_sample or temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 def mixed_prompt_kv(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None]):
     """One cache for rows with different prompts (or none): each row's prompt key/values (cached per prompt
     content) left-padded to the longest prompt. Returns (layers, prompt_mask (B, P_max), lengths (B, 1))."""
@@ -166,6 +188,143 @@ def forward_mixed(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None]
     return out, full_mask, offsets
 
 
+def mixed_join(prompts: list[torch.Tensor | None], embeds: torch.Tensor, mask: torch.Tensor):
+    """Rows with different prompts, each prompt prepended (no cached key/values): (embeds, mask, positions),
+    each row laid out as [pad][its prompt][pad][its input], positions counting real tokens only."""
+    B, _, H = embeds.shape
+    lengths = [0 if p is None else p.shape[0] for p in prompts]
+    P = max(lengths)
+    virtual = embeds.new_zeros(B, P, H)
+    for i, p in enumerate(prompts):
+        if p is not None:
+            virtual[i, P - lengths[i]:] = p.to(embeds.dtype)
+    n = torch.tensor(lengths, device=embeds.device)
+    prompt_mask = (torch.arange(P, device=embeds.device).unsqueeze(0) >= (P - n).unsqueeze(1)).to(mask.dtype)
+    full_mask = torch.cat([prompt_mask, mask], dim=1)
+    return torch.cat([virtual, embeds], dim=1), full_mask, input_positions(full_mask, 0)
+
+
+def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """(V,) float32 logits of one row -> its next token."""
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(s.top_k).values[-1], float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest set whose mass reaches top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+class Decoding:
+    """A batch being decoded one token per step: iterate it, and after each step read ``rows``.
+
+    Rows may have different prompts (or none), inputs, sampling settings and lengths. The prefill is one forward
+    (each row attending to its own prompt's cached key/values, or with the prompts prepended when
+    ``reuse_prompt_cache`` is off); each step is one forward over the rows still running: a row that finishes
+    (EOS, a stop string, its max_new_tokens, or cancelled) is dropped from the batch and its cache.
+    Iterating yields, after each step, the indices of the rows that got a token or finished in it.
+    """
+
+    def __init__(self, backbone: CausalLMBackbone, prompts: list[torch.Tensor | None], input_ids: torch.Tensor,
+                 mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True):
+        B = input_ids.shape[0]
+        if len(prompts) != B or len(rows) != B:
+            raise SoftPromptError(f"{len(prompts)} prompts and {len(rows)} rows for {B} inputs; give one per input")
+        check_mask(mask)
+        self.backbone, self.rows = backbone, rows
+        self.eos = set(backbone.eos_token_ids or [])
+        dev = backbone.device
+        embeds = backbone.embed(input_ids)
+        first = prompts[0]
+        if all(p is None for p in prompts):
+            full_mask, positions = mask, input_positions(mask, 0)
+            out = backbone.forward(embeds, attention_mask=mask, position_ids=positions, cache=backbone.new_cache(),
+                                   use_cache=True, logits_to_keep=1)
+        elif not reuse_prompt_cache:
+            embeds, full_mask, positions = mixed_join(prompts, embeds, mask)
+            out = backbone.forward(embeds, attention_mask=full_mask, position_ids=positions,
+                                   cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
+        elif all(p is first for p in prompts):  # one prompt for every row: its cached key/values, expanded
+            P = first.shape[0]
+            full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
+            positions = input_positions(mask, P)
+            out = backbone.forward(embeds, attention_mask=full_mask, position_ids=positions,
+                                   cache=backbone.new_cache(expand_kv(prompt_kv(backbone, first)[0], B)),
+                                   use_cache=True, logits_to_keep=1)
+        else:
+            out, full_mask, offsets = forward_mixed(backbone, prompts, embeds, mask, logits_to_keep=1)
+            positions = input_positions(mask, offsets)
+        self.cache = out.cache
+        self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each running row
+        self.prefill_logits = self.logits
+        self.mask = full_mask
+        self.position = positions[:, -1:]  # (B, 1)
+        self.running = list(range(B))  # batch position -> row index
+        self.steps = 0
+
+    def __iter__(self):
+        tok = self.backbone.tokenizer
+        while self.running:
+            changed, nxt = [], {}  # batch position -> picked token
+            for b, i in enumerate(self.running):
+                row = self.rows[i]
+                if row.cancelled:
+                    row.finish_reason = "cancelled"
+                    changed.append(i)
+                    continue
+                t = _pick(self.logits[b], row.sampling, row.generator)
+                nxt[b] = t
+                changed.append(i)
+                if t in self.eos:
+                    row.finish_reason = "stop"
+                    continue
+                row.tokens.append(t)
+                if tok is not None:
+                    row.text = tok.decode(row.tokens, skip_special_tokens=True)
+                    hits = [row.text.index(s) for s in row.sampling.stop if s in row.text]
+                    if hits:
+                        row.text = row.text[: min(hits)]
+                        row.finish_reason = "stop"
+                        continue
+                if len(row.tokens) >= row.sampling.max_new_tokens:
+                    row.finish_reason = "length"
+            self.steps += 1
+            keep = [b for b, i in enumerate(self.running) if not self.rows[i].done]
+            if keep and len(keep) < len(self.running):  # drop finished rows from the batch and the cache
+                idx = torch.tensor(keep, device=self.mask.device)
+                self.cache.batch_select_indices(idx)
+                self.mask, self.position = self.mask[idx], self.position[idx]
+            feed = [nxt[b] for b in keep]
+            self.running = [self.running[b] for b in keep]
+            yield changed
+            if not self.running:
+                break
+            self._step(feed)
+
+    def _step(self, tokens: list[int]) -> None:
+        dev = self.mask.device
+        B = len(tokens)
+        self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
+        self.position = self.position + 1
+        ids = torch.tensor(tokens, device=dev).unsqueeze(1)
+        out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask, position_ids=self.position,
+                                    cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        self.logits = out.logits[:, -1].float()
+
+
+def check_prompt_tensor(backbone: CausalLMBackbone, soft: torch.Tensor | None) -> None:
+    if soft is not None and soft.shape[-1] != backbone.hidden_size:
+        raise SoftPromptError(f"prompt width {soft.shape[-1]} does not match backbone {backbone.name!r} hidden "
+                              f"size {backbone.hidden_size}")
+    if soft is not None and not torch.isfinite(soft).all():
+        raise SoftPromptError("the prompt contains NaN/Inf values; it cannot be used")
+
+
 @torch.no_grad()
 def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None, *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -176,24 +335,16 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
     `prompt` is one prompt for every row (a method module, PromptFile, (P, H) tensor or None), or a list with one
     prompt (or None) per row: a mixed-task batch, each row attending to its own prompt's cached key/values.
     """
-    if max_new_tokens < 1:
-        raise SoftPromptError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
-    if do_sample and temperature < 0:
-        raise SoftPromptError(f"temperature must be >= 0 (got {temperature})")
-    if not 0 < top_p <= 1:
-        raise SoftPromptError(f"top_p must be in (0, 1] (got {top_p})")
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                        top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
     input_ids, mask = encode(backbone, inputs, chat=chat)
     B, T = input_ids.shape
     per_row = isinstance(prompt, (list, tuple))
     if per_row and len(prompt) != B:
         raise SoftPromptError(f"{len(prompt)} prompts for {B} inputs; give one prompt (or None) per input")
-    softs = [prompt_tensor(p) for p in prompt] if per_row else [prompt_tensor(prompt)]
+    softs = [prompt_tensor(p) for p in prompt] if per_row else [prompt_tensor(prompt)] * B
     for soft in softs:
-        if soft is not None and soft.shape[-1] != backbone.hidden_size:
-            raise SoftPromptError(f"prompt width {soft.shape[-1]} does not match backbone {backbone.name!r} hidden "
-                                  f"size {backbone.hidden_size}")
-        if soft is not None and not torch.isfinite(soft).all():
-            raise SoftPromptError("the prompt contains NaN/Inf values; it cannot be used")
+        check_prompt_tensor(backbone, soft)
     P = max(0 if s is None else s.shape[0] for s in softs)
     limit = backbone.max_positions
     if limit is not None and P + T + max_new_tokens > limit:
@@ -205,68 +356,11 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
             raise SoftPromptError(f"input of {T} tokens + {P} virtual tokens + {max_new_tokens} new tokens exceeds "
                                   f"the model's {limit} positions; shorten the input, lower max_new_tokens or "
                                   f"pass truncate=True")
-    check_mask(mask)
-    dev = backbone.device
-    generator = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-    embeds = backbone.embed(input_ids)  # (B, T, H)
-    soft = softs[0]
-    if per_row and any(s is not None for s in softs):
-        out, full_mask, P = forward_mixed(backbone, softs, embeds, mask, logits_to_keep=1)
-        # P is (B, 1) now: each row's own prompt length sets its positions
-    elif per_row or soft is None:
-        full_mask = mask
-        out = backbone.forward(embeds, attention_mask=mask, position_ids=input_positions(mask, 0),
-                               cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
-    elif reuse_prompt_cache:
-        cache = backbone.new_cache(expand_kv(prompt_kv(backbone, soft)[0], B))
-        full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
-        out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, P),
-                               cache=cache, use_cache=True, logits_to_keep=1)
-    else:
-        j = prefix_join(soft, embeds, mask)
-        full_mask = j.attention_mask
-        out = backbone.forward(j.inputs_embeds, attention_mask=full_mask, position_ids=j.position_ids,
-                               cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    logits = out.logits[:, -1].float()  # (B, V)
-    prefill_logits = logits.clone()
-    position = input_positions(mask, P)[:, -1:]  # (B, 1) last input position of each row
-    eos = torch.tensor(backbone.eos_token_ids or [-1], device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # new tokens kept per row
-    new_tokens = []
-    tok = backbone.tokenizer
-    for step in range(max_new_tokens):
-        nxt = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, backbone.pad_token_id), nxt)
-        new_tokens.append(nxt)
-        finished = torch.isin(nxt, eos) & ~done
-        lengths = torch.where(finished, step, lengths)  # EOS itself is not kept
-        done |= finished
-        if stop and tok is not None:
-            seqs = torch.stack(new_tokens, 1).tolist()
-            for i in range(B):
-                if not done[i] and any(s in tok.decode(seqs[i], skip_special_tokens=True) for s in stop):
-                    done[i] = True
-                    lengths[i] = step + 1
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        full_mask = torch.cat([full_mask, torch.ones(B, 1, dtype=full_mask.dtype, device=dev)], dim=1)
-        position = position + 1
-        out = backbone.forward(backbone.embed(nxt[:, None]), attention_mask=full_mask, position_ids=position,
-                               cache=cache, use_cache=True)
-        cache = out.cache
-        logits = out.logits[:, -1].float()
-    gen = torch.stack(new_tokens, 1).tolist()
-    tokens, texts = [], []
-    for row, n in zip(gen, lengths.tolist(), strict=True):
-        row = row[:n]
-        text = tok.decode(row, skip_special_tokens=True) if tok is not None else ""
-        for s in stop or []:
-            if s in text:
-                text = text[: text.index(s)]
-        tokens.append(row)
-        texts.append(text)
-    return GenerationOutput(texts=texts, tokens=tokens, prefill_logits=prefill_logits,
-                            stats={"batch": B, "input_tokens": T, "virtual_tokens": int(torch.as_tensor(P).max()),
-                                   "steps": len(new_tokens)})
+    generator = torch.Generator(device=backbone.device).manual_seed(seed) if seed is not None else None
+    rows = [Row(sampling, generator) for _ in range(B)]  # one generator: rows draw in turn, seeded as a batch
+    dec = Decoding(backbone, softs, input_ids, mask, rows, reuse_prompt_cache=reuse_prompt_cache)
+    for _ in dec:
+        pass
+    return GenerationOutput(texts=[r.text for r in rows], tokens=[r.tokens for r in rows],
+                            prefill_logits=dec.prefill_logits.clone(),
+                            stats={"batch": B, "input_tokens": T, "virtual_tokens": P, "steps": dec.steps})

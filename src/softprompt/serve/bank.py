@@ -56,7 +56,9 @@ class PromptBank:
         self.backbone = backbone
         self._entries: dict[str, TaskEntry] = {}
         self._lock = threading.Lock()
+        self.folder: Path | None = None  # the folder last loaded or synced (what /admin/reload rescans)
         self.refused: dict[str, str] = {}  # file -> why, from the last load_folder
+        self._stamps: dict[str, tuple[int, int]] = {}  # task -> (mtime_ns, size) of the file it came from
         if folder is not None:
             self.load_folder(folder)
 
@@ -65,13 +67,40 @@ class PromptBank:
         folder = Path(folder)
         if not folder.is_dir():
             raise SoftPromptError(f"prompt folder {folder} does not exist")
-        loaded, self.refused = [], {}
+        loaded, self.refused, self.folder = [], {}, folder
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 loaded.append(self.add(path.stem, path, replace=True).name)
             except SoftPromptError as e:
                 self.refused[path.name] = str(e)
         return loaded
+
+    def sync_folder(self, folder: str | Path) -> dict:
+        """Bring the bank in line with the folder at run time: new files added, changed files replaced, tasks
+        whose file is gone removed; a bad file is refused (and a task it would replace keeps its old prompt)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SoftPromptError(f"prompt folder {folder} does not exist")
+        report: dict = {"added": [], "replaced": [], "removed": [], "refused": {}}
+        present = set()
+        for path in sorted(folder.glob("*.safetensors")):
+            name, st = path.stem, path.stat()
+            present.add(name)
+            stamp = (st.st_mtime_ns, st.st_size)
+            if self._stamps.get(name) == stamp and name in self._entries:
+                continue
+            try:
+                existed = name in self._entries
+                self.add(name, path, replace=True)
+                report["replaced" if existed else "added"].append(name)
+            except SoftPromptError as e:
+                report["refused"][path.name] = str(e)
+        for name, entry in list(self._entries.items()):
+            if name not in present and entry.source and Path(entry.source).resolve().parent == folder.resolve():
+                self.remove(name)
+                report["removed"].append(name)
+        self.refused, self.folder = report["refused"], folder
+        return report
 
     def add(self, name: str, source: str | Path | PromptFile, replace: bool = False) -> TaskEntry:
         check_task_name(name)
@@ -85,6 +114,9 @@ class PromptBank:
             if old is not None and not replace:
                 raise SoftPromptError(f"task {name!r} already exists; replace it explicitly")
             self._entries[name] = entry
+            if isinstance(source, (str, Path)):
+                st = Path(source).stat()
+                self._stamps[name] = (st.st_mtime_ns, st.st_size)
         if old is not None:
             self._forget(old)
         return entry
@@ -92,6 +124,7 @@ class PromptBank:
     def remove(self, name: str) -> None:
         with self._lock:
             old = self._entries.pop(name, None)
+            self._stamps.pop(name, None)
         if old is None:
             raise UnknownTask(f"unknown task {name!r}")
         self._forget(old)

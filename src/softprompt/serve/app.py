@@ -1,0 +1,374 @@
+"""The OpenAI-compatible HTTP API: `model` names a task (a prompt file in the bank), or the backbone itself.
+
+    GET  /v1/models             the tasks (and the bare backbone)
+    POST /v1/completions        text completion, streaming with server-sent events
+    POST /v1/chat/completions   chat completion (the backbone's chat template), streaming
+    POST /v1/classify           a classification task's label and per-label scores
+    GET  /health, /metrics      liveness; Prometheus metrics (?format=json for JSON)
+    POST /admin/reload          rescan the prompt folder (new, changed and deleted files)
+    DELETE /admin/tasks/{name}  remove a task
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 (bad request), 401 (API
+key), 404 (unknown task) or 500; the server keeps serving after any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import SoftPromptError
+from .bank import UnknownTask
+from .engine import Engine, Job, RequestError, Result
+
+# --- request schemas ----------------------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, penalties at 0)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | dict[str, str] | list[str | dict[str, str]]
+
+
+# --- errors -----------------------------------------------------------------------------------------------
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+def _check_supported(req: _Request) -> None:
+    if req.n != 1:
+        raise RequestError("only n=1 is supported; send the request again for more choices", param="n")
+    if req.logprobs not in (None, False, 0):
+        raise RequestError("logprobs are not supported", param="logprobs")
+    if req.presence_penalty or req.frequency_penalty:
+        raise RequestError("presence/frequency penalties are not supported; leave them at 0",
+                           param="presence_penalty" if req.presence_penalty else "frequency_penalty")
+    if isinstance(req, CompletionRequest):
+        if req.echo or (req.best_of or 1) != 1 or req.suffix:
+            raise RequestError("echo, best_of and suffix are not supported", param="echo")
+
+
+def _message_text(content: str | list[dict] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise RequestError("only text content parts are supported", param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+# --- the app ----------------------------------------------------------------------------------------------
+
+
+def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | None = None) -> FastAPI:
+    """The FastAPI app around a running engine. `api_key`: when set, /v1 and /admin need `Authorization:
+    Bearer <key>`."""
+    app = FastAPI(title="softprompt", version="0.1.0",
+                  description="Many prompt-tuned tasks on one frozen backbone; `model` names a task.")
+    app.state.engine = engine
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].encode(), api_key.encode())):
+            raise StarletteHTTPException(401, "invalid or missing API key; send 'Authorization: Bearer <key>'")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return error(400, f"malformed JSON body: {first.get('msg', '')}", code="invalid_json")
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        return error(400, f"invalid request: {'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}",
+                     param=".".join(loc) or None, code="invalid_type")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error(exc.status_code, str(exc.detail), code=code)
+
+    @app.exception_handler(UnknownTask)
+    async def _unknown(request: Request, exc: UnknownTask) -> JSONResponse:
+        return error(404, str(exc), param="model", code="model_not_found")
+
+    @app.exception_handler(RequestError)
+    async def _bad(request: Request, exc: RequestError) -> JSONResponse:
+        return error(400, str(exc), param=exc.param, code=exc.code)
+
+    @app.exception_handler(SoftPromptError)
+    async def _soft(request: Request, exc: SoftPromptError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.model_name, "tasks": len(engine.bank),
+                "queue_depth": engine.queue_depth()}
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus"):
+        snap = engine.metrics.snapshot()
+        bb = engine.backbone
+        snap |= {"prompt_kv_hits": getattr(bb, "kv_hits", 0), "prompt_kv_misses": getattr(bb, "kv_misses", 0),
+                 "queue_depth": engine.queue_depth(), "tasks": len(engine.bank)}
+        if format == "json":
+            return snap
+        lines = []
+        for kind, n in sorted(snap.pop("requests").items()):
+            lines.append(f'softprompt_requests_total{{kind="{kind}"}} {n}')
+        for key, value in snap.items():
+            name = key.replace("_s", "_seconds") if key.endswith("_s") else key
+            lines.append(f"softprompt_{name} {value}")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict:
+        created = int(time.time())
+        data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "softprompt",
+                 "softprompt": {"kind": "backbone"}}]
+        for name in engine.bank.names():
+            try:
+                entry = engine.bank.get(name)
+            except UnknownTask:  # removed meanwhile
+                continue
+            task = entry.task or {}
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "softprompt",
+                         "parent": engine.model_name, "softprompt": {
+                             "kind": "classification" if task.get("verbalizer") else "generation",
+                             "labels": list(task.get("verbalizer") or {}) or None,
+                             "num_virtual_tokens": entry.num_virtual_tokens}})
+        return {"object": "list", "data": data}
+
+    async def run(request: Request, jobs_of: Any, chat: bool, req: _Request):
+        """Submit the jobs and answer: JSON when done, or server-sent events as tokens come."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emitter(i: int):
+            return lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
+
+        jobs: list[Job] = jobs_of(emitter)
+        for job in jobs:
+            engine.submit(job)
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def usage(results: dict[int, Result]) -> dict:
+            p = sum(r.prompt_tokens for r in results.values())
+            c = sum(len(r.tokens) for r in results.values())
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+        if not req.stream:
+            results: dict[int, Result] = {}
+            try:
+                while len(results) < len(jobs):
+                    i, kind, value = await events.get()
+                    if kind == "error":
+                        return error(500, value, type_="server_error")
+                    if kind == "done":
+                        results[i] = value
+            finally:
+                for job in jobs:
+                    job.cancel()
+            choices = []
+            for i in range(len(jobs)):
+                r = results[i]
+                choice = {"index": i, "finish_reason": r.finish_reason, "logprobs": None}
+                choice |= {"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text}
+                choices.append(choice)
+            return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices,
+                    "usage": usage(results)}
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if first else
+                         {"content": text} if text is not None else {})
+                choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created, "model": req.model,
+                    "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def stream():
+            results: dict[int, Result] = {}
+            try:
+                if chat:
+                    for i in range(len(jobs)):
+                        yield chunk(i, None, None, first=True)
+                while len(results) < len(jobs):
+                    i, kind, value = await events.get()
+                    if kind == "delta":
+                        yield chunk(i, value, None)
+                    elif kind == "done":
+                        results[i] = value
+                        yield chunk(i, None, value.finish_reason)
+                    else:
+                        err = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        return
+                if include_usage:
+                    body = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
+                            "model": req.model, "choices": [], "usage": usage(results)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): unfinished rows leave their batch
+                for job in jobs:
+                    job.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def sampling_args(req: _Request, max_tokens: int | None) -> dict:
+        return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
+                "stop": req.stop}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(req: CompletionRequest, request: Request):
+        _check_supported(req)
+        p = req.prompt
+        if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
+            items = [p]
+        elif isinstance(p, list) and p:
+            items = list(p)
+        else:
+            raise RequestError("prompt is empty; send some text", param="prompt")
+        if len(items) > engine.max_batch:
+            raise RequestError(f"at most {engine.max_batch} prompts per request", param="prompt")
+        args = sampling_args(req, req.max_tokens)
+        jobs = [engine.generation_job(req.model, item, **args) for item in items]  # validate all first
+
+        def jobs_of(emitter):
+            for i, job in enumerate(jobs):
+                job.emit = emitter(i)
+            return jobs
+
+        return await run(request, jobs_of, False, req)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        _check_supported(req)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
+                    for m in req.messages]
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        job = engine.generation_job(req.model, messages=messages, default_max_tokens=engine.chat_max_tokens,
+                                    **sampling_args(req, max_tokens))
+
+        def jobs_of(emitter):
+            job.emit = emitter(0)
+            return [job]
+
+        return await run(request, jobs_of, True, req)
+
+    @app.post("/v1/classify", dependencies=[Depends(authorize)])
+    async def classify(req: ClassifyRequest):
+        items = req.input if isinstance(req.input, list) else [req.input]
+        if not items:
+            raise RequestError("input is empty; send some text", param="input")
+        if len(items) > engine.max_batch:
+            raise RequestError(f"at most {engine.max_batch} inputs per request", param="input")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = [engine.classify_job(req.model, item, lambda kind, value, i=i: loop.call_soon_threadsafe(
+            events.put_nowait, (i, kind, value))) for i, item in enumerate(items)]
+        for job in jobs:
+            engine.submit(job)
+        results: dict[int, Result] = {}
+        while len(results) < len(jobs):
+            i, kind, value = await events.get()
+            if kind == "error":
+                return error(500, value, type_="server_error")
+            results[i] = value
+        data = [{"index": i, "label": results[i].label, "scores": results[i].scores} for i in range(len(jobs))]
+        return {"object": "list", "model": req.model, "data": data,
+                "usage": {"prompt_tokens": sum(r.prompt_tokens for r in results.values())}}
+
+    @app.post("/admin/reload", dependencies=[Depends(authorize)])
+    async def reload() -> dict:
+        folder = prompts_dir or engine.bank.folder
+        if folder is None:
+            raise RequestError("the server was started without a prompt folder (--prompts)")
+        return await asyncio.to_thread(engine.bank.sync_folder, folder)
+
+    @app.delete("/admin/tasks/{name}", dependencies=[Depends(authorize)])
+    async def remove(name: str) -> dict:
+        engine.bank.remove(name)
+        return {"removed": name}
+
+    return app
+
+
+def build_server(model: str, prompts: str | None = None, *, dtype: str | None = None, device: str | None = None,
+                 max_batch: int = 32, window_ms: float = 5.0, reuse_prompt_cache: bool = True) -> Engine:
+    """Load the backbone and the prompt folder; an engine ready to start (refused files in engine.bank.refused)."""
+    from ..backbones import load_backbone
+    from .bank import PromptBank
+
+    bb = load_backbone(model, dtype=dtype, device=device)
+    if bb.kind != "causal_lm":
+        raise SoftPromptError(f"serving needs a causal LM; {model!r} is a {bb.kind}")
+    bank = PromptBank(bb, prompts)
+    return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache)
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SoftPromptError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None

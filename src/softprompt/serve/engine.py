@@ -1,0 +1,357 @@
+"""The serving engine: requests for many tasks, batched together on one backbone by one worker thread.
+
+Requests (generation or classification, any task) go into one queue. The worker takes the first waiting
+request, waits at most ``window_ms`` for others, up to ``max_batch`` in all, and runs them together: the
+classification requests as one mixed-task scoring forward, the generation requests as one mixed-task
+``Decoding`` (each row attending to its own task's cached prompt key/values). A decoding batch runs until its
+last row finishes (rows that finish early leave the batch); requests arriving meanwhile form the next batch.
+Results go back through each request's ``emit`` callback, called from the worker thread: ``("delta", text)``
+while streaming, then ``("done", Result)``, or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import SoftPromptError
+from ..generation import Decoding, Row, Sampling
+from ..tasks.encode import TaskEncoder, left_pad
+from ..tasks.spec import load_task
+from .bank import PromptBank, TaskEntry
+from .score import score_mixed
+
+log = logging.getLogger("softprompt.serve")
+
+
+class RequestError(SoftPromptError):
+    """A request the server refuses (HTTP 400), with the OpenAI error `param` and `code` when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass
+class Result:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    label: str | None = None
+    scores: dict[str, float] | None = None  # classification: label -> log-likelihood of its words
+
+
+@dataclass
+class Job:
+    kind: str  # "generate" | "classify"
+    task: str  # the task name, or the backbone's name for the bare model
+    entry: TaskEntry | None  # None: the bare backbone, no prompt
+    ids: list[int]
+    emit: Callable[[str, Any], None]
+    sampling: Sampling | None = None
+    encoder: TaskEncoder | None = None
+    row: Row | None = None
+    sent: int = 0  # characters of text already streamed
+    created: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    @property
+    def prompt(self) -> torch.Tensor | None:
+        return None if self.entry is None else self.entry.prompt
+
+    def cancel(self) -> None:
+        """The client went away: the row leaves its batch at the next step."""
+        if self.row is not None:
+            self.row.cancelled = True
+
+
+class Metrics:
+    """Counters and recent latencies; `snapshot()` for /metrics."""
+
+    def __init__(self, keep: int = 2000):
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = {}
+        self.errors = 0
+        self.cancelled = 0
+        self.batches = 0
+        self.batch_rows = 0
+        self.max_batch_rows = 0
+        self.generated_tokens = 0
+        self.latency: deque[float] = deque(maxlen=keep)
+        self.ttft: deque[float] = deque(maxlen=keep)
+
+    def count(self, kind: str) -> None:
+        with self.lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
+
+    def batch(self, rows: int) -> None:
+        with self.lock:
+            self.batches += 1
+            self.batch_rows += rows
+            self.max_batch_rows = max(self.max_batch_rows, rows)
+
+    def finished(self, job: Job, tokens: int) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            self.generated_tokens += tokens
+            self.latency.append(now - job.created)
+            if job.first_token is not None:
+                self.ttft.append(job.first_token - job.created)
+
+    @staticmethod
+    def _quantile(xs: list[float], q: float) -> float:
+        if not xs:
+            return 0.0
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            lat, ttft = list(self.latency), list(self.ttft)
+            return {
+                "requests": dict(self.requests), "errors": self.errors, "cancelled": self.cancelled,
+                "batches": self.batches,
+                "mean_batch_rows": self.batch_rows / self.batches if self.batches else 0.0,
+                "max_batch_rows": self.max_batch_rows, "generated_tokens": self.generated_tokens,
+                "latency_p50_s": self._quantile(lat, 0.5), "latency_p99_s": self._quantile(lat, 0.99),
+                "ttft_p50_s": self._quantile(ttft, 0.5), "ttft_p99_s": self._quantile(ttft, 0.99),
+            }
+
+
+def _holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters of a streamed text to hold back: an unfinished multi-byte character, or the
+    start of a stop string (sent only once it is clear the stop string does not follow)."""
+    n = len(text) - len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n
+
+
+class Engine:
+    """One worker thread running batches of requests on the bank's backbone."""
+
+    def __init__(self, bank: PromptBank, max_batch: int = 32, window_ms: float = 5.0,
+                 reuse_prompt_cache: bool = True, max_tokens_limit: int = 2048, chat_max_tokens: int = 512):
+        if max_batch < 1:
+            raise SoftPromptError(f"max_batch must be at least 1 (got {max_batch})")
+        self.bank, self.backbone = bank, bank.backbone
+        self.max_batch, self.window = max_batch, window_ms / 1000
+        self.reuse_prompt_cache = reuse_prompt_cache
+        self.max_tokens_limit = max_tokens_limit
+        self.chat_max_tokens = chat_max_tokens  # chat requests without max_tokens: at most this many (and what fits)
+        self.metrics = Metrics()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._encoders: dict[tuple[str, str], TaskEncoder] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    @property
+    def model_name(self) -> str:
+        return self.backbone.name
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # --- building requests ----------------------------------------------------------------------------
+    def resolve(self, model: str) -> TaskEntry | None:
+        """A task by name (the bare backbone by its own name)."""
+        if model == self.model_name:
+            return None
+        return self.bank.get(model)
+
+    def generation_job(self, model: str, text: str | list[int] | None = None, *, messages: list[dict] | None = None,
+                       max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                       seed: int | None = None, stop: str | list[str] | None = None,
+                       emit: Callable[[str, Any], None] = lambda kind, value: None,
+                       default_max_tokens: int = 16) -> Job:
+        entry = self.resolve(model)
+        tok = self.backbone.tokenizer
+        if messages is not None:
+            if not messages:
+                raise RequestError("messages is empty; send at least one message", param="messages")
+            if not getattr(tok, "chat_template", None):
+                raise RequestError(f"model {self.model_name!r} has no chat template; use /v1/completions",
+                                   param="messages")
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"]
+        elif isinstance(text, str):
+            if not text.strip():
+                raise RequestError("prompt is empty; send some text", param="prompt")
+            ids = tok(text)["input_ids"]
+        else:
+            ids = list(text or [])
+            if any(not isinstance(t, int) or not 0 <= t < self.backbone.config.vocab_size for t in ids):
+                raise RequestError("prompt token ids must be integers in the vocabulary", param="prompt")
+        if not ids:
+            raise RequestError("prompt is empty; send some text", param="prompt")
+        P = 0 if entry is None else entry.num_virtual_tokens
+        limit = self.backbone.max_positions or 10**9
+        room = limit - P - len(ids)
+        if room < 1:
+            raise RequestError(f"prompt of {len(ids)} tokens + {P} virtual tokens of task {model!r} leaves no room "
+                               f"in the model's {limit} positions; shorten the prompt",
+                               param="messages" if messages is not None else "prompt",
+                               code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens, room)
+        if max_tokens < 1 or max_tokens > self.max_tokens_limit:
+            raise RequestError(f"max_tokens must be between 1 and {self.max_tokens_limit} (got {max_tokens})",
+                               param="max_tokens")
+        if max_tokens > room:
+            raise RequestError(f"prompt of {len(ids)} tokens + {P} virtual tokens + max_tokens {max_tokens} exceeds "
+                               f"the model's {limit} positions; at most {room} new tokens fit",
+                               param="max_tokens", code="context_length_exceeded")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if len(stops) > 4:
+            raise RequestError("at most 4 stop sequences", param="stop")
+        try:
+            sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=stops)
+        except SoftPromptError as e:
+            raise RequestError(str(e)) from None
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.backbone.device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return Job("generate", model, entry, ids, emit, sampling=sampling, row=Row(sampling, generator))
+
+    def encoder(self, model: str, entry: TaskEntry) -> TaskEncoder:
+        key = (model, entry.digest)
+        enc = self._encoders.get(key)
+        if enc is None:
+            spec = entry.task
+            if not spec or not spec.get("verbalizer"):
+                raise RequestError(f"task {model!r} is not a classification task (its prompt file has no "
+                                   "verbalizer); use /v1/completions", param="model")
+            bb = self.backbone
+            enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, bb.max_positions,
+                              bb.pad_token_id)
+            self._encoders = {k: v for k, v in self._encoders.items() if k[0] != model} | {key: enc}
+        return enc
+
+    def classify_job(self, model: str, item: str | dict, emit: Callable[[str, Any], None] = lambda k, v: None) -> Job:
+        entry = self.resolve(model)
+        if entry is None:
+            raise RequestError(f"{model!r} is the bare model; classification needs a task", param="model")
+        enc = self.encoder(model, entry)
+        fields = enc.task.fields
+        if isinstance(item, str):
+            if len(fields) != 1:
+                raise RequestError(f"task {model!r} has fields {fields}; send an object with them", param="input")
+            item = {fields[0]: item}
+        missing = [f for f in fields if not isinstance(item.get(f), str)]
+        if missing:
+            raise RequestError(f"input lacks text field(s) {missing} of task {model!r}", param="input")
+        if not any(item[f].strip() for f in fields):
+            raise RequestError("input is empty; send some text", param="input")
+        try:
+            ids = enc.encode_input(item)  # cut to the task's max_length like in training
+        except SoftPromptError as e:
+            raise RequestError(str(e), param="input") from None
+        return Job("classify", model, entry, ids, emit, encoder=enc)
+
+    def submit(self, job: Job) -> Job:
+        if self._thread is None:
+            raise SoftPromptError("the engine is not running; call start()")
+        self.metrics.count(job.kind)
+        self._queue.put(job)
+        return job
+
+    # --- the worker -----------------------------------------------------------------------------------
+    def _take(self) -> list[Job] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        jobs = [first]
+        deadline = time.perf_counter() + self.window
+        while len(jobs) < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if job is None:
+                self._stopping = True
+                break
+            jobs.append(job)
+        return jobs
+
+    def _run(self) -> None:
+        while not self._stopping:
+            jobs = self._take()
+            if jobs is None:
+                break
+            self.metrics.batch(len(jobs))
+            for group, runner in (([j for j in jobs if j.kind == "classify"], self._classify),
+                                  ([j for j in jobs if j.kind == "generate" and not j.row.cancelled],
+                                   self._generate)):
+                if not group:
+                    continue
+                try:
+                    with torch.inference_mode():
+                        runner(group)
+                except Exception as e:  # one bad batch must not stop the server
+                    log.exception("batch failed")
+                    with self.metrics.lock:
+                        self.metrics.errors += len(group)
+                    for job in group:
+                        job.emit("error", f"internal error: {type(e).__name__}: {e}")
+
+    def _classify(self, jobs: list[Job]) -> None:
+        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in jobs])
+        for job, s in zip(jobs, scores, strict=True):
+            labels = job.encoder.task.labels
+            values = s.tolist()
+            job.first_token = time.perf_counter()
+            self.metrics.finished(job, 0)
+            job.emit("done", Result(prompt_tokens=len(job.ids), label=labels[int(s.argmax())],
+                                    scores=dict(zip(labels, values, strict=True))))
+
+    def _generate(self, jobs: list[Job]) -> None:
+        ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)
+        dec = Decoding(self.backbone, [j.prompt for j in jobs], ids, mask, [j.row for j in jobs],
+                       reuse_prompt_cache=self.reuse_prompt_cache)
+        for changed in dec:
+            now = time.perf_counter()
+            for i in changed:
+                job, row = jobs[i], jobs[i].row
+                if job.first_token is None:
+                    job.first_token = now
+                if row.finish_reason == "cancelled":
+                    with self.metrics.lock:
+                        self.metrics.cancelled += 1
+                    continue
+                upto = len(row.text) if row.done else len(row.text) - _holdback(row.text, row.sampling.stop)
+                if upto > job.sent:
+                    job.emit("delta", row.text[job.sent:upto])
+                    job.sent = upto
+                if row.done:
+                    self.metrics.finished(job, len(row.tokens))
+                    job.emit("done", Result(text=row.text, tokens=list(row.tokens), finish_reason=row.finish_reason,
+                                            prompt_tokens=len(job.ids)))
