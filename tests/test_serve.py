@@ -84,16 +84,17 @@ def submit_all(engine, jobs):
 # --- engine: mixed-task batches ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reuse", [True, False])
-def test_mixed_task_batches_give_each_request_its_solo_greedy_tokens(bank, reuse):
-    engine = Engine(bank, max_batch=16, window_ms=200, reuse_prompt_cache=reuse).start()
+@pytest.mark.parametrize("reuse,mix", [(True, True), (False, True), (True, False)])
+def test_mixed_task_batches_give_each_request_its_solo_greedy_tokens(bank, reuse, mix):
+    engine = Engine(bank, max_batch=16, window_ms=200, reuse_prompt_cache=reuse, mix_tasks=mix).start()
     try:
         tasks = ["alpha", "beta", "gamma", "tiny-llama-0", "alpha", "gamma"]  # the last: the bare backbone
         lengths = [5, 9, 3, 7, 1, 6]
         jobs = [engine.generation_job(t, text, max_tokens=n, temperature=0)
                 for t, text, n in zip(tasks, TEXTS, lengths, strict=True)]
         results = submit_all(engine, jobs)
-        assert engine.metrics.snapshot()["max_batch_rows"] == len(jobs)  # one mixed batch
+        snap = engine.metrics.snapshot()
+        assert (snap["batches"], snap["max_batch_rows"]) == ((1, len(jobs)) if mix else (4, 2))  # per task: 4
         for t, text, n, (kind, res) in zip(tasks, TEXTS, lengths, results, strict=True):
             assert kind == "done"
             task = None if t == engine.model_name else t

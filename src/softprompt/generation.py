@@ -79,6 +79,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -279,7 +280,7 @@ class Decoding:
                 t = _pick(self.logits[b], row.sampling, row.generator)
                 nxt[b] = t
                 changed.append(i)
-                if t in self.eos:
+                if t in self.eos and not row.sampling.ignore_eos:
                     row.finish_reason = "stop"
                     continue
                 row.tokens.append(t)

@@ -45,6 +45,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks)
     logprobs: Any = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -274,7 +275,7 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
 
     def sampling_args(req: _Request, max_tokens: int | None) -> dict:
         return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
-                "stop": req.stop}
+                "stop": req.stop, "ignore_eos": req.ignore_eos}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(req: CompletionRequest, request: Request):

@@ -143,12 +143,14 @@ class Engine:
     """One worker thread running batches of requests on the bank's backbone."""
 
     def __init__(self, bank: PromptBank, max_batch: int = 32, window_ms: float = 5.0,
-                 reuse_prompt_cache: bool = True, max_tokens_limit: int = 2048, chat_max_tokens: int = 512):
+                 reuse_prompt_cache: bool = True, mix_tasks: bool = True, max_tokens_limit: int = 2048,
+                 chat_max_tokens: int = 512):
         if max_batch < 1:
             raise SoftPromptError(f"max_batch must be at least 1 (got {max_batch})")
         self.bank, self.backbone = bank, bank.backbone
         self.max_batch, self.window = max_batch, window_ms / 1000
         self.reuse_prompt_cache = reuse_prompt_cache
+        self.mix_tasks = mix_tasks  # False: a batch holds one task's requests (the per-adapter baseline)
         self.max_tokens_limit = max_tokens_limit
         self.chat_max_tokens = chat_max_tokens  # chat requests without max_tokens: at most this many (and what fits)
         self.metrics = Metrics()
@@ -188,7 +190,7 @@ class Engine:
 
     def generation_job(self, model: str, text: str | list[int] | None = None, *, messages: list[dict] | None = None,
                        max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                       seed: int | None = None, stop: str | list[str] | None = None,
+                       seed: int | None = None, stop: str | list[str] | None = None, ignore_eos: bool = False,
                        emit: Callable[[str, Any], None] = lambda kind, value: None,
                        default_max_tokens: int = 16) -> Job:
         entry = self.resolve(model)
@@ -233,7 +235,7 @@ class Engine:
             raise RequestError("at most 4 stop sequences", param="stop")
         try:
             sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop=stops)
+                                stop=stops, ignore_eos=ignore_eos)
         except SoftPromptError as e:
             raise RequestError(str(e)) from None
         generator = None
@@ -307,12 +309,15 @@ class Engine:
             jobs = self._take()
             if jobs is None:
                 break
-            self.metrics.batch(len(jobs))
-            for group, runner in (([j for j in jobs if j.kind == "classify"], self._classify),
-                                  ([j for j in jobs if j.kind == "generate" and not j.row.cancelled],
-                                   self._generate)):
+            groups = [([j for j in jobs if j.kind == "classify"], self._classify),
+                      ([j for j in jobs if j.kind == "generate" and not j.row.cancelled], self._generate)]
+            if not self.mix_tasks:
+                groups = [([j for j in group if j.task == task], runner) for group, runner in groups
+                          for task in dict.fromkeys(j.task for j in group)]
+            for group, runner in groups:
                 if not group:
                     continue
+                self.metrics.batch(len(group))
                 try:
                     with torch.inference_mode():
                         runner(group)
