@@ -50,7 +50,9 @@ def evaluate_classification(model: Any, enc: TaskEncoder, rows: list[dict], batc
         input_ids, mask = left_pad([ids[i] for i in idx], enc.pad_id, device)
         y = torch.tensor([gold[i] for i in idx], device=device)
         with autocast(precision, device):
-            scores = enc.label_scores(model, {"input_ids": input_ids, "attention_mask": mask, "y": y})
+            # argmax and cross-entropy over the labels ignore the softmax normaliser: label-word rows only
+            scores = enc.label_scores(model, {"input_ids": input_ids, "attention_mask": mask, "y": y},
+                                      normalize=False)
         for i, p in zip(idx, scores.argmax(-1).tolist(), strict=True):
             preds[i] = p
         nll += float(torch.nn.functional.cross_entropy(scores.float(), y, reduction="sum"))
@@ -70,10 +72,8 @@ def evaluate_generation(model: Any, enc: TaskEncoder, rows: list[dict], batch_si
         chunk = rows[i:i + batch_size]
         batch = enc.generation_batch(chunk, device)
         with autocast(precision, device):
-            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        nll += float(out.loss) * n
-        count += n
+            nll += float(model.target_loss(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        count += int((batch["labels"][:, 1:] != -100).sum())
         inputs = [enc.encode_input(r) for r in chunk]
         gen = generate(model.backbone, model.method, inputs, max_new_tokens=max_new_tokens)
         for r, text in zip(chunk, gen.texts, strict=True):

@@ -144,16 +144,27 @@ class TaskEncoder:
         return int((self.generation_batch(rows)["labels"] != -100).sum())
 
     # --- scoring ---------------------------------------------------------------------------------------
-    def label_scores(self, model, batch: dict) -> torch.Tensor:
+    def label_scores(self, model, batch: dict, normalize: bool = True) -> torch.Tensor:
         """(B, n_labels) log-likelihood of each label's words at the answer position (logsumexp over a label's
         words). One forward with logits at the last position when every word is a single token; otherwise each
-        row is scored once per candidate word, with logits kept only for the word's positions."""
+        row is scored once per candidate word, with logits kept only for the word's positions.
+
+        normalize=False (single-token words) skips the softmax normaliser, which is the same for every label of a
+        row: scores are then log-likelihoods up to a per-row constant, which changes neither the argmax nor a
+        cross-entropy over the labels, and only the label words' rows of the LM head are computed."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         B, n_labels = ids.shape[0], len(self.task.labels)
         C = len(self.candidates)
-        if self.single_token:
+        words = [c[0] for c in self.candidates]
+        if self.single_token and getattr(model, "lean", False):
+            hidden = model.hidden_states(ids, mask)[0][:, -1]  # (B, H) at the answer position
+            if normalize:
+                cand = model.head(hidden).float().log_softmax(-1)[:, words]  # (B, C)
+            else:
+                cand = model.head(hidden, words).float()  # (B, C): C rows of the LM head, not V
+        elif self.single_token:
             logits = model(ids, mask, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            cand = logits.log_softmax(-1)[:, [c[0] for c in self.candidates]]  # (B, C)
+            cand = logits.log_softmax(-1)[:, words]  # (B, C)
         else:
             K = max(map(len, self.candidates))
             rows = [ids[b][mask[b].bool()].tolist() + c for b in range(B) for c in self.candidates]

@@ -84,18 +84,16 @@ def make_optimizer(params, args) -> torch.optim.Optimizer:
 
 def classification_loss(enc: TaskEncoder, model, batch: dict, kind: str) -> torch.Tensor:
     """Summed over the batch (the caller divides by the global count)."""
-    scores = enc.label_scores(model, batch)  # (B, n_labels) log-likelihoods
+    # cross-entropy over the labels ignores the per-row softmax normaliser: only the label words' LM-head rows
+    scores = enc.label_scores(model, batch, normalize=kind == "lm")  # (B, n_labels)
     if kind == "lm":  # NLL of the gold label's words
         return -scores.gather(1, batch["y"][:, None]).sum()
     return torch.nn.functional.cross_entropy(scores, batch["y"], reduction="sum")
 
 
 def generation_loss(model, batch: dict) -> torch.Tensor:
-    out = model(batch["input_ids"], batch["attention_mask"])  # logits aligned with input_ids
-    logits = out.logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
+    """Summed over the target tokens; the LM head runs at target positions only."""
+    return model.target_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
 
 
 RESUMABLE_CHANGES = {"train.steps", "train.patience"}  # a resumed run may be extended or given more patience

@@ -1,0 +1,117 @@
+"""The lean training path (hidden states, LM head only where a loss or score needs it, label-word rows only)
+gives the straightforward path's loss and prompt gradient: the equality guard of every speed-up."""
+
+import pytest
+import torch
+from conftest import SYNTH_TASK, make_backbone
+
+import softprompt as sp
+from softprompt.model import PromptedModel
+from softprompt.tasks.encode import TaskEncoder
+from softprompt.tasks.spec import TaskSpec
+from softprompt.train.loop import classification_loss, generation_loss
+
+TEXTS = ["the movie was great and fun", "bad", "this plot is not very good !"]
+
+
+class Plain(PromptedModel):
+    """The straightforward path: full forward(), full-vocabulary logits."""
+
+    lean = False
+
+
+def batch(bb, texts, side):
+    bb.tokenizer.padding_side = side
+    enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def make_prompt(bb, P, seed=3):
+    if P == 0:
+        return sp.PromptTuning(torch.empty(0, bb.hidden_size))
+    return sp.PromptTuning.create(bb, num_virtual_tokens=P, init="vocab", seed=seed)
+
+
+def loss_and_grad(model_cls, bb, fn, P=4, **kw):
+    prompt = make_prompt(bb, P)
+    model = model_cls(bb, prompt, **kw)
+    loss = fn(model)
+    if P:
+        loss.backward()
+    return loss.detach(), None if not P else prompt.weight.grad.clone()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_hidden_states_and_head_give_the_forward_logits(backbone, side, cached):
+    ids, mask = batch(backbone, TEXTS, side)
+    for P in (0, 4):
+        model = PromptedModel(backbone, make_prompt(backbone, P, seed=1), prompt_cache=cached)
+        assert model.lean
+        with torch.no_grad():
+            full = model(ids, mask).logits
+            hidden, last = model.hidden_states(ids, mask)
+            lean = model.head(hidden)
+            rows = model.head(hidden, [5, 9])
+        real = mask.bool()
+        torch.testing.assert_close(lean[real], full[real], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rows, lean[..., [5, 9]])
+        assert (last is None) == (P == 0)
+
+
+@pytest.mark.parametrize("loss_kind", ["options", "lm"])
+def test_classification_loss_and_gradient_equal_the_full_logits_path(backbone, loss_kind):
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)
+    rows = [{"text": t, "label": lab} for t, lab in zip(TEXTS, ["positive", "negative", "negative"], strict=True)]
+    b = enc.classification_batch(rows)
+    a = loss_and_grad(PromptedModel, backbone, lambda m: classification_loss(enc, m, b, loss_kind))
+    p = loss_and_grad(Plain, backbone, lambda m: classification_loss(enc, m, b, loss_kind))
+    torch.testing.assert_close(a[0], p[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[1], p[1], atol=1e-6, rtol=1e-4)
+
+
+def test_unnormalised_scores_differ_from_log_likelihoods_by_a_row_constant(llama):
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), llama.tokenizer, 4, llama.max_positions, llama.pad_token_id)
+    b = enc.classification_batch([{"text": t, "label": "positive"} for t in TEXTS])
+    model = PromptedModel(llama, sp.PromptTuning.create(llama, num_virtual_tokens=4, seed=2))
+    with torch.no_grad():
+        logp = enc.label_scores(model, b)
+        raw = enc.label_scores(model, b, normalize=False)
+        plain = enc.label_scores(Plain(llama, model.method), b)
+    torch.testing.assert_close(logp, plain, atol=1e-5, rtol=1e-5)
+    diff = logp - raw
+    torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("P", [0, 3])
+@pytest.mark.parametrize("cached", [True, False])
+def test_target_loss_equals_forward_loss_with_labels(backbone, P, cached):
+    enc = TaskEncoder(TaskSpec(template="question : {q} answer :", target_field="a"), backbone.tokenizer, P,
+                      backbone.max_positions, backbone.pad_token_id)
+    b = enc.generation_batch([{"q": "what is the capital of france", "a": "paris"}, {"q": "who", "a": "it is"},
+                              {"q": "why", "a": "the plot was not good"}])
+    n = int((b["labels"][:, (1 if P == 0 else 0):] != -100).sum())
+    a = loss_and_grad(PromptedModel, backbone, lambda m: generation_loss(m, b), P=P, prompt_cache=cached)
+    p = loss_and_grad(Plain, backbone, lambda m: generation_loss(m, b), P=P, prompt_cache=cached)
+    ref = loss_and_grad(PromptedModel, backbone, lambda m: m(b["input_ids"], b["attention_mask"],
+                                                              labels=b["labels"]).loss * n, P=P, prompt_cache=cached)
+    torch.testing.assert_close(a[0], ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p[0], ref[0], atol=1e-5, rtol=1e-5)
+    if P:
+        torch.testing.assert_close(a[1], ref[1], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(p[1], ref[1], atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_math_attention_keeps_loss_and_gradient():
+    """bf16 training on CPU runs SDPA's math kernel (faster backward there): same loss and gradient as flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    bb = make_backbone("llama", dtype=torch.bfloat16)
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+    b = enc.classification_batch([{"text": t, "label": "negative"} for t in TEXTS])
+    ours = loss_and_grad(PromptedModel, bb, lambda m: classification_loss(enc, m, b, "options"))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = loss_and_grad(Plain, bb, lambda m: classification_loss(enc, m, b, "options"))
+    torch.testing.assert_close(ours[0], flash[0], atol=2e-2, rtol=2e-2)
+    cos = torch.nn.functional.cosine_similarity(ours[1].flatten(), flash[1].flatten(), dim=0)
+    assert cos > 0.99, cos
