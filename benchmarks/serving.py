@@ -1,0 +1,178 @@
+"""Serving throughput and latency: many tasks on one SmolLM2-135M, five ways of batching, same requests.
+
+    python benchmarks/serving.py [--requests 64] [--max-tokens 16] [--concurrency 8,32] [--tasks 1,4,16]
+
+Each cell drives the serving engine (the code behind `softprompt serve`, in process, no HTTP) with C closed-loop
+clients, each sending its next request when the last one finished, over a fixed list of requests: real Rotten
+Tomatoes reviews (cut to 48 tokens) as completion prompts, greedy, `--max-tokens` new tokens each (EOS ignored,
+so every mode generates the same number of tokens). Tasks are prompt files of 8-32 virtual tokens (their values
+do not change the cost). Task mixes: uniform, or skewed (half the requests to one task, the rest spread).
+
+Modes: (a) one request at a time (max_batch 1); (b) batched, but a batch holds one task's requests (the
+adapter-at-a-time baseline); (c) mixed-task batches, each prompt's key/values recomputed in every batch (prompts
+prepended); (d) mixed-task batches reusing each prompt's cached key/values (the default); (e) the bare backbone,
+no prompt, batched. Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
+Writes benchmarks/results/serving.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import softprompt as sp
+from softprompt.serve import PromptBank
+from softprompt.serve.engine import Engine
+from softprompt.tasks.datasets import load_splits
+
+MODES = {
+    "a_one_at_a_time": dict(max_batch=1),
+    "b_per_task_batches": dict(mix_tasks=False),
+    "c_mixed_no_kv_reuse": dict(reuse_prompt_cache=False),
+    "d_mixed_kv_reuse": dict(),
+    "e_bare_backbone": dict(),
+}
+
+
+def make_tasks(bb, folder: Path, n: int, classify_every: int = 0) -> list[str]:
+    """n prompt files of 8-32 virtual tokens in folder; every classify_every-th one a Rotten Tomatoes classifier."""
+    from softprompt.tasks.spec import load_task
+
+    names = []
+    for i in range(n):
+        name = f"task{i:02d}"
+        task = load_task("rotten_tomatoes").to_dict() if classify_every and i % classify_every == 0 else None
+        sp.save_prompt(folder / f"{name}.safetensors",
+                       sp.PromptTuning.create(bb, num_virtual_tokens=8 + 8 * (i % 4), init="vocab", seed=i), bb,
+                       task=task, overwrite=True)
+        names.append(name)
+    return names
+
+
+def review_prompts(bb, n: int, max_tokens: int = 48, seed: int = 0) -> list[str]:
+    rows = load_splits("rotten_tomatoes")["test"]
+    rng = random.Random(seed)
+    texts = []
+    for row in rng.sample(rows, n):
+        ids = bb.tokenizer(row["text"])["input_ids"][:max_tokens]
+        texts.append("Review: " + bb.tokenizer.decode(ids).strip() + "\nThis review says")
+    return texts
+
+
+def task_mix(names: list[str], n: int, mix: str, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    if mix == "uniform" or len(names) == 1:
+        return [names[i % len(names)] for i in range(n)]
+    return [names[0] if rng.random() < 0.5 else rng.choice(names[1:]) for _ in range(n)]  # skewed
+
+
+def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+    """Closed loop: `concurrency` clients, each sending its next request when the last one is done."""
+    lock = threading.Lock()
+    todo = list(enumerate(requests))
+    ttft, latency, tokens = [], [], []
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                _, (task, text) = todo.pop(0)
+            done, out = threading.Event(), {}
+
+            def emit(kind, value, out=out, done=done):
+                if kind != "delta":
+                    out[kind] = value
+                    done.set()
+
+            job = engine.generation_job(task, text, max_tokens=max_tokens, temperature=0, ignore_eos=True, emit=emit)
+            engine.submit(job)
+            done.wait()
+            assert "done" in out, out
+            with lock:
+                ttft.append(job.first_token - job.created)
+                latency.append(time.perf_counter() - job.created)
+                tokens.append(len(out["done"].tokens))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    latency.sort()
+    return {"requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
+            "output_tokens_per_s": sum(tokens) / wall, "ttft_p50_s": statistics.median(ttft),
+            "latency_p50_s": statistics.median(latency),
+            "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--requests", type=int, default=64, help="requests per cell")
+    ap.add_argument("--one-at-a-time-requests", type=int, default=16, help="requests per cell in mode (a)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--concurrency", default="8,32")
+    ap.add_argument("--tasks", default="1,4,16")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/serving.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bb = sp.load_backbone(args.model, dtype=args.dtype)
+    texts = review_prompts(bb, args.requests)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = make_tasks(bb, folder, max(int(t) for t in args.tasks.split(",")))
+        bank = PromptBank(bb, folder)
+        # warm-up: every prompt's key/values cached once, and the kernels warm
+        warm = Engine(bank, max_batch=args.max_batch).start()
+        drive(warm, [(n, texts[0]) for n in names], 8, 2)
+        warm.stop()
+        for n_tasks in [int(t) for t in args.tasks.split(",")]:
+            for mix in (["uniform"] if n_tasks == 1 else ["uniform", "skewed"]):
+                tasks = task_mix(names[:n_tasks], args.requests, mix)
+                for mode, opts in MODES.items():
+                    for conc in ([1] if mode.startswith("a_") else [int(c) for c in args.concurrency.split(",")]):
+                        reqs = [(bb.name if mode.startswith("e_") else t, x) for t, x in zip(tasks, texts, strict=True)]
+                        if mode.startswith("a_"):
+                            reqs = reqs[: args.one_at_a_time_requests]
+                        engine = Engine(bank, **({"max_batch": args.max_batch} | opts)).start()
+                        r = drive(engine, reqs, conc, args.max_tokens)
+                        snap = engine.metrics.snapshot()
+                        engine.stop()
+                        r |= {"tasks": n_tasks, "mix": mix, "mode": mode, "concurrency": conc,
+                              "mean_batch_rows": snap["mean_batch_rows"]}
+                        results.append(r)
+                        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
+                              flush=True)
+    meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
+            "max_tokens": args.max_tokens, "requests": args.requests, "torch": torch.__version__}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| tasks | mix | mode | clients | req/s | out tok/s | TTFT p50 | latency p50 | latency p99 | rows/batch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['tasks']} | {r['mix']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:.2f} | "
+                     f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | "
+                     f"{r['latency_p99_s']:.2f} s | {r['mean_batch_rows']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
