@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     task = write_model_and_data(tmp, 128)
     args = ["--model", str(tmp / "model"), "--task", json.dumps(task), "--method.num_virtual_tokens", "4",
             "--method.init", "random", "--train.steps", "6", "--train.batch_size", "8", "--train.grad_accum", "2",
-            "--train.lr", "0.1", "--train.eval_every", "3", "--train.eval_examples", "16", "--device", "cpu"]
+            "--train.lr", "0.1", "--train.length_buckets", "4", "--train.eval_every", "3", "--train.eval_examples", "16", "--device", "cpu"]
     return tmp, args
 
 

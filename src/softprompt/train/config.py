@@ -52,6 +52,10 @@ class TrainArgs:
     patience: int | None = None  # early stopping: evaluations without improvement before stopping
     save_every: int = 50  # steps between checkpoints
     log_every: int = 10
+    # > 0: each epoch's shuffled examples are cut into pools of this many batches, sorted by length inside a pool,
+    # and the batches shuffled: rows of a batch have similar lengths, so little padding is computed (measured in
+    # benchmarks/bucketing.py). 0 = plain shuffling. Either way the order is a function of (seed, step).
+    length_buckets: int = 0
     skip_bad_rows: bool = False  # skip (and count) rows with a missing field or unknown label instead of failing
     finetune_lr: float = 2e-5  # full fine-tuning baseline (compare): AdamW lr for the whole model
 
@@ -68,6 +72,8 @@ class TrainArgs:
             raise SoftPromptError(f"train.precision must be float32 or bf16, not {self.precision!r}")
         if self.loss not in ("options", "lm"):
             raise SoftPromptError(f"train.loss must be options or lm, not {self.loss!r}")
+        if int(self.length_buckets) < 0:
+            raise SoftPromptError(f"train.length_buckets must be >= 0 (got {self.length_buckets})")
         for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):
             if int(getattr(self, key)) < 1:
                 raise SoftPromptError(f"train.{key} must be at least 1 (got {getattr(self, key)})")

@@ -49,15 +49,28 @@ class RunResult:
     stopped: str = "steps"  # steps | early_stopping | interrupted
 
 
-def example_order(n: int, batch: int, seed: int, step: int) -> list[int]:
-    """Indices of the `batch` examples of optimizer step `step` (epochs are seeded permutations, remainder dropped)."""
+def example_order(n: int, batch: int, seed: int, step: int, lengths: list[int] | None = None,
+                  pool: int = 0) -> list[int]:
+    """Indices of the `batch` examples of optimizer step `step` (epochs are seeded permutations, remainder dropped).
+
+    With `lengths` and `pool` > 0 (length buckets): each epoch's permutation is cut into pools of `pool` batches,
+    each pool sorted by length and cut into batches, and the epoch's batches shuffled (seeded). Every example is
+    still seen once per epoch; a batch holds rows of similar length, so padding is small."""
     per_epoch = (n // batch) * batch
     if per_epoch == 0:
         raise SoftPromptError(f"the train split has {n} rows, fewer than one batch of {batch}; lower train.batch_size")
     start = step * batch
     epoch, offset = divmod(start, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[:per_epoch]
-    return perm[offset:offset + batch].tolist()
+    if lengths is None or pool <= 0:
+        return perm[offset:offset + batch].tolist()
+    order = perm.tolist()
+    size = pool * batch
+    for i in range(0, per_epoch, size):  # sort inside each pool (stable: ties keep the shuffled order)
+        order[i:i + size] = sorted(order[i:i + size], key=lambda j: lengths[j])
+    batches = torch.randperm(per_epoch // batch, generator=torch.Generator().manual_seed(seed * 100_019 + epoch))
+    b = int(batches[offset // batch])
+    return order[b * batch:(b + 1) * batch]
 
 
 def lr_factor(step: int, args) -> float:
@@ -115,6 +128,8 @@ def check_out_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> N
     if cfg_file.exists():
         if resume:
             theirs, ours = _flat(json.loads(cfg_file.read_text())), _flat(json.loads(_config_json(cfg)))
+            defaults = _flat(json.loads(_config_json(RunConfig())))
+            theirs = {**{k: v for k, v in defaults.items() if k not in theirs and k in ours}, **theirs}  # older runs
             diff = [k for k in sorted(set(theirs) | set(ours))
                     if theirs.get(k) != ours.get(k) and k not in RESUMABLE_CHANGES]
             if diff:
@@ -177,6 +192,10 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     val_rows, _ = enc.check_rows(splits.get("validation", []), "validation", args.skip_bad_rows)
     if args.eval_examples and len(val_rows) > args.eval_examples:
         val_rows = random.Random(cfg.seed).sample(val_rows, args.eval_examples)
+    lengths = None
+    if args.length_buckets:  # token counts that decide the buckets (same on every rank: a function of the data)
+        lengths = [len(enc.encode_input(r)) for r in train_rows] if task.kind == "classification" else \
+            [int(enc.generation_batch([r])["attention_mask"].sum()) for r in train_rows]
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
@@ -204,7 +223,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     device = bb.device
     step = state["step"]
     while step < args.steps:
-        rows = [train_rows[i] for i in example_order(len(train_rows), args.batch_size, cfg.seed, step)]
+        rows = [train_rows[i] for i in example_order(len(train_rows), args.batch_size, cfg.seed, step,
+                                                                 lengths, args.length_buckets)]
         count = enc.count(rows)  # loss normaliser of the whole global batch
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
