@@ -404,3 +404,25 @@ def test_a_client_leaving_mid_stream_frees_its_row(live, engine, monkeypatch):
     with httpx.Client(base_url=live, headers={"Authorization": "Bearer k"}) as c:
         r = c.post("/v1/completions", json=req | {"stream": False, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_serve_cli_mistakes_are_one_line_errors(tmp_path, capsys):
+    import socket
+
+    from softprompt.cli import main
+
+    bb = make_backbone("llama")
+    bb.model.save_pretrained(tmp_path / "model")
+    bb.tokenizer.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--model", str(tmp_path / "model"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0] and "--port" in err[0]
+    assert main(["serve", "--model", str(tmp_path / "model"), "--prompts", str(tmp_path / "nope"), "--port",
+                 str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prompt folder" in err[0] and "does not exist" in err[0]

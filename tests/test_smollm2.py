@@ -82,3 +82,42 @@ def test_builtin_datasets_have_their_documented_splits():
     r8 = load_splits("reuters_r8")
     assert len(r8["train"]) + len(r8["validation"]) == 5485 and len(r8["test"]) == 2189
     assert {r["label"] for r in r8["test"]} == {"earn", "acq", "crude", "trade", "money-fx", "interest", "ship", "grain"}
+
+
+def test_served_chat_through_the_http_api_with_mixed_tasks(smollm2, tmp_path):
+    """The real model behind the OpenAI-compatible API: a chat answer, and a mixed-task batch (three prompts of
+    different lengths and the bare model) whose greedy outputs equal each request run alone."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+
+    for i, n in enumerate([4, 12, 20]):
+        sp.save_prompt(tmp_path / f"t{i}.safetensors",
+                       sp.PromptTuning.create(smollm2, num_virtual_tokens=n, init="vocab", seed=i), smollm2)
+    bank = PromptBank(smollm2, tmp_path)
+    engine = Engine(bank, max_batch=8, window_ms=300).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/chat/completions", json={
+                "model": smollm2.name, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 16, "temperature": 0})
+            assert "Paris" in r.json()["choices"][0]["message"]["content"]
+            texts = ["The weather today is", "My favourite food is", "Once upon a time", "The capital of Italy is"]
+            tasks = ["t0", "t1", "t2", smollm2.name]
+            jobs = [engine.generation_job(t, x, max_tokens=8, temperature=0) for t, x in zip(tasks, texts, strict=True)]
+            import threading
+
+            done = [threading.Event() for _ in jobs]
+            results = {}
+            for i, job in enumerate(jobs):
+                job.emit = lambda kind, value, i=i: (results.__setitem__(i, value), done[i].set()) if kind == "done" else None
+                engine.submit(job)
+            assert all(d.wait(120) for d in done)
+        assert engine.metrics.snapshot()["max_batch_rows"] == 4
+        for i, (t, x) in enumerate(zip(tasks, texts, strict=True)):
+            prompt = None if t == smollm2.name else bank.get(t).prompt
+            assert results[i].tokens == sp.generate(smollm2, prompt, [x], max_new_tokens=8).tokens[0]
+    finally:
+        engine.stop()

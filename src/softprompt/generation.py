@@ -271,13 +271,14 @@ class Decoding:
         tok = self.backbone.tokenizer
         while self.running:
             changed, nxt = [], {}  # batch position -> picked token
+            greedy = self.logits.argmax(-1).tolist()  # one op for every greedy row
             for b, i in enumerate(self.running):
                 row = self.rows[i]
                 if row.cancelled:
                     row.finish_reason = "cancelled"
                     changed.append(i)
                     continue
-                t = _pick(self.logits[b], row.sampling, row.generator)
+                t = greedy[b] if row.sampling.temperature == 0 else _pick(self.logits[b], row.sampling, row.generator)
                 nxt[b] = t
                 changed.append(i)
                 if t in self.eos and not row.sampling.ignore_eos:
