@@ -115,3 +115,34 @@ def test_bf16_math_attention_keeps_loss_and_gradient():
     torch.testing.assert_close(ours[0], flash[0], atol=2e-2, rtol=2e-2)
     cos = torch.nn.functional.cosine_similarity(ours[1].flatten(), flash[1].flatten(), dim=0)
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("case", ["classification", "generation"])
+def test_activation_checkpointing_keeps_loss_and_gradient(backbone, case):
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)
+    gen = TaskEncoder(TaskSpec(template="question : {q} answer :", target_field="a"), backbone.tokenizer, 4,
+                      backbone.max_positions, backbone.pad_token_id)
+    rows = [{"text": t, "label": "positive", "q": t, "a": "it is"} for t in TEXTS]
+    if case == "classification":
+        b = enc.classification_batch(rows)
+
+        def fn(m):
+            return classification_loss(enc, m, b, "options")
+    else:
+        b = gen.generation_batch(rows)
+
+        def fn(m):
+            return generation_loss(m, b)
+    calls = []
+    mlps = [m for name, m in backbone.model.named_modules() if name.endswith(".mlp")]
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in mlps]  # (recompute stops early)
+    plain = loss_and_grad(PromptedModel, backbone, fn)
+    n_plain = len(calls)
+    ckpt = loss_and_grad(PromptedModel, backbone, fn, activation_checkpointing=True)
+    for h in hooks:
+        h.remove()
+    assert len(calls) - n_plain == n_plain + len(mlps)  # each layer recomputed once in backward (prompt run: not)
+    torch.testing.assert_close(ckpt[0], plain[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ckpt[1], plain[1], atol=1e-6, rtol=1e-4)
+    layers = backbone.model.base_model
+    assert all("forward" not in vars(m) for m in layers.modules())  # patches removed

@@ -28,7 +28,8 @@ class PromptedModel(nn.Module):
     ``.to()`` and DDP see the prompt only, and the frozen model stays in eval mode while the prompt trains.
     """
 
-    def __init__(self, backbone: Backbone, method: nn.Module, prompt_cache: bool = True):
+    def __init__(self, backbone: Backbone, method: nn.Module, prompt_cache: bool = True,
+                 activation_checkpointing: bool = False):
         super().__init__()
         if method.hidden_size != backbone.hidden_size:
             raise SoftPromptError(
@@ -39,6 +40,8 @@ class PromptedModel(nn.Module):
         # Causal LMs: run the prompt once per batch (batch 1) and give its key/values to every row as a cache,
         # instead of computing the same P positions B times. Same loss and gradient as the plain prefix join.
         self.prompt_cache = prompt_cache and backbone.kind == "causal_lm"
+        # hidden_states() while training: keep only each decoder layer's input and recompute the layer in backward
+        self.activation_checkpointing = activation_checkpointing
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -127,8 +130,13 @@ class PromptedModel(nn.Module):
             layers, last = self._prompt_states(soft)
             full_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device),
                                    attention_mask], dim=1)
-            out = base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=input_positions(attention_mask, P),
-                       cache=bb.new_cache(expand_kv(layers, B)), use_cache=True)
+            cache = bb.new_cache(expand_kv(layers, B))
+            checkpointing = contextlib.nullcontext()
+            if self.activation_checkpointing and torch.is_grad_enabled() and soft.requires_grad:
+                checkpointing = _checkpointed_layers(base, cache)
+            with checkpointing:
+                out = base(inputs_embeds=embeds, attention_mask=full_mask,
+                           position_ids=input_positions(attention_mask, P), cache=cache, use_cache=True)
         return out.last_hidden_state, last
 
     def _prompt_states(self, soft: torch.Tensor):
@@ -218,6 +226,41 @@ def _run_prompt_hidden(backbone: Backbone, soft: torch.Tensor):
                                     position_ids=torch.arange(P, device=dev).unsqueeze(0),
                                     cache=backbone.new_cache(), use_cache=True)
     return [(layer.keys, layer.values) for layer in out.cache.layers], out.last_hidden_state[:, -1]
+
+
+def _prefix_update(self, key_states, value_states, *args, **kwargs):
+    """A cache layer that holds the prompt's key/values and never grows: (prompt ++ new) is returned, not
+    stored, so a checkpointed layer recomputed in backward sees the same cache as in forward."""
+    return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(base: nn.Module, cache):
+    """Activation checkpointing for one forward: each decoder layer keeps only its input and is recomputed in
+    backward (torch.utils.checkpoint, non-reentrant), the prompt cache made non-growing for the recompute. The
+    layers' forward is patched on the instances for the duration of the call and restored after."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers.cache_utils import DynamicLayer
+
+    n = base.config.get_text_config().num_hidden_layers
+    stacks = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not stacks or not all(type(layer) is DynamicLayer for layer in cache.layers):
+        yield  # an unknown layout or a sliding-window cache: no checkpointing, same results
+        return
+    for layer in cache.layers:
+        layer.update = partial(_prefix_update, layer)
+    patched = []
+    for layer in stacks[0]:
+        forward = layer.forward
+        layer.forward = partial(checkpoint, forward, use_reentrant=False)
+        patched.append(layer)
+    try:
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward  # back to the class's forward
 
 
 def _attention_backend(backbone: Backbone, embeds: torch.Tensor):

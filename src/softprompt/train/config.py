@@ -56,6 +56,8 @@ class TrainArgs:
     # and the batches shuffled: rows of a batch have similar lengths, so little padding is computed (measured in
     # benchmarks/bucketing.py). 0 = plain shuffling. Either way the order is a function of (seed, step).
     length_buckets: int = 0
+    # recompute each decoder layer in backward instead of keeping its activations: less memory, more time
+    activation_checkpointing: bool = False
     skip_bad_rows: bool = False  # skip (and count) rows with a missing field or unknown label instead of failing
     finetune_lr: float = 2e-5  # full fine-tuning baseline (compare): AdamW lr for the whole model
 

@@ -186,7 +186,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
                                            init_text=m.init_text, init_labels=labels, init_file=m.init_file,
                                            seed=cfg.seed)
         params = list(method.parameters())
-    model = PromptedModel(bb, method)
+    model = PromptedModel(bb, method, activation_checkpointing=args.activation_checkpointing)
     enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
     train_rows, bad = enc.check_rows(splits.get("train", []), "train", args.skip_bad_rows)
     val_rows, _ = enc.check_rows(splits.get("validation", []), "validation", args.skip_bad_rows)
