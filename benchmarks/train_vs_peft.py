@@ -355,7 +355,9 @@ def main() -> None:
         for case in cases:
             row = run_case(bench, case, precision, args.repeats)
             res["rows"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}))
+            print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")  # progress, rewritten at the end
     del bench
     res["memory"] = [] if args.no_memory else memory_rows(args, precisions, cases)
     out = Path(args.out)
