@@ -117,6 +117,22 @@ def test_bf16_math_attention_keeps_loss_and_gradient():
     assert cos > 0.99, cos
 
 
+def test_activation_checkpointing_under_bf16_autocast():
+    """The recompute in backward must pick the forward's attention kernel (math under bf16 on CPU)."""
+    bb = make_backbone("llama")
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+    b = enc.classification_batch([{"text": t, "label": "negative"} for t in TEXTS])
+
+    def fn(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return classification_loss(enc, m, b, "options")
+
+    plain = loss_and_grad(PromptedModel, bb, fn)
+    ckpt = loss_and_grad(PromptedModel, bb, fn, activation_checkpointing=True)
+    torch.testing.assert_close(ckpt[0], plain[0])
+    torch.testing.assert_close(ckpt[1], plain[1])
+
+
 @pytest.mark.parametrize("case", ["classification", "generation"])
 def test_activation_checkpointing_keeps_loss_and_gradient(backbone, case):
     enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)

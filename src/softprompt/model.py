@@ -133,7 +133,7 @@ class PromptedModel(nn.Module):
             cache = bb.new_cache(expand_kv(layers, B))
             checkpointing = contextlib.nullcontext()
             if self.activation_checkpointing and torch.is_grad_enabled() and soft.requires_grad:
-                checkpointing = _checkpointed_layers(base, cache)
+                checkpointing = _checkpointed_layers(base, cache, lambda: _attention_backend(bb, embeds))
             with checkpointing:
                 out = base(inputs_embeds=embeds, attention_mask=full_mask,
                            position_ids=input_positions(attention_mask, P), cache=cache, use_cache=True)
@@ -235,7 +235,7 @@ def _prefix_update(self, key_states, value_states, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def _checkpointed_layers(base: nn.Module, cache):
+def _checkpointed_layers(base: nn.Module, cache, backend=contextlib.nullcontext):
     """Activation checkpointing for one forward: each decoder layer keeps only its input and is recomputed in
     backward (torch.utils.checkpoint, non-reentrant), the prompt cache made non-growing for the recompute. The
     layers' forward is patched on the instances for the duration of the call and restored after."""
@@ -252,9 +252,12 @@ def _checkpointed_layers(base: nn.Module, cache):
     for layer in cache.layers:
         layer.update = partial(_prefix_update, layer)
     patched = []
+    def run(forward, *args, **kwargs):  # the recompute in backward picks the forward's attention kernel again
+        with backend():
+            return forward(*args, **kwargs)
+
     for layer in stacks[0]:
-        forward = layer.forward
-        layer.forward = partial(checkpoint, forward, use_reentrant=False)
+        layer.forward = partial(checkpoint, partial(run, layer.forward), use_reentrant=False)
         patched.append(layer)
     try:
         yield
