@@ -1,0 +1,201 @@
+"""Load test of `softprompt serve` on loopback: many clients, many tasks, every answer checked.
+
+    python benchmarks/loadtest.py [--requests 2000] [--clients 32] [--tasks 16]
+
+Starts `softprompt serve --model smollm2-135m` as a subprocess on a free loopback port with a folder of --tasks
+prompt files (a quarter of them Rotten Tomatoes classifiers), then --clients concurrent clients send --requests
+requests drawn from a pool of distinct ones: completions (greedy), streaming completions (greedy) and
+/v1/classify. Before the server starts, the expected answer of every distinct request is computed offline, in
+this process, one request at a time (`softprompt.generate` / the task's own scoring). Passes when there are no
+errors, every completion and stream equals its offline text, every label equals its offline label, and the
+server's RSS after warm-up stays flat (growth reported). Writes benchmarks/results/loadtest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import softprompt as sp
+from softprompt.tasks.encode import TaskEncoder
+from softprompt.tasks.spec import load_task
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serving import make_tasks, review_prompts  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def expected(bb, folder: Path, pool: list[dict], max_tokens: int) -> None:
+    """Each distinct request alone, offline: the text (greedy) or the label it must get."""
+    prompts = {p.stem: sp.load_prompt(p, backbone=bb) for p in folder.glob("*.safetensors")}
+    for item in pool:
+        pf = prompts[item["task"]]
+        if item["kind"] == "classify":
+            task = load_task(pf.metadata["task"])
+            method = pf.build(bb.device)
+            enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+            batch = enc.classification_batch([{"text": item["text"], "label": task.labels[0]}])
+            with torch.no_grad():
+                scores = enc.label_scores(sp.PromptedModel(bb, method), batch)[0]
+            item["want"] = task.labels[int(scores.argmax())]
+        else:
+            item["want"] = sp.generate(bb, pf, [item["text"]], max_new_tokens=max_tokens).texts[0]
+
+
+async def one(client: httpx.AsyncClient, item: dict, max_tokens: int) -> str:
+    if item["kind"] == "classify":
+        r = await client.post("/v1/classify", json={"model": item["task"], "input": item["text"]})
+        r.raise_for_status()
+        return r.json()["data"][0]["label"]
+    body = {"model": item["task"], "prompt": item["text"], "max_tokens": max_tokens, "temperature": 0}
+    if item["kind"] == "completion":
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+    pieces, done = [], False
+    async with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                pieces.append(event["choices"][0]["text"])
+    if not done:
+        raise RuntimeError("stream ended without [DONE]")
+    return "".join(pieces)
+
+
+async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, pid: int, warmup: int) -> dict:
+    queue = list(enumerate(todo))
+    latencies, errors, mismatches, rss = [], [], [], []
+    finished = 0
+    rss_at_warmup = None
+
+    async def worker(client):
+        nonlocal finished, rss_at_warmup
+        while queue:
+            i, item = queue.pop(0)
+            t0 = time.perf_counter()
+            try:
+                got = await one(client, item, max_tokens)
+            except Exception as e:  # counted, never hidden
+                errors.append(f"request {i} ({item['kind']} {item['task']}): {type(e).__name__}: {e}")
+                continue
+            latencies.append(time.perf_counter() - t0)
+            if got != item["want"]:
+                mismatches.append({"i": i, "kind": item["kind"], "task": item["task"], "text": item["text"],
+                                   "got": got, "want": item["want"]})
+            finished += 1
+            if finished == warmup:
+                rss_at_warmup = rss_mb(pid)
+
+    async def sample_rss():
+        while queue or finished + len(errors) < len(todo):
+            rss.append(rss_mb(pid))
+            await asyncio.sleep(1.0)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        sampler = asyncio.create_task(sample_rss())
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - start
+        sampler.cancel()
+        metrics = (await client.get("/metrics", params={"format": "json"})).json()
+    latencies.sort()
+    end = rss_mb(pid)
+    return {"requests": len(todo), "errors": len(errors), "first_errors": errors[:5], "mismatches": len(mismatches),
+            "first_mismatches": mismatches[:5], "wall_s": wall, "requests_per_s": len(todo) / wall,
+            "latency_p50_s": statistics.median(latencies) if latencies else None,
+            "latency_p99_s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+            "rss_after_warmup_mb": rss_at_warmup, "rss_end_mb": end, "rss_max_mb": max(rss or [end]),
+            "rss_growth_after_warmup_mb": None if rss_at_warmup is None else end - rss_at_warmup,
+            "server_metrics": metrics}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--distinct", type=int, default=160, help="distinct requests in the pool")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=200, help="requests before the RSS baseline is taken")
+    ap.add_argument("--out", default="benchmarks/results/loadtest.json")
+    args = ap.parse_args()
+    bb = sp.load_backbone(args.model)
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        names = make_tasks(bb, folder, args.tasks, classify_every=4)
+        classifiers = [n for i, n in enumerate(names) if i % 4 == 0]
+        texts = review_prompts(bb, args.distinct, seed=1)
+        pool = []
+        for i, text in enumerate(texts):
+            kind = ["completion", "stream", "classify", "completion"][i % 4]
+            task = rng.choice(classifiers if kind == "classify" else [n for n in names if n not in classifiers])
+            pool.append({"kind": kind, "task": task, "text": text})
+        t0 = time.perf_counter()
+        expected(bb, folder, pool, args.max_tokens)
+        offline_s = time.perf_counter() - t0
+        del bb
+        todo = [dict(rng.choice(pool)) for _ in range(args.requests)]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        exe = Path(sys.executable).with_name("softprompt")
+        server = subprocess.Popen([str(exe), "serve", "--model", args.model, "--prompts", str(folder), "--port",
+                                   str(port), "--max-batch", "32"], env=os.environ.copy())
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 300
+            while True:
+                try:
+                    if httpx.get(base + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.5)
+            result = asyncio.run(run_load(base, todo, args.clients, args.max_tokens, server.pid, args.warmup))
+        finally:
+            server.terminate()
+            server.wait(30)
+    result |= {"clients": args.clients, "tasks": args.tasks, "distinct": args.distinct, "max_tokens": args.max_tokens,
+               "kinds": {k: sum(t["kind"] == k for t in todo) for k in ("completion", "stream", "classify")},
+               "offline_reference_s": offline_s, "passed": None}
+    growth = result["rss_growth_after_warmup_mb"]
+    result["passed"] = (result["errors"] == 0 and result["mismatches"] == 0 and growth is not None
+                        and growth < 0.05 * result["rss_after_warmup_mb"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "server_metrics"}, indent=2))
+    sys.exit(0 if result["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
