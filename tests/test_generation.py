@@ -134,3 +134,12 @@ def test_per_row_prompt_list_must_match_the_batch(llama):
 def test_a_zero_token_prompt_generates_like_no_prompt(llama):
     empty = sp.PromptTuning(torch.empty(0, llama.hidden_size))
     assert sp.generate(llama, empty, TEXTS, max_new_tokens=4).tokens == sp.generate(llama, None, TEXTS, max_new_tokens=4).tokens
+
+
+def test_prompt_kv_cache_is_keyed_by_autocast_state(llama):
+    prompt = torch.randn(3, 32)
+    plain = sp.prompt_kv(llama, prompt)
+    assert sp.prompt_kv(llama, prompt) is plain  # cached
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = sp.prompt_kv(llama, prompt)
+    assert auto is not plain and not torch.equal(auto[0][0][0].float(), plain[0][0][0])  # bf16-rounded, kept apart

@@ -51,8 +51,10 @@ def forget_prompt_kv(backbone: CausalLMBackbone, digest: str) -> int:
 
 def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor):
     """(per-layer (keys, values), last-position logits) of the prompt alone, batch 1, no grad; cached by content
-    hash, dtype and device, so each prompt is computed once per backbone."""
-    key = (content_hash(prompt), backbone.dtype, str(backbone.device))
+    hash, dtype, device and autocast state, so each prompt is computed once per backbone and precision."""
+    dev = backbone.device.type
+    autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    key = (content_hash(prompt), backbone.dtype, str(backbone.device), autocast)  # bf16 autocast rounds differently
     with _KV_LOCK:
         store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
         if key in store:
