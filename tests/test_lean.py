@@ -59,9 +59,11 @@ def test_hidden_states_and_head_give_the_forward_logits(backbone, side, cached):
         assert (last is None) == (P == 0)
 
 
+@pytest.mark.parametrize("template", [SYNTH_TASK["template"], "review : {text} sentiment :"])  # 2nd: shared start
 @pytest.mark.parametrize("loss_kind", ["options", "lm"])
-def test_classification_loss_and_gradient_equal_the_full_logits_path(backbone, loss_kind):
-    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)
+def test_classification_loss_and_gradient_equal_the_full_logits_path(backbone, loss_kind, template):
+    enc = TaskEncoder(TaskSpec(**{**SYNTH_TASK, "template": template}), backbone.tokenizer, 4, backbone.max_positions,
+                      backbone.pad_token_id)
     rows = [{"text": t, "label": lab} for t, lab in zip(TEXTS, ["positive", "negative", "negative"], strict=True)]
     b = enc.classification_batch(rows)
     a = loss_and_grad(PromptedModel, backbone, lambda m: classification_loss(enc, m, b, loss_kind))
@@ -138,7 +140,7 @@ def test_activation_checkpointing_keeps_loss_and_gradient(backbone, case):
     enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)
     gen = TaskEncoder(TaskSpec(template="question : {q} answer :", target_field="a"), backbone.tokenizer, 4,
                       backbone.max_positions, backbone.pad_token_id)
-    rows = [{"text": t, "label": "positive", "q": t, "a": "it is"} for t in TEXTS]
+    rows = [{"text": "review : " + t, "label": "positive", "q": t, "a": "it is"} for t in TEXTS]  # shared start
     if case == "classification":
         b = enc.classification_batch(rows)
 
@@ -162,3 +164,44 @@ def test_activation_checkpointing_keeps_loss_and_gradient(backbone, case):
     torch.testing.assert_close(ckpt[1], plain[1], atol=1e-6, rtol=1e-4)
     layers = backbone.model.base_model
     assert all("forward" not in vars(m) for m in layers.modules())  # patches removed
+
+
+@pytest.mark.parametrize("texts", [TEXTS, ["review : " + t for t in TEXTS]])
+@pytest.mark.parametrize("cached", [True, False])
+def test_last_only_gives_the_answer_column_with_less_work(backbone, cached, texts):
+    """last_only: the last layer's MLP at the answer column only, and (prompt cache) the rows' shared first
+    tokens run once with the prompt; the answer column's hidden state and the prompt gradient stay the same."""
+    from softprompt.model import _shared_prefix
+
+    ids, mask = batch(backbone, texts, "left")
+    shared = _shared_prefix(ids, mask)
+    assert (shared > 0) == (texts is not TEXTS)
+    mlps = [m for name, m in backbone.model.named_modules() if name.endswith(".mlp")]
+    assert len(mlps) == backbone.model.config.num_hidden_layers
+    widths = []
+    first = next(iter(mlps[-1].children()))  # the MLP's first projection (its own input width)
+    hook = first.register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
+    for P in (0, 4):
+        grads, outs = [], []
+        for last_only in (False, True):
+            prompt = make_prompt(backbone, P, seed=1)
+            model = PromptedModel(backbone, prompt, prompt_cache=cached)
+            widths.clear()
+            h = model.hidden_states(ids, mask, last_only=last_only)[0][:, -1]  # (B, H)
+            if P:
+                (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+                grads.append(prompt.weight.grad)
+            if last_only:
+                assert widths[-1] == 1  # the input rows' last MLP: the answer column only
+                torch.testing.assert_close(h, outs[0], atol=1e-5, rtol=1e-5)
+            outs.append(h.detach())
+        if P:
+            torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    hook.remove()
+    assert all("forward" not in vars(m) for m in mlps)  # patch removed
+    if cached and shared:  # without grad (evaluation): the prompt + shared tokens' states are cached and reused
+        model = PromptedModel(backbone, make_prompt(backbone, 4, seed=1))
+        with torch.no_grad():
+            a = model.hidden_states(ids, mask, last_only=True)[0]
+            b = model.hidden_states(ids, mask, last_only=True)[0]
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

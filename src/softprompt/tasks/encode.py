@@ -157,7 +157,7 @@ class TaskEncoder:
         C = len(self.candidates)
         words = [c[0] for c in self.candidates]
         if self.single_token and getattr(model, "lean", False):
-            hidden = model.hidden_states(ids, mask)[0][:, -1]  # (B, H) at the answer position
+            hidden = model.hidden_states(ids, mask, last_only=True)[0][:, -1]  # (B, H) at the answer position
             if normalize:
                 cand = model.head(hidden).float().log_softmax(-1)[:, words]  # (B, C)
             else:
