@@ -1,0 +1,117 @@
+"""Before/after of the classification path's savings (PromptedModel.hidden_states(..., last_only=True)), with PEFT.
+
+    python benchmarks/classification_path.py [--repeats 5] [--precisions float32,bf16] [--cases train_cls,score]
+
+Variants of softprompt, same process, alternating with PEFT after a warm-up, median of --repeats:
+  before      every column through every layer (the path before last_only)
+  last_mlp    the last decoder layer's MLP at the answer column only
+  shared      + the rows' shared first tokens ("Review:") run once with the prompt instead of once per row
+  after       scoring: + batches cut where padding would pass 5% (evaluate.PAD_TOLERANCE; measured slower, so off)
+Cases and data are benchmarks/train_vs_peft.py's: one classification training step on batches of the longest
+train reviews, and scoring --score-rows test rows as `softprompt eval` does. Before timing, the variants' losses on
+one batch are asserted equal. Writes benchmarks/results/classification_path.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from train_vs_peft import Bench, timed
+
+import softprompt as sp
+import softprompt.evaluate as evaluate_module
+import softprompt.model as model_module
+
+_MLP, _SHARED, _TOL = model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE
+VARIANTS = {"before": (lambda base: contextlib.nullcontext(), lambda *a: 0, None),
+            "last_mlp": (_MLP, lambda *a: 0, None),
+            "shared": (_MLP, _SHARED, None),
+            "after": (_MLP, _SHARED, 0.05)}  # scoring only: batches cut where padding would pass 5% (off by default)
+
+
+def use(variant: str) -> None:
+    model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE = VARIANTS[variant]
+
+
+def reset() -> None:
+    model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE = _MLP, _SHARED, _TOL
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--score-rows", type=int, default=128)
+    ap.add_argument("--precisions", default="float32,bf16")
+    ap.add_argument("--cases", default="train_cls,score")
+    ap.add_argument("--out", default="benchmarks/results/classification_path.json")
+    args = ap.parse_args()
+    dev = sp.backbones.resolve_device(args.device)
+    bench = Bench(args, dev)
+    b0 = bench.cls_batches[0]
+    losses = {}
+    with torch.no_grad():
+        for v in VARIANTS:
+            use(v)
+            losses[v] = float(bench.loss("softprompt", "train_cls", b0))
+    reset()
+    assert all(abs(x - losses["before"]) < 1e-4 for x in losses.values()), losses
+    print("equal losses:", losses)
+    rows = []
+    for precision in args.precisions.split(","):
+        for case in args.cases.split(","):
+            variants = [v for v in VARIANTS if case == "score" or v != "after"]
+            sides = [*variants, "peft"]
+            def run(side, i, case=case, precision=precision):
+                if side != "peft":
+                    use(side)
+                try:
+                    if case == "train_cls":
+                        bs = bench.cls_batches
+                        return bench.step("peft" if side == "peft" else "softprompt", case, bs[1 + i % (len(bs) - 1)],
+                                          precision)
+                    return bench.score("peft" if side == "peft" else "softprompt", precision)
+                finally:
+                    reset()
+
+            for s in sides:  # warm-up
+                run(s, 0)
+            times = {s: [] for s in sides}
+            for i in range(args.repeats):
+                for s in sides:
+                    times[s].append(timed(lambda s=s, i=i: run(s, i), dev))
+            med = {s: statistics.median(v) for s, v in times.items()}
+            row = {"case": case, "precision": precision, "median_s": med, "runs_s": times,
+                   "speedup_vs_peft": {s: med["peft"] / med[s] for s in variants},
+                   "gain_vs_before": {s: med["before"] / med[s] for s in variants}}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
+    res = {"args": vars(args), "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "peft_version": bench.peft_version, "equal_losses": losses, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    names = {"train_cls": "train step, classification", "score": f"scoring {args.score_rows} test rows"}
+    md = [f"{args.model}, batch {args.batch}, P = {args.prompt_len}, {res['threads']} threads, torch {res['torch']}, "
+          f"peft {res['peft_version']}; median of {args.repeats}, alternating (in brackets: speed-up vs PEFT)", "",
+          "| case | precision | before | last layer's MLP at the answer only | + shared first tokens once | "
+          "+ scoring batches cut at length jumps | PEFT |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, x = r["median_s"], r["speedup_vs_peft"]
+        md.append(f"| {names[r['case']]} | {r['precision']} | " + " | ".join(
+            f"{m[v]:.2f} s ({x[v]:.2f}x)" if v in m else "" for v in VARIANTS) + f" | {m['peft']:.2f} s |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
