@@ -66,7 +66,7 @@ def main() -> None:
         theirs_opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
 
         def ours_step(b, ours=ours):
-            h = ours.hidden_states(b["input_ids"], b["attention_mask"])[0][:, -1]
+            h = ours.hidden_states(b["input_ids"], b["attention_mask"], last_only=True)[0][:, -1]  # as label_scores
             return torch.nn.functional.cross_entropy(ours.head(h, words).float(), b["y"])
 
         def theirs_step(b, theirs=theirs):

@@ -124,12 +124,18 @@ class Bench:
         return self.theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
 
     def step(self, side: str, case: str, b: dict, precision: str) -> float:
+        ckpt = side == "softprompt_ckpt"  # softprompt with train.activation_checkpointing
+        side = "softprompt" if ckpt else side
         opt = self.ours_opt if side == "softprompt" else self.theirs_opt
-        with autocast(precision, self.device):
-            loss = self.loss(side, case, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.ours.activation_checkpointing = ckpt
+        try:
+            with autocast(precision, self.device):
+                loss = self.loss(side, case, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        finally:
+            self.ours.activation_checkpointing = False
         return float(loss)
 
     def batches(self, case: str) -> list[dict]:
@@ -191,9 +197,11 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def run_case(bench: Bench, case: str, precision: str, repeats: int) -> dict:
+def run_case(bench: Bench, case: str, precision: str, repeats: int, ckpt: bool = False) -> dict:
     dev = bench.device
     sides = ("softprompt", "peft")
+    if ckpt and case in ("train_cls", "train_gen"):
+        sides = ("softprompt", "peft", "softprompt_ckpt")
     times: dict[str, list[float]] = {s: [] for s in sides}
     flops = {}
     if case in ("train_cls", "train_gen"):
@@ -203,7 +211,7 @@ def run_case(bench: Bench, case: str, precision: str, repeats: int) -> dict:
         for i in range(repeats):
             for s in sides:
                 times[s].append(timed(lambda s=s, i=i: bench.step(s, case, bs[1 + i % (len(bs) - 1)], precision), dev))
-        for s in sides:
+        for s in ("softprompt", "peft"):
             flops[s] = count_flops(lambda s=s: bench.step(s, case, bs[1], precision))
         tokens = {"real_tokens_per_batch": statistics.mean(int(b["attention_mask"].sum()) for b in bs[1:]),
                   "padded_tokens_per_batch": statistics.mean(b["attention_mask"].numel() for b in bs[1:])}
@@ -235,9 +243,11 @@ def run_case(bench: Bench, case: str, precision: str, repeats: int) -> dict:
     med = {s: statistics.median(v) for s, v in times.items()}
     row = {"case": case, "precision": precision, "median_s": med, "runs_s": times,
            "speedup": med["peft"] / med["softprompt"], **tokens}
+    if "softprompt_ckpt" in med:
+        row["ckpt_time_ratio"] = med["softprompt_ckpt"] / med["softprompt"]
     if flops:
         row["flops"] = flops
-        row["flop_per_s"] = {s: flops[s] / med[s] for s in sides}
+        row["flop_per_s"] = {s: flops[s] / med[s] for s in flops}
     return row
 
 
@@ -245,9 +255,7 @@ def probe_memory(args) -> None:
     """In a fresh process: set up one side, then peak RSS (and CUDA peak) over warm-up + 2 steps of one case."""
     side, case, precision = args.probe_memory.split(":")
     dev = sp.backbones.resolve_device(args.device)
-    bench = Bench(args, dev)
-    if side == "softprompt_ckpt":
-        side, bench.ours.activation_checkpointing = "softprompt", True
+    bench = Bench(args, dev)  # side softprompt_ckpt: step() turns activation checkpointing on
     bs = bench.batches(case)
     import gc
 
@@ -308,6 +316,16 @@ def markdown(res: dict) -> str:
             fl = f"{f / 1e9:.0f} ({100 * f / res['matmul_flop_per_s']['bf16']:.0f}%)"
         lines.append(f"| {name} | {r['precision']} | {r['median_s']['softprompt']:.2f} s | {r['median_s']['peft']:.2f} s "
                      f"| {r['speedup']:.2f}x | {fl} |")
+    ck = [r for r in res["rows"] if "ckpt_time_ratio" in r]
+    if ck:
+        lines += ["", "Time cost of activation checkpointing (train.activation_checkpointing, same run, alternating):", "",
+                  "| case | precision | softprompt | softprompt, checkpointing | time ratio | PEFT / checkpointing |",
+                  "|---|---|---|---|---|---|"]
+        for r in ck:
+            m = r["median_s"]
+            lines.append(f"| {CASE_NAMES[r['case']]} | {r['precision']} | {m['softprompt']:.2f} s | "
+                         f"{m['softprompt_ckpt']:.2f} s | {r['ckpt_time_ratio']:.2f} | "
+                         f"{m['peft'] / m['softprompt_ckpt']:.2f}x |")
     if res.get("memory"):
         lines += ["", "Peak memory of one training step (fresh process per side: whole-process peak RSS; in brackets the "
                   "peak above the process after set-up, i.e. what training adds to the loaded model):", "",
@@ -337,6 +355,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="float32,bf16")
     ap.add_argument("--cases", default="train_cls,train_gen,score,generate")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="skip the timed cases")
+    ap.add_argument("--ckpt", action="store_true", help="also time training steps with activation checkpointing")
     ap.add_argument("--probe-memory", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/train_vs_peft.json")
     args = ap.parse_args()
@@ -352,8 +372,8 @@ def main() -> None:
            "rows": []}
     print("equal losses on an unpadded row:", res["equal_losses"])
     for precision in precisions:
-        for case in cases:
-            row = run_case(bench, case, precision, args.repeats)
+        for case in [] if args.memory_only else cases:
+            row = run_case(bench, case, precision, args.repeats, args.ckpt)
             res["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
