@@ -426,3 +426,16 @@ def test_serve_cli_mistakes_are_one_line_errors(tmp_path, capsys):
                  str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prompt folder" in err[0] and "does not exist" in err[0]
+
+
+def test_completion_from_token_ids_and_a_list_of_prompts(client, bank):
+    ids = bank.backbone.tokenizer("the movie was")["input_ids"]
+    by_text = client.post("/v1/completions", json={"model": "beta", "prompt": "the movie was", "max_tokens": 4,
+                                                   "temperature": 0}).json()["choices"][0]["text"]
+    by_ids = client.post("/v1/completions", json={"model": "beta", "prompt": ids, "max_tokens": 4,
+                                                  "temperature": 0}).json()["choices"][0]["text"]
+    assert by_ids == by_text
+    many = client.post("/v1/completions", json={"model": "beta", "prompt": ["the movie was", "hello world"],
+                                                "max_tokens": 4, "temperature": 0}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1] and many["choices"][0]["text"] == by_text
+    error_of(client.post("/v1/completions", json={"model": "beta", "prompt": [10**9]}), 400)
