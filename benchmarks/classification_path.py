@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--score-rows", type=int, default=128)
     ap.add_argument("--precisions", default="float32,bf16")
     ap.add_argument("--cases", default="train_cls,score")
+    ap.add_argument("--flops-only", action="store_true", help="count FLOPs per variant (no timing) into --out")
     ap.add_argument("--out", default="benchmarks/results/classification_path.json")
     args = ap.parse_args()
     dev = sp.backbones.resolve_device(args.device)
@@ -66,6 +67,8 @@ def main() -> None:
     reset()
     assert all(abs(x - losses["before"]) < 1e-4 for x in losses.values()), losses
     print("equal losses:", losses)
+    if args.flops_only:
+        return count_variant_flops(bench, args)
     rows = []
     for precision in args.precisions.split(","):
         for case in args.cases.split(","):
@@ -109,6 +112,39 @@ def main() -> None:
         m, x = r["median_s"], r["speedup_vs_peft"]
         md.append(f"| {names[r['case']]} | {r['precision']} | " + " | ".join(
             f"{m[v]:.2f} s ({x[v]:.2f}x)" if v in m else "" for v in VARIANTS) + f" | {m['peft']:.2f} s |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def count_variant_flops(bench: Bench, args) -> None:
+    """FLOPs of one step / one scoring pass per variant (torch's FlopCounterMode): the work each saving removes,
+    free of timing noise."""
+    from train_vs_peft import count_flops
+
+    rows = []
+    for case in args.cases.split(","):
+        got = {}
+        for v in [v for v in VARIANTS if case == "score" or v != "after"]:
+            use(v)
+            try:
+                if case == "train_cls":
+                    got[v] = count_flops(lambda: bench.step("softprompt", "train_cls", bench.cls_batches[1], "float32"))
+                else:
+                    got[v] = count_flops(lambda: bench.score("softprompt", "float32"))
+            finally:
+                reset()
+        got["peft"] = count_flops(lambda case=case: bench.step("peft", case, bench.cls_batches[1], "float32")
+                                  if case == "train_cls" else bench.score("peft", "float32"))
+        rows.append({"case": case, "flops": got, "vs_before": {k: n / got["before"] for k, n in got.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    out = Path(args.out)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    md = ["FLOPs counted by torch's FlopCounterMode (float32; in brackets: share of `before`)", "",
+          "| case | " + " | ".join(VARIANTS) + " | PEFT |", "|---|" + "---|" * (len(VARIANTS) + 1)]
+    for r in rows:
+        f, x = r["flops"], r["vs_before"]
+        md.append(f"| {r['case']} | " + " | ".join(f"{f[v] / 1e9:.0f} G ({x[v]:.3f})" if v in f else ""
+                                                    for v in [*VARIANTS, "peft"]) + " |")
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
