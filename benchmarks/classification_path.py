@@ -54,9 +54,14 @@ def main() -> None:
     ap.add_argument("--precisions", default="float32,bf16")
     ap.add_argument("--cases", default="train_cls,score")
     ap.add_argument("--flops-only", action="store_true", help="count FLOPs per variant (no timing) into --out")
+    ap.add_argument("--accuracy", metavar="PROMPT", help="evaluate this trained prompt file on --accuracy-rows test "
+                    "rows with `before` and `shared` (no timing) into --out")
+    ap.add_argument("--accuracy-rows", type=int, default=400)
     ap.add_argument("--out", default="benchmarks/results/classification_path.json")
     args = ap.parse_args()
     dev = sp.backbones.resolve_device(args.device)
+    if args.accuracy:
+        return compare_accuracy(args, dev)
     bench = Bench(args, dev)
     b0 = bench.cls_batches[0]
     losses = {}
@@ -112,6 +117,43 @@ def main() -> None:
         m, x = r["median_s"], r["speedup_vs_peft"]
         md.append(f"| {names[r['case']]} | {r['precision']} | " + " | ".join(
             f"{m[v]:.2f} s ({x[v]:.2f}x)" if v in m else "" for v in VARIANTS) + f" | {m['peft']:.2f} s |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def compare_accuracy(args, dev) -> None:
+    """The same trained prompt scored on a seeded sample of the real test split, before and after the savings."""
+    import random
+
+    from softprompt.evaluate import evaluate_classification
+    from softprompt.tasks.datasets import load_splits
+    from softprompt.tasks.encode import TaskEncoder
+    from softprompt.tasks.spec import load_task
+
+    bb = sp.load_backbone(args.model, device=dev)
+    method = sp.load_prompt(args.accuracy, backbone=bb).build(dev)
+    model = sp.PromptedModel(bb, method).eval()
+    enc = TaskEncoder(load_task("rotten_tomatoes"), bb.tokenizer, method.num_virtual_tokens, bb.max_positions,
+                      bb.pad_token_id)
+    test = load_splits("rotten_tomatoes")["test"]
+    rows = random.Random(0).sample(test, min(args.accuracy_rows, len(test)))
+    got = []
+    for precision in args.precisions.split(","):
+        for v in ("before", "shared"):
+            use(v)
+            try:
+                r = evaluate_classification(model, enc, rows, 16, precision)
+            finally:
+                reset()
+            got.append({"variant": v, "precision": precision, "accuracy": r["accuracy"], "loss": r["loss"],
+                        "confusion": r["confusion"]["matrix"]})
+            print(json.dumps(got[-1]), flush=True)
+    out = Path(args.out)
+    out.write_text(json.dumps({"args": vars(args), "rows": got}, indent=2) + "\n")
+    md = [f"{args.accuracy}, {len(rows)} seeded test rows of rotten_tomatoes", "",
+          "| precision | variant | accuracy | loss | confusion (gold x predicted) |", "|---|---|---|---|---|"]
+    md += [f"| {g['precision']} | {g['variant']} | {100 * g['accuracy']:.2f}% | {g['loss']:.6f} | {g['confusion']} |"
+           for g in got]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
