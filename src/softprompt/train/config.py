@@ -55,8 +55,11 @@ class TrainArgs:
     # > 0: each epoch's shuffled examples are cut into pools of this many batches, sorted by length inside a pool,
     # and the batches shuffled: rows of a batch have similar lengths, so little padding is computed (measured in
     # benchmarks/bucketing.py). 0 = plain shuffling. Either way the order is a function of (seed, step).
+    # Off by default: 50 trained rotten_tomatoes 1.2-1.65x faster but 2 points lower on test with 2 of 2 seeds
+    # (benchmarks/results/SPEED.md)
     length_buckets: int = 0
-    # recompute each decoder layer in backward instead of keeping its activations: less memory, more time
+    # recompute each decoder layer in backward instead of keeping its activations: measured 0.52-0.70x PEFT's peak
+    # memory instead of 0.76-0.98x, at 1.3-1.6x the step time (SPEED.md), hence off by default
     activation_checkpointing: bool = False
     skip_bad_rows: bool = False  # skip (and count) rows with a missing field or unknown label instead of failing
     finetune_lr: float = 2e-5  # full fine-tuning baseline (compare): AdamW lr for the whole model
