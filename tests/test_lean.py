@@ -20,6 +20,15 @@ class Plain(PromptedModel):
     lean = False
 
 
+def unpatched(module) -> bool:
+    """No forward patch left active: none at all, or the answer-column MLP switch, which is off in this thread."""
+    from softprompt.model import _THREAD, _switchable_mlp_forward
+
+    forward = vars(module).get("forward")
+    return forward is None or (getattr(forward, "__func__", None) is _switchable_mlp_forward
+                               and not getattr(_THREAD, "last_column", False))
+
+
 def batch(bb, texts, side):
     bb.tokenizer.padding_side = side
     enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
@@ -163,7 +172,7 @@ def test_activation_checkpointing_keeps_loss_and_gradient(backbone, case):
     torch.testing.assert_close(ckpt[0], plain[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(ckpt[1], plain[1], atol=1e-6, rtol=1e-4)
     layers = backbone.model.base_model
-    assert all("forward" not in vars(m) for m in layers.modules())  # patches removed
+    assert all(unpatched(m) for m in layers.modules())  # patches removed or switched off
 
 
 @pytest.mark.parametrize("texts", [TEXTS, ["review : " + t for t in TEXTS]])
@@ -198,10 +207,39 @@ def test_last_only_gives_the_answer_column_with_less_work(backbone, cached, text
         if P:
             torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
     hook.remove()
-    assert all("forward" not in vars(m) for m in mlps)  # patch removed
+    assert all(unpatched(m) for m in mlps)  # patch switched off
     if cached and shared:  # without grad (evaluation): the prompt + shared tokens' states are cached and reused
         model = PromptedModel(backbone, make_prompt(backbone, 4, seed=1))
         with torch.no_grad():
             a = model.hidden_states(ids, mask, last_only=True)[0]
             b = model.hidden_states(ids, mask, last_only=True)[0]
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_last_column_mlp_is_per_thread_and_survives_deepcopy(llama):
+    """The answer-column MLP switch applies to the thread scoring only; a deep copy (the fine-tuning baseline)
+    runs its own weights, not the original's."""
+    import copy
+    import threading
+
+    from softprompt.model import _last_column_mlp
+
+    base = llama.model.base_model
+    ids, mask = batch(llama, TEXTS, "left")
+    with torch.no_grad():
+        want = llama.model(input_ids=ids, attention_mask=mask).logits
+    seen = {}
+    with torch.no_grad(), _last_column_mlp(base):
+        inside = llama.model(input_ids=ids, attention_mask=mask).logits
+        t = threading.Thread(target=lambda: seen.update(other=llama.model(input_ids=ids, attention_mask=mask).logits))
+        t.start()
+        t.join()
+    torch.testing.assert_close(inside[:, -1], want[:, -1])  # the answer column is exact
+    assert not torch.allclose(inside[:, 0], want[:, 0])  # the other columns were not computed
+    torch.testing.assert_close(seen["other"], want)  # another thread got the plain MLP
+    twin = copy.deepcopy(llama.model)
+    mlp = twin.base_model.layers[-1].mlp
+    torch.nn.init.zeros_(mlp.down_proj.weight)  # change the copy only
+    with torch.no_grad():
+        assert not torch.allclose(twin(input_ids=ids, attention_mask=mask).logits, want)
+        torch.testing.assert_close(llama.model(input_ids=ids, attention_mask=mask).logits, want)

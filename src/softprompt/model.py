@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import types
 from typing import Any
 
 import torch
@@ -309,25 +311,42 @@ def _last_column_mlp_forward(forward, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([last.new_zeros(x.shape[0], x.shape[1] - 1, last.shape[-1]), last], dim=1)
 
 
+_THREAD = threading.local()  # per-thread switches for the patched modules below
+
+
+def _switchable_mlp_forward(self, x, *args, **kwargs):
+    plain = type(self).forward.__get__(self)
+    if getattr(_THREAD, "last_column", False) and not args and not kwargs:
+        return _last_column_mlp_forward(plain, x)
+    return plain(x, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def _last_column_mlp(base: nn.Module):
-    """While a forward runs: the last decoder layer's MLP computes the last column only. An MLP acts on each
-    position alone and nothing after the last layer's MLP mixes positions (only the final norm follows), so the
-    last column's final hidden state is unchanged; the other columns are not needed for a classification score.
-    Saves about 1/num_layers of the MLP work, forward and backward. Unknown layouts: nothing changes."""
-    from functools import partial
-
+    """While a forward runs in this thread: the last decoder layer's MLP computes the last column only. An MLP acts
+    on each position alone and nothing after the last layer's MLP mixes positions (only the final norm follows), so
+    the last column's final hidden state is unchanged; the other columns are not needed for a classification score.
+    Saves about 1/num_layers of the MLP work, forward and backward. The MLP gets a wrapper once, which consults a
+    thread-local switch: a forward of the same backbone in another thread (a server) runs the plain MLP. Unknown
+    layouts: nothing changes."""
     n = base.config.get_text_config().num_hidden_layers
     stacks = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n]
     mlp = getattr(stacks[0][-1], "mlp", None) if stacks else None
-    if not isinstance(mlp, nn.Module) or "forward" in vars(mlp):
+    if not isinstance(mlp, nn.Module):
         yield
         return
-    mlp.forward = partial(_last_column_mlp_forward, mlp.forward)
+    patched = vars(mlp).get("forward")
+    if patched is None:  # a bound method: deepcopy/pickle of the model rebind it to the copy
+        mlp.forward = types.MethodType(_switchable_mlp_forward, mlp)
+    elif getattr(patched, "__func__", None) is not _switchable_mlp_forward:  # someone else's patch: leave it
+        yield
+        return
+    before = getattr(_THREAD, "last_column", False)
+    _THREAD.last_column = True
     try:
         yield
     finally:
-        del mlp.forward
+        _THREAD.last_column = before
 
 
 def _attention_backend(backbone: Backbone, embeds: torch.Tensor):
