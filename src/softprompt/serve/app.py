@@ -190,16 +190,12 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                              "num_virtual_tokens": entry.num_virtual_tokens}})
         return {"object": "list", "data": data}
 
-    async def run(request: Request, jobs_of: Any, chat: bool, req: _Request):
-        """Submit the jobs and answer: JSON when done, or server-sent events as tokens come."""
+    async def run(jobs: list[Job], chat: bool, req: _Request):
+        """Submit the (validated) jobs and answer: JSON when done, or server-sent events as tokens come."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def emitter(i: int):
-            return lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
-
-        jobs: list[Job] = jobs_of(emitter)
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            job.emit = lambda kind, value, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
             engine.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
@@ -278,7 +274,7 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                 "stop": req.stop, "ignore_eos": req.ignore_eos}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(req: CompletionRequest):
         _check_supported(req)
         p = req.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
@@ -291,28 +287,17 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
             raise RequestError(f"at most {engine.max_batch} prompts per request", param="prompt")
         args = sampling_args(req, req.max_tokens)
         jobs = [engine.generation_job(req.model, item, **args) for item in items]  # validate all first
-
-        def jobs_of(emitter):
-            for i, job in enumerate(jobs):
-                job.emit = emitter(i)
-            return jobs
-
-        return await run(request, jobs_of, False, req)
+        return await run(jobs, False, req)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatRequest, request: Request):
+    async def chat_completions(req: ChatRequest):
         _check_supported(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
                     for m in req.messages]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         job = engine.generation_job(req.model, messages=messages, default_max_tokens=engine.chat_max_tokens,
                                     **sampling_args(req, max_tokens))
-
-        def jobs_of(emitter):
-            job.emit = emitter(0)
-            return [job]
-
-        return await run(request, jobs_of, True, req)
+        return await run([job], True, req)
 
     @app.post("/v1/classify", dependencies=[Depends(authorize)])
     async def classify(req: ClassifyRequest):
