@@ -15,7 +15,6 @@ one batch are asserted equal. Writes benchmarks/results/classification_path.json
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -27,19 +26,24 @@ import softprompt as sp
 import softprompt.evaluate as evaluate_module
 import softprompt.model as model_module
 
-_MLP, _SHARED, _TOL = model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE
-VARIANTS = {"before": (lambda base: contextlib.nullcontext(), lambda *a: 0, None),
-            "last_mlp": (_MLP, lambda *a: 0, None),
-            "shared": (_MLP, _SHARED, None),
-            "after": (_MLP, _SHARED, 0.05)}  # scoring only: batches cut where padding would pass 5% (off by default)
+_TOL = evaluate_module.PAD_TOLERANCE
+# each variant: the switches of model.SPEEDUPS it sets (the others keep their defaults), and the padding tolerance
+VARIANTS = {"before": ({"last_column_mlp": False, "shared_prefix": False}, None),
+            "last_mlp": ({"last_column_mlp": True, "shared_prefix": False}, None),
+            "shared": ({"last_column_mlp": True, "shared_prefix": True}, None),
+            "after": ({"last_column_mlp": True, "shared_prefix": True}, 0.05)}  # scoring only (off by default)
+_DEFAULTS = dict(model_module.SPEEDUPS)
 
 
 def use(variant: str) -> None:
-    model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE = VARIANTS[variant]
+    switches, tol = VARIANTS[variant]
+    model_module.SPEEDUPS.update(switches)
+    evaluate_module.PAD_TOLERANCE = tol
 
 
 def reset() -> None:
-    model_module._last_column_mlp, model_module._shared_prefix, evaluate_module.PAD_TOLERANCE = _MLP, _SHARED, _TOL
+    model_module.SPEEDUPS.update(_DEFAULTS)
+    evaluate_module.PAD_TOLERANCE = _TOL
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ class Plain(PromptedModel):
 
 
 def unpatched(module) -> bool:
-    """No forward patch left active: none at all, or the answer-column MLP switch, which is off in this thread."""
+    """No forward patch left active: none at all, or the MLP plan switch, which is off in this thread."""
     from softprompt.model import _THREAD, _switchable_mlp_forward
 
     forward = vars(module).get("forward")
     return forward is None or (getattr(forward, "__func__", None) is _switchable_mlp_forward
-                               and not getattr(_THREAD, "last_column", False))
+                               and getattr(_THREAD, "mlp", None) is None)
 
 
 def batch(bb, texts, side):
@@ -222,14 +222,14 @@ def test_last_column_mlp_is_per_thread_and_survives_deepcopy(llama):
     import copy
     import threading
 
-    from softprompt.model import _last_column_mlp
+    from softprompt.model import _mlp_plan
 
     base = llama.model.base_model
     ids, mask = batch(llama, TEXTS, "left")
     with torch.no_grad():
         want = llama.model(input_ids=ids, attention_mask=mask).logits
     seen = {}
-    with torch.no_grad(), _last_column_mlp(base):
+    with torch.no_grad(), _mlp_plan(base, torch.ones_like(mask), last_only=True):
         inside = llama.model(input_ids=ids, attention_mask=mask).logits
         t = threading.Thread(target=lambda: seen.update(other=llama.model(input_ids=ids, attention_mask=mask).logits))
         t.start()
@@ -243,3 +243,166 @@ def test_last_column_mlp_is_per_thread_and_survives_deepcopy(llama):
     with torch.no_grad():
         assert not torch.allclose(twin(input_ids=ids, attention_mask=mask).logits, want)
         torch.testing.assert_close(llama.model(input_ids=ids, attention_mask=mask).logits, want)
+
+
+NEW_SPEEDUPS = ["unpadded_mlp", "gated_mlp_memory", "cached_weight_casts", "sdpa_gqa"]
+
+
+@pytest.fixture
+def speedups():
+    """Restore the switches after a test that flips them."""
+    from softprompt.model import SPEEDUPS
+
+    saved = dict(SPEEDUPS)
+    yield SPEEDUPS
+    SPEEDUPS.update(saved)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+@pytest.mark.parametrize("off", [None, *NEW_SPEEDUPS, "all"])
+@pytest.mark.parametrize("case", ["classification", "generation"])
+def test_each_speedup_keeps_loss_and_gradient(backbone, speedups, case, off, precision):
+    """Every switch on (the default), each one off, all off: the same loss and prompt gradient as the plain
+    full-logits path, on a padded batch, in float32 and under bf16 autocast."""
+    for k in NEW_SPEEDUPS:
+        speedups[k] = off not in (k, "all")
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), backbone.tokenizer, 4, backbone.max_positions, backbone.pad_token_id)
+    gen = TaskEncoder(TaskSpec(template="question : {q} answer :", target_field="a"), backbone.tokenizer, 4,
+                      backbone.max_positions, backbone.pad_token_id)
+    rows = [{"text": t, "label": "positive", "q": t, "a": "it is"} for t in TEXTS]
+    b = enc.classification_batch(rows) if case == "classification" else gen.generation_batch(rows)
+    assert not bool(b["attention_mask"].all())  # padded: the unpadded MLP has something to skip
+
+    def fn(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return classification_loss(enc, m, b, "options") if case == "classification" else generation_loss(m, b)
+
+    ours = loss_and_grad(PromptedModel, backbone, fn)
+    plain = loss_and_grad(Plain, backbone, fn)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if precision == "float32" else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(ours[0], plain[0], **tol)
+    if precision == "float32":
+        torch.testing.assert_close(ours[1], plain[1], atol=1e-6, rtol=1e-4)
+    else:  # bf16: different (equally valid) roundings; the gradient points the same way
+        cos = torch.nn.functional.cosine_similarity(ours[1].flatten(), plain[1].flatten(), dim=0)
+        assert cos > 0.99, cos
+
+
+def saved_for_backward(fn) -> tuple[torch.Tensor, dict]:
+    """Run fn under saved_tensors_hooks: its result, and the bytes of distinct storages autograd keeps for
+    backward, parameters excepted, by dtype and in all."""
+    params = set()
+    seen, total = {}, 0
+
+    def pack(t):
+        nonlocal total
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+            total += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, {"bytes": total, "storages": seen}
+
+
+def test_speedups_are_engaged(speedups):
+    """Each switch changes what runs (equal results are checked above): the MLP sees real tokens only, a gated MLP
+    keeps less for backward, SDPA gets the key/value heads, bf16 weights are cast once and reused."""
+    import torch.nn.functional as F
+
+    bb = make_backbone("llama")
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+    b = enc.classification_batch([{"text": t, "label": "positive"} for t in TEXTS])
+    real = int(b["attention_mask"].sum())
+    mlp0 = bb.model.base_model.layers[0].mlp
+    rows_seen, kv_heads = [], []
+    hook = mlp0.gate_proj.register_forward_pre_hook(lambda m, a: rows_seen.append(a[0].reshape(-1, a[0].shape[-1])
+                                                                                    .shape[0]))
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, *a, **kw):
+        if k.shape[0] == len(TEXTS):  # the rows' forward (the prompt's batch-1 run has no mask: GQA anyway)
+            kv_heads.append(k.shape[1])
+        return sdpa(q, k, *a, **kw)
+
+    def step():
+        m = PromptedModel(bb, make_prompt(bb, 4))
+        return classification_loss(enc, m, b, "options")
+
+    kept = {}
+    F.scaled_dot_product_attention = spy
+    try:
+        for on in (False, True):
+            for k in NEW_SPEEDUPS:
+                speedups[k] = on
+            rows_seen.clear()
+            kv_heads.clear()
+            _, kept[on] = saved_for_backward(step)
+            assert rows_seen[-1] == (real if on else b["input_ids"].numel())  # the rows' MLP: real tokens only
+            assert set(kv_heads) == ({bb.model.config.num_key_value_heads} if on
+                                     else {bb.model.config.num_attention_heads})
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        hook.remove()
+    cfg = bb.model.config  # at least one (tokens, intermediate) float32 tensor less per layer but the last
+    assert kept[False]["bytes"] - kept[True]["bytes"] >= (cfg.num_hidden_layers - 1) * real * cfg.intermediate_size * 4
+    # bf16 autocast: the frozen weights are cast once, kept on the backbone and reused by later steps
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, first = saved_for_backward(step)
+        _, again = saved_for_backward(step)
+    casts = bb.__dict__["_weight_casts"][torch.bfloat16].store
+    n_linear = sum(type(m) is torch.nn.Linear for m in bb.model.base_model.modules())
+    assert len(casts) == n_linear
+    cast_ptrs = {w.untyped_storage().data_ptr() for _, w in casts.values()}
+    assert cast_ptrs <= set(first["storages"]) and cast_ptrs <= set(again["storages"])  # the same copies kept
+    with torch.no_grad():  # an in-place change to a weight is seen: its copy is made again
+        layer = bb.model.base_model.layers[0].mlp.down_proj
+        old = casts[layer][1]
+        layer.weight.mul_(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+        torch.testing.assert_close(casts[layer][1], (old.float() * 2).to(torch.bfloat16))
+        layer.weight.div_(2)
+
+
+def test_gated_activation_gradient():
+    from softprompt.model import _GatedActivation
+
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _GatedActivation.apply(a, b, torch.nn.SiLU()), (g, u))
+    assert torch.autograd.gradcheck(lambda a, b: _GatedActivation.apply(a, b, torch.nn.GELU("tanh")), (g, u))
+
+
+def test_weight_casts_and_gqa_switch_stay_in_their_thread(llama):
+    """While one thread trains under bf16 autocast (cached bf16 weights, GQA attention), a plain float32 forward
+    in another thread sees the float32 weights and the plain kernels: its logits are the unpatched ones."""
+    import threading
+
+    from softprompt.model import _THREAD, _attention_backend, _cast_weights
+
+    ids, mask = batch(llama, TEXTS, "left")
+    with torch.no_grad():
+        want = llama.model(input_ids=ids, attention_mask=mask).logits
+    seen = {}
+    embeds = llama.embed(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _attention_backend(llama, embeds), \
+            _cast_weights(llama, llama.model.base_model):
+        assert _THREAD.casts is not None and _THREAD.gqa
+        with torch.no_grad():
+            inside = llama.model(input_ids=ids, attention_mask=mask).logits
+
+        def other():
+            with torch.no_grad():
+                seen["logits"] = llama.model(input_ids=ids, attention_mask=mask).logits
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert getattr(_THREAD, "casts", None) is None and not getattr(_THREAD, "gqa", False)
+    assert seen["logits"].dtype == torch.float32
+    torch.testing.assert_close(seen["logits"], want, atol=1e-6, rtol=1e-5)  # float32 weights (thread noise only)
+    assert (inside.float() - want).abs().max() > 1e-4  # while this thread ran on bf16 weights
+    torch.testing.assert_close(inside.float(), want, atol=5e-2, rtol=5e-2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,41 +126,44 @@ class PromptedModel(nn.Module):
         soft = self.method()  # (P, H)
         P = soft.shape[0]
 
-        def kernels():  # entered around the forward, and again around each recompute under checkpointing
+        cols = slice(-1, None) if last_only else slice(None)
+
+        def kernels(mask):  # entered around the rows' forward, and again around each recompute under checkpointing
             stack = contextlib.ExitStack()
             stack.enter_context(_attention_backend(bb, embeds))
-            if last_only:
-                stack.enter_context(_last_column_mlp(base))
+            stack.enter_context(_cast_weights(bb, base))
+            stack.enter_context(_mlp_plan(base, mask, last_only))
             return stack
 
-        with kernels():
-            cols = slice(-1, None) if last_only else slice(None)
-            if P == 0:
+        if P == 0:
+            with kernels(attention_mask):
                 out = base(inputs_embeds=embeds, attention_mask=attention_mask,
                            position_ids=input_positions(attention_mask, 0))
-                return out.last_hidden_state[:, cols], None
-            if not self.prompt_cache:
-                j = prefix_join(soft, embeds, attention_mask)
+            return out.last_hidden_state[:, cols], None
+        if not self.prompt_cache:
+            j = prefix_join(soft, embeds, attention_mask)
+            with kernels(j.attention_mask):
                 out = base(inputs_embeds=j.inputs_embeds, attention_mask=j.attention_mask, position_ids=j.position_ids)
-                h = out.last_hidden_state  # (B, P+T, H)
-                return h[:, P:][:, cols], h[:1, P - 1]
-            c = _shared_prefix(input_ids, attention_mask) if last_only else 0
-            if c:  # rows' common first c tokens: computed once after the prompt; each row keeps what follows them
-                start = T - int(attention_mask[0].sum())
-                soft = torch.cat([soft.to(embeds.dtype), embeds[0, start:start + c]])  # (P + c, H)
-                attention_mask = attention_mask[:, :T - c]  # (B, T - c): each row c real tokens shorter
-                embeds = torch.where(attention_mask[..., None].bool(), embeds[:, c:], embeds[:, :T - c])
-                P += c
+            h = out.last_hidden_state  # (B, P+T, H)
+            return h[:, P:][:, cols], h[:1, P - 1]
+        c = _shared_prefix(input_ids, attention_mask) if last_only and SPEEDUPS["shared_prefix"] else 0
+        if c:  # rows' common first c tokens: computed once after the prompt; each row keeps what follows them
+            start = T - int(attention_mask[0].sum())
+            soft = torch.cat([soft.to(embeds.dtype), embeds[0, start:start + c]])  # (P + c, H)
+            attention_mask = attention_mask[:, :T - c]  # (B, T - c): each row c real tokens shorter
+            embeds = torch.where(attention_mask[..., None].bool(), embeds[:, c:], embeds[:, :T - c])
+            P += c
+        with _attention_backend(bb, embeds), _cast_weights(bb, base):
             layers, last = self._prompt_states(soft)
-            full_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device),
-                                   attention_mask], dim=1)
-            cache = bb.new_cache(expand_kv(layers, B))
-            checkpointing = contextlib.nullcontext()
-            if self.activation_checkpointing and torch.is_grad_enabled() and soft.requires_grad:
-                checkpointing = _checkpointed_layers(base, cache, kernels)
-            with checkpointing:
-                out = base(inputs_embeds=embeds, attention_mask=full_mask,
-                           position_ids=input_positions(attention_mask, P), cache=cache, use_cache=True)
+        full_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device),
+                               attention_mask], dim=1)
+        cache = bb.new_cache(expand_kv(layers, B))
+        checkpointing = contextlib.nullcontext()
+        if self.activation_checkpointing and torch.is_grad_enabled() and soft.requires_grad:
+            checkpointing = _checkpointed_layers(base, cache, lambda: kernels(attention_mask))
+        with kernels(attention_mask), checkpointing:
+            out = base(inputs_embeds=embeds, attention_mask=full_mask,
+                       position_ids=input_positions(attention_mask, P), cache=cache, use_cache=True)
         return out.last_hidden_state[:, cols], last
 
     def _prompt_states(self, soft: torch.Tensor):
@@ -305,58 +309,228 @@ def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int
     return int((first == first[:1]).all(0).long().cumprod(0).sum())
 
 
-def _last_column_mlp_forward(forward, x: torch.Tensor) -> torch.Tensor:
-    """The MLP at the last column only: (B, T, H) -> (B, T, H), zeros except the last column."""
-    last = forward(x[:, -1:])  # (B, 1, H)
-    return torch.cat([last.new_zeros(x.shape[0], x.shape[1] - 1, last.shape[-1]), last], dim=1)
+# The frozen-backbone speed-ups below, each switchable (benchmarks measure before/after in one process; tests
+# compare every combination against the plain path). All on by default: each was measured to win (see SPEED.md).
+SPEEDUPS = {
+    "last_column_mlp": True,  # classification: the last decoder layer's MLP at the answer column only
+    "unpadded_mlp": True,  # every decoder MLP runs on the real tokens only, never on padding
+    "gated_mlp_memory": True,  # training: a gated MLP keeps its two projections for backward, not three tensors
+    "shared_prefix": True,  # classification: the rows' common first tokens run once, with the prompt
+    "cached_weight_casts": True,  # bf16/fp16 autocast: the frozen weights cast once, not at every forward
+    "sdpa_gqa": True,  # CPU: SDPA on the key/value heads (enable_gqa), not on repeated copies of them
+}
+
+_THREAD = threading.local()  # the per-thread plan of the current forward, read by the patched MLPs
 
 
-_THREAD = threading.local()  # per-thread switches for the patched modules below
+@dataclass
+class _MLPPlan:
+    last: nn.Module | None  # the MLP that computes the last column only (classification), or None
+    real: torch.Tensor | None  # flat indices of the real (non-padding) positions of the (B, T) rows, or None
+    shape: tuple[int, int]  # (B, T) of the rows' forward; other inputs (the prompt's batch-1 run) run plain
+    gated: bool  # training: keep the gate's and up projections' outputs only, recompute the activation
+
+
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up, keeping only gate and up for backward (the activation is recomputed there): one
+    (tokens, intermediate) tensor less per layer than autograd's silu + mul, same values and gradients."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        with torch.enable_grad():
+            g = gate.detach().requires_grad_(gate.requires_grad)
+            a = ctx.act(g)
+        grad_up = grad * a.detach() if ctx.needs_input_grad[1] else None
+        grad_gate = torch.autograd.grad(a, g, grad * up)[0] if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up, None
+
+
+class _Scatter(torch.autograd.Function):
+    """Rows (N, H) into zeros (n, H) at `index`; backward gathers. Keeps only the index (index_copy keeps the rows)."""
+
+    @staticmethod
+    def forward(ctx, rows, index, n):
+        ctx.save_for_backward(index)
+        return rows.new_zeros(n, rows.shape[-1]).index_copy_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def _gated_parts(mlp: nn.Module):
+    """(gate, up, down, act) of a Llama-style gated MLP (Llama, Qwen2/3, Mistral, Gemma, SmolLM), else None."""
+    parts = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")]
+    return parts if all(isinstance(m, nn.Module) for m in parts) else None
+
+
+def _planned_mlp(mlp: nn.Module, x: torch.Tensor, plan: _MLPPlan) -> torch.Tensor:
+    plain = type(mlp).forward.__get__(mlp)
+    parts = _gated_parts(mlp) if plan.gated and torch.is_grad_enabled() else None
+
+    def run(h):
+        if parts is None:
+            return plain(h)
+        gate, up, down, act = parts
+        return down(_GatedActivation.apply(gate(h), up(h), act))
+
+    B, T, H = x.shape
+    if mlp is plan.last:  # the answer column only; nothing after the last MLP mixes positions
+        last = run(x[:, -1:])  # (B, 1, H)
+        return torch.cat([last.new_zeros(B, T - 1, last.shape[-1]), last], dim=1)
+    if plan.real is None:
+        return run(x)
+    y = run(x.reshape(B * T, H).index_select(0, plan.real))  # (N, H) real tokens only
+    # padding positions get zeros: no real position attends to them, so they change nothing
+    return _Scatter.apply(y, plan.real, B * T).view(B, T, -1)
 
 
 def _switchable_mlp_forward(self, x, *args, **kwargs):
-    plain = type(self).forward.__get__(self)
-    if getattr(_THREAD, "last_column", False) and not args and not kwargs:
-        return _last_column_mlp_forward(plain, x)
-    return plain(x, *args, **kwargs)
+    plan = getattr(_THREAD, "mlp", None)
+    if plan is not None and not args and not kwargs and x.dim() == 3 and tuple(x.shape[:2]) == plan.shape:
+        return _planned_mlp(self, x, plan)
+    return type(self).forward.__get__(self)(x, *args, **kwargs)
+
+
+def _decoder_mlps(base: nn.Module) -> list[nn.Module]:
+    n = base.config.get_text_config().num_hidden_layers
+    stacks = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n]
+    mlps = [getattr(layer, "mlp", None) for layer in stacks[0]] if stacks else []
+    return mlps if mlps and all(isinstance(m, nn.Module) for m in mlps) else []
 
 
 @contextlib.contextmanager
-def _last_column_mlp(base: nn.Module):
-    """While a forward runs in this thread: the last decoder layer's MLP computes the last column only. An MLP acts
-    on each position alone and nothing after the last layer's MLP mixes positions (only the final norm follows), so
-    the last column's final hidden state is unchanged; the other columns are not needed for a classification score.
-    Saves about 1/num_layers of the MLP work, forward and backward. The MLP gets a wrapper once, which consults a
-    thread-local switch: a forward of the same backbone in another thread (a server) runs the plain MLP. Unknown
-    layouts: nothing changes."""
-    n = base.config.get_text_config().num_hidden_layers
-    stacks = [m for m in base.children() if isinstance(m, nn.ModuleList) and len(m) == n]
-    mlp = getattr(stacks[0][-1], "mlp", None) if stacks else None
-    if not isinstance(mlp, nn.Module):
-        yield
+def _mlp_plan(base: nn.Module, attention_mask: torch.Tensor, last_only: bool = False):
+    """While the rows' forward runs in this thread, the decoder MLPs follow a plan: with padding, each MLP runs on
+    the real tokens only (an MLP acts on each position alone; padding positions get zeros, which no real position
+    attends to); with last_only (classification), the last layer's MLP runs on the answer column only (nothing
+    after it mixes positions); while training, a gated MLP keeps two tensors for backward instead of three.
+    Same values and gradients at every real position. Each MLP gets a bound-method wrapper once, which consults
+    a thread-local plan: a forward of the same backbone in another thread (a server) runs the plain MLP, and a
+    deep copy (the fine-tuning baseline) rebinds the wrapper to the copy. Unknown layouts: nothing changes."""
+    mlps = _decoder_mlps(base)
+    if not mlps or any(vars(m).get("forward") is not None
+                       and getattr(vars(m)["forward"], "__func__", None) is not _switchable_mlp_forward for m in mlps):
+        yield  # an unknown layout, or someone else's patch: leave it
         return
-    patched = vars(mlp).get("forward")
-    if patched is None:  # a bound method: deepcopy/pickle of the model rebind it to the copy
-        mlp.forward = types.MethodType(_switchable_mlp_forward, mlp)
-    elif getattr(patched, "__func__", None) is not _switchable_mlp_forward:  # someone else's patch: leave it
-        yield
-        return
-    before = getattr(_THREAD, "last_column", False)
-    _THREAD.last_column = True
+    for m in mlps:
+        if vars(m).get("forward") is None:
+            m.forward = types.MethodType(_switchable_mlp_forward, m)
+    B, T = attention_mask.shape
+    real = None
+    if SPEEDUPS["unpadded_mlp"] and not bool(attention_mask.all()):
+        real = attention_mask.reshape(-1).nonzero().squeeze(1)
+    plan = _MLPPlan(last=mlps[-1] if last_only and SPEEDUPS["last_column_mlp"] else None, real=real, shape=(B, T),
+                    gated=SPEEDUPS["gated_mlp_memory"])
+    before = getattr(_THREAD, "mlp", None)
+    _THREAD.mlp = plan
     try:
         yield
     finally:
-        _THREAD.last_column = before
+        _THREAD.mlp = before
 
 
+def _switchable_linear_forward(self, x):
+    casts = getattr(_THREAD, "casts", None)
+    if casts is not None:
+        return nn.functional.linear(x, casts.weight(self), self.bias)
+    return type(self).forward.__get__(self)(x)
+
+
+class _WeightCasts:
+    """Low-precision copies of a frozen backbone's Linear weights, made once and reused while the weights are
+    unchanged (their version counter). Autocast casts a weight that does not require grad again at every use and
+    keeps each copy for backward: a training step (the prompt's run, then the rows') held two bf16 copies of the
+    backbone, and scoring cast it again for every batch. Same numbers: autocast casts these weights to the same
+    dtype with the same rounding."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.store: dict[nn.Module, tuple[int, torch.Tensor]] = {}
+
+    def weight(self, linear: nn.Module) -> torch.Tensor:
+        w = linear.weight
+        got = self.store.get(linear)
+        if got is None or got[0] != w._version:
+            got = (w._version, w.detach().to(self.dtype))
+            self.store[linear] = got
+        return got[1]
+
+
+@contextlib.contextmanager
+def _cast_weights(backbone: Backbone, base: nn.Module):
+    """Under bf16/fp16 autocast, this thread's forwards of `base` use cached low-precision copies of its frozen
+    float32 Linear weights (see _WeightCasts). Each Linear gets a bound-method wrapper once, consulting a
+    thread-local switch; other threads and plain forwards run the Linear as it is. The copies live on the
+    backbone (one per autocast dtype; drop them with `backbone.__dict__.pop("_weight_casts")`)."""
+    dev = backbone.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    linears = [m for m in base.modules() if type(m) is nn.Linear]
+    if (not SPEEDUPS["cached_weight_casts"] or dtype not in (torch.bfloat16, torch.float16) or not linears
+            or any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in linears)
+            or any(vars(m).get("forward") is not None
+                   and getattr(vars(m)["forward"], "__func__", None) is not _switchable_linear_forward for m in linears)):
+        yield
+        return
+    for m in linears:
+        if vars(m).get("forward") is None:
+            m.forward = types.MethodType(_switchable_linear_forward, m)
+    casts = backbone.__dict__.setdefault("_weight_casts", {})
+    if dtype not in casts:
+        casts[dtype] = _WeightCasts(dtype)
+    before = getattr(_THREAD, "casts", None)
+    _THREAD.casts = casts[dtype]
+    try:
+        yield
+    finally:
+        _THREAD.casts = before
+
+
+@contextlib.contextmanager
 def _attention_backend(backbone: Backbone, embeds: torch.Tensor):
-    """Pick SDPA's math kernel for bf16 training on CPU: torch 2.13's CPU flash-attention backward is ~3x slower
-    than the math one at these shapes in bf16 (measured: 10.8 ms vs 6.1 ms per layer, batch 8 x 72 tokens), while
-    float32 and inference keep the default. The switch is process-wide while the forward runs."""
-    bf16 = embeds.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                               and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    if backbone.device.type == "cpu" and bf16 and torch.is_grad_enabled():
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Attention kernels while a forward runs in this thread, on CPU:
+    - bf16 training: SDPA's math kernel; torch 2.13's CPU flash-attention backward is ~3x slower than the math one
+      at these shapes in bf16 (measured: 10.8 ms vs 6.1 ms per layer, batch 8 x 72 tokens). Process-wide switch.
+    - grouped-query attention (SmolLM2: 9 query heads on 3 key/value heads): SDPA attends on the key/value heads
+      themselves (enable_gqa) instead of on copies repeated to every query head, which transformers makes whenever
+      a mask is passed; training keeps 1/3 of the keys and values for backward. Thread-local."""
+    with contextlib.ExitStack() as stack:
+        if backbone.device.type == "cpu":
+            bf16 = embeds.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                                       and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            if bf16 and torch.is_grad_enabled():
+                from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if SPEEDUPS["sdpa_gqa"] and _install_gqa_switch():
+                before = getattr(_THREAD, "gqa", False)
+                _THREAD.gqa = True
+                stack.callback(setattr, _THREAD, "gqa", before)
+        yield
+
+
+def _install_gqa_switch() -> bool:
+    """Wrap transformers' choice of SDPA's enable_gqa once, so that it also says yes where this thread asks for it
+    (torch >= 2.5 has enable_gqa). False where transformers has no such choice (nothing changes)."""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        return False
+    choice = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if choice is None or tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        return False
+    if not getattr(choice, "_softprompt", False):
+        def use_gqa_in_sdpa(attention_mask, key, value, _choice=choice):
+            return getattr(_THREAD, "gqa", False) or _choice(attention_mask, key, value)
+
+        use_gqa_in_sdpa._softprompt = True
+        sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+    return True
