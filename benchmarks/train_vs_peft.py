@@ -278,13 +278,16 @@ def memory_rows(args, precisions: list[str], cases: list[str]) -> list[dict]:
         for case in cases:
             if case not in ("train_cls", "train_gen"):
                 continue
-            got = {}
-            for side in ("softprompt", "peft", "softprompt_ckpt"):
-                cmd = [sys.executable, __file__, "--probe-memory", f"{side}:{case}:{precision}", "--model", args.model,
-                       "--batch", str(args.batch), "--seq", str(args.seq), "--prompt-len", str(args.prompt_len),
-                       "--repeats", str(args.repeats), "--device", args.device]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                got[side] = json.loads(proc.stdout.split("MEMORY ")[-1])
+            runs = {side: [] for side in ("softprompt", "peft", "softprompt_ckpt")}
+            for _ in range(args.memory_repeats):  # peak RSS varies with the allocator: sides interleaved, median
+                for side in runs:
+                    cmd = [sys.executable, __file__, "--probe-memory", f"{side}:{case}:{precision}", "--model",
+                           args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--prompt-len",
+                           str(args.prompt_len), "--repeats", str(args.repeats), "--device", args.device]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    runs[side].append(json.loads(proc.stdout.split("MEMORY ")[-1]))
+            got = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
+                   for side, rs in runs.items()}
             row = {"case": case, "precision": precision, **{s: got[s] for s in got},
                    "peak_rss_ratio": got["softprompt"]["peak_rss_mb"] / got["peft"]["peak_rss_mb"],
                    "above_loaded_ratio": (got["softprompt"]["peak_rss_mb"] - got["softprompt"]["loaded_rss_mb"])
@@ -308,14 +311,15 @@ def markdown(res: dict) -> str:
              "alternating, after a warm-up. Matmul rate of this machine (same run): "
              f"float32 {res['matmul_flop_per_s']['float32'] / 1e9:.0f} GFLOP/s, "
              f"bf16 {res['matmul_flop_per_s']['bf16'] / 1e9:.0f} GFLOP/s.", "",
-             "| case | precision | softprompt | PEFT | speed-up | softprompt GFLOP/s (% of bf16 matmul rate) |",
+             "| case | precision | softprompt | PEFT | speed-up | softprompt GFLOP/s (% of the matmul rate of its "
+             "precision) |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         name = CASE_NAMES[r["case"]].format(rows=r.get("rows"), new=r.get("new_tokens"))
         fl = ""
         if "flop_per_s" in r:
             f = r["flop_per_s"]["softprompt"]
-            fl = f"{f / 1e9:.0f} ({100 * f / res['matmul_flop_per_s']['bf16']:.0f}%)"
+            fl = f"{f / 1e9:.0f} ({100 * f / res['matmul_flop_per_s'][r['precision']]:.0f}%)"
         lines.append(f"| {name} | {r['precision']} | {r['median_s']['softprompt']:.2f} s | {r['median_s']['peft']:.2f} s "
                      f"| {r['speedup']:.2f}x | {fl} |")
     ck = [r for r in res["rows"] if "ckpt_time_ratio" in r]
@@ -329,8 +333,9 @@ def markdown(res: dict) -> str:
                          f"{m['softprompt_ckpt']:.2f} s | {r['ckpt_time_ratio']:.2f} | "
                          f"{m['peft'] / m['softprompt_ckpt']:.2f}x |")
     if res.get("memory"):
-        lines += ["", "Peak memory of one training step (fresh process per side: whole-process peak RSS; in brackets the "
-                  "peak above the process after set-up, i.e. what training adds to the loaded model):", "",
+        lines += ["", f"Peak memory of one training step (fresh process per side, median of {a['memory_repeats']}: "
+                  "whole-process peak RSS; in brackets the peak above the process after set-up with every weight "
+                  "resident, i.e. what training adds to the loaded model):", "",
                   "| case | precision | softprompt | PEFT | ratio | ratio above set-up | softprompt, activation "
                   "checkpointing | ratio |", "|---|---|---|---|---|---|---|---|"]
         for m in res["memory"]:
@@ -358,6 +363,7 @@ def main() -> None:
     ap.add_argument("--cases", default="train_cls,train_gen,score,generate")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="skip the timed cases")
+    ap.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per side for peak memory")
     ap.add_argument("--ckpt", action="store_true", help="also time training steps with activation checkpointing")
     ap.add_argument("--probe-memory", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/train_vs_peft.json")

@@ -406,3 +406,16 @@ def test_weight_casts_and_gqa_switch_stay_in_their_thread(llama):
     torch.testing.assert_close(seen["logits"], want, atol=1e-6, rtol=1e-5)  # float32 weights (thread noise only)
     assert (inside.float() - want).abs().max() > 1e-4  # while this thread ran on bf16 weights
     torch.testing.assert_close(inside.float(), want, atol=5e-2, rtol=5e-2)
+
+
+def test_clear_caches_drops_the_weight_casts():
+    bb = make_backbone("llama")
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+    b = enc.classification_batch([{"text": t, "label": "positive"} for t in TEXTS])
+    m = PromptedModel(bb, make_prompt(bb, 4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = enc.label_scores(m, b)
+        assert "_weight_casts" in vars(bb) and "_prompt_states" in vars(bb)
+        bb.clear_caches()
+        assert not any(k in vars(bb) for k in bb.CACHES)
+        torch.testing.assert_close(enc.label_scores(m, b), before, atol=0, rtol=0)  # recomputed, same

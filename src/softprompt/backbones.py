@@ -99,6 +99,15 @@ class Backbone:
     def fingerprint_id(self) -> str:
         return fingerprint_id(self.fingerprint())
 
+    # caches derived from the frozen weights, kept on the backbone: prompts' key/values (generation, evaluation)
+    # and low-precision copies of the weights made under bf16/fp16 autocast (model._cast_weights)
+    CACHES = ("_prompt_kv", "_prompt_states", "_weight_casts")
+
+    def clear_caches(self) -> None:
+        """Drop what was computed from the weights and kept for reuse (memory back; later calls recompute it)."""
+        for name in self.CACHES:
+            self.__dict__.pop(name, None)
+
     # --- running -----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise SoftPromptError(f"backbone {self.name!r} has no token embedding; pass inputs_embeds instead of input_ids")

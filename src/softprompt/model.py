@@ -344,6 +344,10 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        if type(ctx.act).__name__ in ("SiLU", "SiLUActivation"):  # SwiGLU (Llama, Qwen, SmolLM): fused kernels
+            grad_up = grad * nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+            return grad_gate, grad_up, None
         with torch.enable_grad():
             g = gate.detach().requires_grad_(gate.requires_grad)
             a = ctx.act(g)
@@ -470,7 +474,7 @@ def _cast_weights(backbone: Backbone, base: nn.Module):
     """Under bf16/fp16 autocast, this thread's forwards of `base` use cached low-precision copies of its frozen
     float32 Linear weights (see _WeightCasts). Each Linear gets a bound-method wrapper once, consulting a
     thread-local switch; other threads and plain forwards run the Linear as it is. The copies live on the
-    backbone (one per autocast dtype; drop them with `backbone.__dict__.pop("_weight_casts")`)."""
+    backbone (one per autocast dtype; `backbone.clear_caches()` drops them)."""
     dev = backbone.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     linears = [m for m in base.modules() if type(m) is nn.Linear]
