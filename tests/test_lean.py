@@ -365,6 +365,10 @@ def test_speedups_are_engaged(speedups):
             step()
         torch.testing.assert_close(casts[layer][1], (old.float() * 2).to(torch.bfloat16))
         layer.weight.div_(2)
+        layer.weight.data = layer.weight.data * 3  # replaced (new storage, as .to(device) does): cast again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+        torch.testing.assert_close(casts[layer][1], (old.float() * 3).to(torch.bfloat16))
 
 
 def test_gated_activation_gradient():

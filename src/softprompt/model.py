@@ -458,13 +458,14 @@ class _WeightCasts:
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self.store: dict[nn.Module, tuple[int, torch.Tensor]] = {}
+        self.store: dict[nn.Module, tuple[tuple, torch.Tensor]] = {}
 
     def weight(self, linear: nn.Module) -> torch.Tensor:
         w = linear.weight
+        stamp = (w.data_ptr(), w.device, w._version)  # moved, replaced or changed in place: cast again
         got = self.store.get(linear)
-        if got is None or got[0] != w._version:
-            got = (w._version, w.detach().to(self.dtype))
+        if got is None or got[0] != stamp:
+            got = (stamp, w.detach().to(self.dtype))
             self.store[linear] = got
         return got[1]
 
