@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from train_vs_peft import Bench, timed
+from train_vs_peft import Bench, bench_args, timed
 
 import softprompt as sp
 import softprompt.evaluate as evaluate_module
@@ -48,14 +48,7 @@ def reset() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--score-rows", type=int, default=128)
-    ap.add_argument("--precisions", default="float32,bf16")
+    bench_args(ap)
     ap.add_argument("--cases", default="train_cls,score")
     ap.add_argument("--flops-only", action="store_true", help="count FLOPs per variant (no timing) into --out")
     ap.add_argument("--accuracy", metavar="PROMPT", help="evaluate this trained prompt file on --accuracy-rows test "

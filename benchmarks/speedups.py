@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from train_vs_peft import Bench, autocast, timed
+from train_vs_peft import Bench, autocast, bench_args, timed
 
 import softprompt as sp
 import softprompt.model as model_module
@@ -52,19 +52,14 @@ def compiled_mlp():
 
     def planned(mlp, x, plan):
         parts = model_module._gated_parts(mlp)
-        if torch.is_grad_enabled() or parts is None or not isinstance(parts[3], torch.nn.SiLU):
+        if torch.is_grad_enabled() or parts is None or not model_module._is_silu(parts[3]):
             return _PLANNED_MLP(mlp, x, plan)
         casts = getattr(model_module._THREAD, "casts", None)
         w = [casts.weight(m) if casts else m.weight for m in parts[:3]]
-        B, T, H = x.shape
-        if mlp is plan.last:
-            last = fused(x[:, -1:], *w)
-            return torch.cat([last.new_zeros(B, T - 1, last.shape[-1]), last], dim=1)
-        if plan.real is None:
-            return fused(x, *w)
-        y = fused(x.reshape(B * T, H).index_select(0, plan.real), *w)
-        return model_module._Scatter.apply(y, plan.real, B * T).view(B, T, -1)
+        planned.used += 1
+        return model_module._planned_rows(lambda h: fused(h, *w), x, plan, mlp is plan.last)
 
+    planned.used = 0  # calls that took the compiled path (asserted > 0 after the warm-up)
     return planned
 
 
@@ -101,21 +96,17 @@ def kept_for_backward(bench: Bench, case: str, precision: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--score-rows", type=int, default=128)
-    ap.add_argument("--precisions", default="float32,bf16")
+    bench_args(ap)
     ap.add_argument("--cases", default="train_cls,train_gen,score")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd MLP (scoring only)")
+    ap.add_argument("--variants", help="comma-separated subset of the variants to run (default: all)")
     ap.add_argument("--out", default="benchmarks/results/speedups.json")
     args = ap.parse_args()
     dev = sp.backbones.resolve_device(args.device)
     bench = Bench(args, dev)
     table = variants(args.compile)
+    if args.variants:
+        table = {k: v for k, v in table.items() if k in args.variants.split(",") or k == "on"}
     compiled = compiled_mlp() if args.compile else None
     losses = {}
     for case in ("train_cls", "train_gen"):
@@ -149,6 +140,8 @@ def main() -> None:
 
             for s in sides:  # warm-up (and the compile, for compiled_mlp)
                 run(s, 0)
+            if "compiled_mlp" in names:
+                assert compiled.used > 0, "the compiled MLP never ran"
             times = {s: [] for s in sides}
             for i in range(args.repeats):
                 for s in sides:

@@ -349,8 +349,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_args(ap: argparse.ArgumentParser) -> None:
+    """The options that Bench reads, shared by the scripts built on it."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=8)
@@ -358,8 +358,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--score-rows", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--precisions", default="float32,bf16")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_args(ap)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cases", default="train_cls,train_gen,score,generate")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help="skip the timed cases")

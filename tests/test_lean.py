@@ -222,14 +222,14 @@ def test_last_column_mlp_is_per_thread_and_survives_deepcopy(llama):
     import copy
     import threading
 
-    from softprompt.model import _mlp_plan
+    from softprompt.model import _mlp_plan, _thread_state
 
     base = llama.model.base_model
     ids, mask = batch(llama, TEXTS, "left")
     with torch.no_grad():
         want = llama.model(input_ids=ids, attention_mask=mask).logits
     seen = {}
-    with torch.no_grad(), _mlp_plan(base, torch.ones_like(mask), last_only=True):
+    with torch.no_grad(), _thread_state(mlp=_mlp_plan(base, torch.ones_like(mask), last_only=True)):
         inside = llama.model(input_ids=ids, attention_mask=mask).logits
         t = threading.Thread(target=lambda: seen.update(other=llama.model(input_ids=ids, attention_mask=mask).logits))
         t.start()
@@ -385,7 +385,7 @@ def test_weight_casts_and_gqa_switch_stay_in_their_thread(llama):
     in another thread sees the float32 weights and the plain kernels: its logits are the unpatched ones."""
     import threading
 
-    from softprompt.model import _THREAD, _attention_backend, _cast_weights
+    from softprompt.model import _THREAD, _attention_backend, _thread_state, _weight_casts
 
     ids, mask = batch(llama, TEXTS, "left")
     with torch.no_grad():
@@ -393,7 +393,7 @@ def test_weight_casts_and_gqa_switch_stay_in_their_thread(llama):
     seen = {}
     embeds = llama.embed(ids)
     with torch.autocast("cpu", dtype=torch.bfloat16), _attention_backend(llama, embeds), \
-            _cast_weights(llama, llama.model.base_model):
+            _thread_state(casts=_weight_casts(llama, llama.model.base_model)):
         assert _THREAD.casts is not None and _THREAD.gqa
         with torch.no_grad():
             inside = llama.model(input_ids=ids, attention_mask=mask).logits

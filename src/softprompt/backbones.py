@@ -100,7 +100,7 @@ class Backbone:
         return fingerprint_id(self.fingerprint())
 
     # caches derived from the frozen weights, kept on the backbone: prompts' key/values (generation, evaluation)
-    # and low-precision copies of the weights made under bf16/fp16 autocast (model._cast_weights)
+    # and low-precision copies of the weights made under bf16/fp16 autocast (model._weight_casts)
     CACHES = ("_prompt_kv", "_prompt_states", "_weight_casts")
 
     def clear_caches(self) -> None:

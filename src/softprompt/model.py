@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 from dataclasses import dataclass
@@ -128,11 +129,12 @@ class PromptedModel(nn.Module):
 
         cols = slice(-1, None) if last_only else slice(None)
 
-        def kernels(mask):  # entered around the rows' forward, and again around each recompute under checkpointing
+        casts = _weight_casts(bb, base)  # resolved once per call; kernels() only switches them on for this thread
+
+        def kernels(mask, plan=None):  # around the rows' forward, and again around each recompute (checkpointing)
             stack = contextlib.ExitStack()
             stack.enter_context(_attention_backend(bb, embeds))
-            stack.enter_context(_cast_weights(bb, base))
-            stack.enter_context(_mlp_plan(base, mask, last_only))
+            stack.enter_context(_thread_state(casts=casts, mlp=plan or _mlp_plan(base, mask, last_only)))
             return stack
 
         if P == 0:
@@ -153,15 +155,16 @@ class PromptedModel(nn.Module):
             attention_mask = attention_mask[:, :T - c]  # (B, T - c): each row c real tokens shorter
             embeds = torch.where(attention_mask[..., None].bool(), embeds[:, c:], embeds[:, :T - c])
             P += c
-        with _attention_backend(bb, embeds), _cast_weights(bb, base):
+        with _attention_backend(bb, embeds), _thread_state(casts=casts):
             layers, last = self._prompt_states(soft)
         full_mask = torch.cat([torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device),
                                attention_mask], dim=1)
         cache = bb.new_cache(expand_kv(layers, B))
+        plan = _mlp_plan(base, attention_mask, last_only)
         checkpointing = contextlib.nullcontext()
         if self.activation_checkpointing and torch.is_grad_enabled() and soft.requires_grad:
-            checkpointing = _checkpointed_layers(base, cache, lambda: kernels(attention_mask))
-        with kernels(attention_mask), checkpointing:
+            checkpointing = _checkpointed_layers(base, cache, lambda: kernels(attention_mask, plan))
+        with kernels(attention_mask, plan), checkpointing:
             out = base(inputs_embeds=embeds, attention_mask=full_mask,
                        position_ids=input_positions(attention_mask, P), cache=cache, use_cache=True)
         return out.last_hidden_state[:, cols], last
@@ -310,7 +313,7 @@ def _shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int
 
 
 # The frozen-backbone speed-ups below, each switchable (benchmarks measure before/after in one process; tests
-# compare every combination against the plain path). All on by default: each was measured to win (see SPEED.md).
+# compare every combination against the plain path). All on by default; what each buys is in SPEED.md.
 SPEEDUPS = {
     "last_column_mlp": True,  # classification: the last decoder layer's MLP at the answer column only
     "unpadded_mlp": True,  # every decoder MLP runs on the real tokens only, never on padding
@@ -320,7 +323,35 @@ SPEEDUPS = {
     "sdpa_gqa": True,  # CPU: SDPA on the key/value heads (enable_gqa), not on repeated copies of them
 }
 
-_THREAD = threading.local()  # the per-thread plan of the current forward, read by the patched MLPs
+# What this thread's forward asks of the patched modules: `mlp` (an _MLPPlan), `casts` (a _WeightCasts), `gqa`.
+# Modules get a bound-method wrapper once (a deepcopy rebinds it to the copy) that consults this state, so a forward
+# of the same backbone in another thread (a server) runs the plain modules.
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def _thread_state(**values):
+    """Set this thread's state for the block, then restore what was there."""
+    before = {k: getattr(_THREAD, k, None) for k in values}
+    for k, v in values.items():
+        setattr(_THREAD, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(_THREAD, k, v)
+
+
+def _install(modules: list[nn.Module], wrapper) -> bool:
+    """Give each module the `wrapper` forward (a bound method) unless it has it; False, changing nothing, where one
+    already carries someone else's patch."""
+    if any(vars(m).get("forward") is not None and getattr(vars(m)["forward"], "__func__", None) is not wrapper
+           for m in modules):
+        return False
+    for m in modules:
+        if vars(m).get("forward") is None:
+            m.forward = types.MethodType(wrapper, m)
+    return True
 
 
 @dataclass
@@ -344,7 +375,7 @@ class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        if type(ctx.act).__name__ in ("SiLU", "SiLUActivation"):  # SwiGLU (Llama, Qwen, SmolLM): fused kernels
+        if _is_silu(ctx.act):  # SwiGLU (Llama, Qwen, SmolLM): fused kernels
             grad_up = grad * nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
             return grad_gate, grad_up, None
@@ -370,31 +401,41 @@ class _Scatter(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
+def _is_silu(act: nn.Module) -> bool:
+    """torch's nn.SiLU or transformers' SiLUActivation (not a subclass of it)."""
+    return type(act).__name__ in ("SiLU", "SiLUActivation")
+
+
 def _gated_parts(mlp: nn.Module):
     """(gate, up, down, act) of a Llama-style gated MLP (Llama, Qwen2/3, Mistral, Gemma, SmolLM), else None."""
     parts = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")]
     return parts if all(isinstance(m, nn.Module) for m in parts) else None
 
 
-def _planned_mlp(mlp: nn.Module, x: torch.Tensor, plan: _MLPPlan) -> torch.Tensor:
-    plain = type(mlp).forward.__get__(mlp)
-    parts = _gated_parts(mlp) if plan.gated and torch.is_grad_enabled() else None
-
-    def run(h):
-        if parts is None:
-            return plain(h)
-        gate, up, down, act = parts
-        return down(_GatedActivation.apply(gate(h), up(h), act))
-
+def _planned_rows(run, x: torch.Tensor, plan: _MLPPlan, last: bool) -> torch.Tensor:
+    """A position-wise `run` (B, T, H) -> (B, T, H') on the positions the plan needs: the last column only, or the
+    real tokens only (padding positions get zeros: no real position attends to them), or all."""
     B, T, H = x.shape
-    if mlp is plan.last:  # the answer column only; nothing after the last MLP mixes positions
-        last = run(x[:, -1:])  # (B, 1, H)
-        return torch.cat([last.new_zeros(B, T - 1, last.shape[-1]), last], dim=1)
+    if last:  # the answer column only; nothing after the last MLP mixes positions
+        y = run(x[:, -1:])  # (B, 1, H')
+        return torch.cat([y.new_zeros(B, T - 1, y.shape[-1]), y], dim=1)
     if plan.real is None:
         return run(x)
-    y = run(x.reshape(B * T, H).index_select(0, plan.real))  # (N, H) real tokens only
-    # padding positions get zeros: no real position attends to them, so they change nothing
+    y = run(x.reshape(B * T, H).index_select(0, plan.real))  # (N, H') real tokens only
     return _Scatter.apply(y, plan.real, B * T).view(B, T, -1)
+
+
+def _planned_mlp(mlp: nn.Module, x: torch.Tensor, plan: _MLPPlan) -> torch.Tensor:
+    parts = _gated_parts(mlp) if plan.gated and torch.is_grad_enabled() else None
+    if parts is None:
+        run = type(mlp).forward.__get__(mlp)
+    else:
+        gate, up, down, act = parts
+
+        def run(h):
+            return down(_GatedActivation.apply(gate(h), up(h), act))
+
+    return _planned_rows(run, x, plan, mlp is plan.last)
 
 
 def _switchable_mlp_forward(self, x, *args, **kwargs):
@@ -411,35 +452,20 @@ def _decoder_mlps(base: nn.Module) -> list[nn.Module]:
     return mlps if mlps and all(isinstance(m, nn.Module) for m in mlps) else []
 
 
-@contextlib.contextmanager
-def _mlp_plan(base: nn.Module, attention_mask: torch.Tensor, last_only: bool = False):
-    """While the rows' forward runs in this thread, the decoder MLPs follow a plan: with padding, each MLP runs on
-    the real tokens only (an MLP acts on each position alone; padding positions get zeros, which no real position
-    attends to); with last_only (classification), the last layer's MLP runs on the answer column only (nothing
-    after it mixes positions); while training, a gated MLP keeps two tensors for backward instead of three.
-    Same values and gradients at every real position. Each MLP gets a bound-method wrapper once, which consults
-    a thread-local plan: a forward of the same backbone in another thread (a server) runs the plain MLP, and a
-    deep copy (the fine-tuning baseline) rebinds the wrapper to the copy. Unknown layouts: nothing changes."""
+def _mlp_plan(base: nn.Module, attention_mask: torch.Tensor, last_only: bool = False) -> _MLPPlan | None:
+    """The plan the decoder MLPs follow while the rows' forward runs (set with _thread_state(mlp=...)): with
+    padding, each MLP runs on the real tokens only (an MLP acts on each position alone); with last_only
+    (classification), the last layer's MLP runs on the answer column only; while training, a gated MLP keeps two
+    tensors for backward instead of three. Same values and gradients at every real position. None (nothing
+    changes) for an unknown layout or an MLP someone else patched."""
     mlps = _decoder_mlps(base)
-    if not mlps or any(vars(m).get("forward") is not None
-                       and getattr(vars(m)["forward"], "__func__", None) is not _switchable_mlp_forward for m in mlps):
-        yield  # an unknown layout, or someone else's patch: leave it
-        return
-    for m in mlps:
-        if vars(m).get("forward") is None:
-            m.forward = types.MethodType(_switchable_mlp_forward, m)
-    B, T = attention_mask.shape
+    if not mlps or not _install(mlps, _switchable_mlp_forward):
+        return None
     real = None
     if SPEEDUPS["unpadded_mlp"] and not bool(attention_mask.all()):
         real = attention_mask.reshape(-1).nonzero().squeeze(1)
-    plan = _MLPPlan(last=mlps[-1] if last_only and SPEEDUPS["last_column_mlp"] else None, real=real, shape=(B, T),
-                    gated=SPEEDUPS["gated_mlp_memory"])
-    before = getattr(_THREAD, "mlp", None)
-    _THREAD.mlp = plan
-    try:
-        yield
-    finally:
-        _THREAD.mlp = before
+    return _MLPPlan(last=mlps[-1] if last_only and SPEEDUPS["last_column_mlp"] else None, real=real,
+                    shape=tuple(attention_mask.shape), gated=SPEEDUPS["gated_mlp_memory"])
 
 
 def _switchable_linear_forward(self, x):
@@ -451,10 +477,10 @@ def _switchable_linear_forward(self, x):
 
 class _WeightCasts:
     """Low-precision copies of a frozen backbone's Linear weights, made once and reused while the weights are
-    unchanged (their version counter). Autocast casts a weight that does not require grad again at every use and
-    keeps each copy for backward: a training step (the prompt's run, then the rows') held two bf16 copies of the
-    backbone, and scoring cast it again for every batch. Same numbers: autocast casts these weights to the same
-    dtype with the same rounding."""
+    unchanged. Autocast casts a weight that does not require grad again at every use and keeps each copy for
+    backward: a training step (the prompt's run, then the rows') held two bf16 copies of the backbone, and scoring
+    cast it again for every batch. Same numbers: autocast casts these weights to the same dtype with the same
+    rounding."""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -470,33 +496,22 @@ class _WeightCasts:
         return got[1]
 
 
-@contextlib.contextmanager
-def _cast_weights(backbone: Backbone, base: nn.Module):
-    """Under bf16/fp16 autocast, this thread's forwards of `base` use cached low-precision copies of its frozen
-    float32 Linear weights (see _WeightCasts). Each Linear gets a bound-method wrapper once, consulting a
-    thread-local switch; other threads and plain forwards run the Linear as it is. The copies live on the
-    backbone (one per autocast dtype; `backbone.clear_caches()` drops them)."""
+def _weight_casts(backbone: Backbone, base: nn.Module) -> _WeightCasts | None:
+    """Under bf16/fp16 autocast: the backbone's cache of low-precision copies of `base`'s frozen float32 Linear
+    weights (one per autocast dtype, kept on the backbone; `backbone.clear_caches()` drops them), which this
+    thread's forwards use while _thread_state(casts=...) holds it. None otherwise (nothing changes)."""
     dev = backbone.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if not SPEEDUPS["cached_weight_casts"] or dtype not in (torch.bfloat16, torch.float16):
+        return None
     linears = [m for m in base.modules() if type(m) is nn.Linear]
-    if (not SPEEDUPS["cached_weight_casts"] or dtype not in (torch.bfloat16, torch.float16) or not linears
-            or any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in linears)
-            or any(vars(m).get("forward") is not None
-                   and getattr(vars(m)["forward"], "__func__", None) is not _switchable_linear_forward for m in linears)):
-        yield
-        return
-    for m in linears:
-        if vars(m).get("forward") is None:
-            m.forward = types.MethodType(_switchable_linear_forward, m)
+    if (not linears or any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in linears)
+            or not _install(linears, _switchable_linear_forward)):
+        return None
     casts = backbone.__dict__.setdefault("_weight_casts", {})
     if dtype not in casts:
         casts[dtype] = _WeightCasts(dtype)
-    before = getattr(_THREAD, "casts", None)
-    _THREAD.casts = casts[dtype]
-    try:
-        yield
-    finally:
-        _THREAD.casts = before
+    return casts[dtype]
 
 
 @contextlib.contextmanager
@@ -516,12 +531,11 @@ def _attention_backend(backbone: Backbone, embeds: torch.Tensor):
 
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             if SPEEDUPS["sdpa_gqa"] and _install_gqa_switch():
-                before = getattr(_THREAD, "gqa", False)
-                _THREAD.gqa = True
-                stack.callback(setattr, _THREAD, "gqa", before)
+                stack.enter_context(_thread_state(gqa=True))
         yield
 
 
+@functools.cache
 def _install_gqa_switch() -> bool:
     """Wrap transformers' choice of SDPA's enable_gqa once, so that it also says yes where this thread asks for it
     (torch >= 2.5 has enable_gqa). False where transformers has no such choice (nothing changes)."""
