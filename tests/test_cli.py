@@ -66,6 +66,49 @@ def test_user_mistakes_print_one_line_and_exit_2(argv, message, capsys, tmp_path
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_an_unexpected_error_prints_one_line_and_the_log_file(setup, capsys, monkeypatch, tmp_path):
+    """Not a user mistake (a bug, a broken install): one line naming the error and the file that holds the
+    traceback, exit 1; --debug (anywhere on the line) or SOFTPROMPT_DEBUG=1 shows the traceback instead."""
+    import softprompt.files
+
+    tmp, _, _ = setup
+    monkeypatch.setenv("SOFTPROMPT_CACHE", str(tmp_path / "cache"))
+
+    def broken(*a, **k):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(softprompt.files, "read_prompt", broken)
+    assert main(["inspect", str(tmp / "p.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("softprompt inspect: unexpected error: RuntimeError: something inside broke (full traceback")
+    log = err.split("full traceback in ")[1].split(";")[0]
+    assert log.startswith(str(tmp_path / "cache" / "logs")) and "RuntimeError" in open(log).read()
+    for argv in (["--debug", "inspect", str(tmp / "p.safetensors")], ["inspect", str(tmp / "p.safetensors"), "--debug"]):
+        with pytest.raises(RuntimeError, match="something inside broke"):
+            main(argv)
+    monkeypatch.setenv("SOFTPROMPT_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["inspect", str(tmp / "p.safetensors")])
+
+
+def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch, capsys):
+    from softprompt import precision
+
+    assert precision.resolve_precision("auto", "cpu") == ("bf16" if precision.native_bf16("cpu") else "float32")
+    assert precision.resolve_precision("float32", "cpu") == "float32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(precision, "_warned", set())
+    monkeypatch.setattr(precision, "matmul_rates", lambda device="cpu": {"float32": 67.0, "bf16": 0.8})
+    assert precision.resolve_precision("auto", "cpu") == "float32"
+    assert precision.resolve_precision("bf16", "cpu") == "bf16"  # asked for: kept, with one warning
+    assert precision.resolve_precision("bf16", "cpu") == "bf16"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0.8 GFLOP/s in bf16 against 67.0 in float32" in err[0]
+    with pytest.raises(sp.SoftPromptError, match="precision must be one of"):
+        precision.resolve_precision("fp8", "cpu")
+
+
 def test_import_refuses_to_overwrite(setup, capsys):
     tmp, _, _ = setup
     main(["export", str(tmp / "p.safetensors"), "--peft", str(tmp / "peft")])

@@ -18,7 +18,7 @@ def folder(tmp_path_factory):
     (tmp / "run.yaml").write_text(json.dumps({
         "model": str(tmp / "model"), "task": task, "out_dir": str(tmp / "run"),
         "method": {"num_virtual_tokens": 8, "init": "random"},
-        "train": {"steps": 120, "batch_size": 16, "lr": 0.1, "eval_every": 40}}))
+        "train": {"steps": 120, "batch_size": 16, "lr": 0.1, "eval_every": 40, "precision": "float32"}}))
     return tmp
 
 
@@ -76,3 +76,28 @@ def test_eval_with_baselines_prints_one_table(folder, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| zero-shot (template only) |" in out and "| few-shot (2 examples in context) |" in out
     assert "| soft prompt (8 tokens) |" in out and (tmp_path / "compare.json").exists()
+
+
+def test_json_flags_print_one_json_document_and_nothing_else(folder, capsys):
+    """--json: stdout is one JSON document (progress goes to stderr), for scripts to read."""
+    if not (folder / "run" / "prompt.safetensors").exists():
+        assert main(["train", str(folder / "run.yaml")]) == 0
+    capsys.readouterr()
+    prompt = str(folder / "run" / "prompt.safetensors")
+    assert main(["eval", prompt, "--baselines", "--k-shot", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)  # the whole of stdout parses
+    assert [r["method"].split(" (")[0] for r in got["rows"]] == ["zero-shot", "few-shot", "soft prompt"]
+    assert main(["eval", prompt, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 128
+
+
+def test_training_progress_lines_without_a_terminal(folder, tmp_path, capsys):
+    """Piped or logged (no terminal, so no bar), training still says how far it is: a line every log_every steps
+    with step, loss and ETA, on stderr."""
+    assert main(["train", str(folder / "run.yaml"), "--out_dir", str(tmp_path / "run"), "--train.steps", "12",
+                 "--train.log_every", "4", "--train.eval_every", "12"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    steps = [line for line in err if line.startswith("train step ")]
+    assert [s.split(":")[0] for s in steps] == ["train step 4/12", "train step 8/12", "train step 12/12"]
+    assert all("loss " in s and "ETA " in s and "s/step" in s for s in steps)
+    assert any(line.startswith("validation at step 12: ") for line in err)

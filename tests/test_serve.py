@@ -7,20 +7,18 @@ import shutil
 import threading
 import time
 
+import fastapi  # noqa: F401  (a runtime dependency: its absence fails, never skips)
 import pytest
 import torch
 from conftest import SYNTH_TASK, make_backbone
+from fastapi.testclient import TestClient
 
 import softprompt as sp
 from softprompt.serve import PromptBank
+from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine, RequestError
 from softprompt.tasks.encode import TaskEncoder
 from softprompt.tasks.spec import load_task
-
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from softprompt.serve.app import create_app  # noqa: E402
 
 TEXTS = ["the movie was", "a film is", "what is the capital of france ?", "hello world", "the plot and actors",
          "it was very really fun"]
@@ -217,13 +215,28 @@ def test_chat_completion_uses_the_chat_template(client, bank):
     assert events[0]["object"] == "chat.completion.chunk"
 
 
-def test_classify_returns_the_label_and_scores(client):
-    r = client.post("/v1/classify", json={"model": "sentiment", "input": ["the movie was great", "boring plot"]})
+def test_classify_returns_the_label_and_scores(client, bank):
+    """Over HTTP, each input's scores are the log-likelihoods of its label words that the plain model gives with the
+    prompt prepended by hand (full logits, no cache), and its label is their best."""
+    texts = ["the movie was great", "boring plot"]
+    r = client.post("/v1/classify", json={"model": "sentiment", "input": texts})
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert [d["index"] for d in data] == [0, 1]
-    for d in data:
-        assert set(d["scores"]) == {"positive", "negative"} and d["label"] == max(d["scores"], key=d["scores"].get)
+    bb = bank.backbone
+    prompt = bank.get("sentiment").prompt
+    words = {"positive": bb.tokenizer(" yes", add_special_tokens=False)["input_ids"][0],
+             "negative": bb.tokenizer(" no", add_special_tokens=False)["input_ids"][0]}
+    for d, text in zip(data, texts, strict=True):
+        ids = torch.tensor(bb.tokenizer(f"{text} sentiment :")["input_ids"])
+        with torch.no_grad():
+            embeds = torch.cat([prompt, bb.embed(ids)])[None]
+            logp = bb.model(inputs_embeds=embeds).logits[0, -1].log_softmax(-1)
+        want = {label: float(logp[i]) for label, i in words.items()}
+        assert set(d["scores"]) == set(want)
+        for label in want:
+            assert abs(d["scores"][label] - want[label]) < 1e-4
+        assert d["label"] == max(want, key=want.get)
 
 
 def error_of(r, status):
@@ -357,7 +370,7 @@ def live(engine):
 
 
 def test_the_official_openai_client_works_unchanged(live, bank):
-    openai = pytest.importorskip("openai")
+    import openai  # a dev dependency: CI installs it; missing, the test fails instead of skipping
     client = openai.OpenAI(base_url=live + "/v1", api_key="k", max_retries=0)
     assert "sentiment" in [m.id for m in client.models.list()]
     c = client.completions.create(model="beta", prompt="the movie was", max_tokens=6, temperature=0)

@@ -56,13 +56,13 @@ def test_gguf_file_loads_directly_with_the_same_logits(smollm2, tmp_path):
 
 
 def test_short_real_training_run_on_rotten_tomatoes(smollm2, tmp_path):
-    """40 steps x 8 real reviews, bf16 autocast: the prompt must beat the template alone on held-out movies."""
+    """40 steps x 8 real reviews, precision auto (bf16 where native, else float32): the prompt must beat the template alone on held-out movies."""
     from softprompt.compare import compare
     from softprompt.tasks.datasets import load_splits
     from softprompt.train.config import load_config
 
     cfg = load_config(None, ["--task", "rotten_tomatoes", "--out_dir", str(tmp_path / "rt"), "--train.steps", "40",
-                             "--train.precision", "bf16", "--train.eval_every", "20", "--train.eval_examples", "100"])
+                             "--train.precision", "auto", "--train.eval_every", "20", "--train.eval_examples", "100"])
     result = compare(cfg, baselines=("zero_shot", "soft_prompt"), test_examples=200, backbone=smollm2,
                      splits=load_splits("rotten_tomatoes"), say=lambda *a: None)
     zero, soft = (r["accuracy"] for r in result["rows"])

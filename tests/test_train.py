@@ -16,7 +16,7 @@ def config(tmp_path, *overrides):
     return load_config(None, ["--task", json.dumps(SYNTH_TASK), "--out_dir", str(tmp_path / "run"),
                               "--method.num_virtual_tokens", "8", "--method.init", "random",
                               "--train.batch_size", "16", "--train.lr", "0.1", "--train.eval_every", "50",
-                              *overrides])
+                              "--train.precision", "float32", *overrides])  # the same on every CPU (auto: tested apart)
 
 
 def test_a_tiny_model_learns_the_synthetic_task(tmp_path):
@@ -155,11 +155,41 @@ def test_early_stopping_keeps_the_best_prompt(tmp_path):
     assert pf.metadata["training"]["best_step"] <= res.final_step - 20
 
 
+def losses_of(run_dir) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
 def test_bf16_autocast_trains_a_float32_prompt(tmp_path):
-    res = fit(config(tmp_path, "--train.steps", "100", "--train.precision", "bf16"),
-              backbone=make_learnable_backbone(), splits=synthetic_splits(), quiet=True)
+    """bf16 autocast keeps the prompt float32, computes the float32 step up to bf16 rounding, and learns.
+
+    No score threshold after N steps: AdamW's first steps move each entry by +-lr whatever its gradient's size, so
+    bf16 rounding of near-zero gradients sends runs down different (equally good) paths: over 4 seeds each, bf16
+    and float32 runs ended at 82-100% validation accuracy alike. One step is compared instead, with a bound that
+    bf16 rounding (relative 2^-8 per operation) keeps well inside, and the loss must fall."""
+    from softprompt.tasks.encode import TaskEncoder
+    from softprompt.tasks.spec import TaskSpec
+    from softprompt.train.loop import classification_loss
+
+    bb = make_learnable_backbone()
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 8, bb.max_positions, bb.pad_token_id)
+    b = enc.classification_batch(synthetic_splits()["train"][:16])
+    init = sp.PromptTuning.create(bb, num_virtual_tokens=8, init="random").weight.detach()
+    step = {}
+    for precision in ("float32", "bf16"):
+        prompt = sp.PromptTuning(init.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = classification_loss(enc, sp.PromptedModel(bb, prompt), b, "options")
+        loss.backward()
+        step[precision] = (float(loss), prompt.weight.grad)
+    (l32, g32), (l16, g16) = step["float32"], step["bf16"]
+    assert abs(l16 - l32) <= 0.02 * abs(l32)
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.995
+    assert ((g16 - g32).norm() / g32.norm()) < 0.1
+    res = fit(config(tmp_path, "--train.steps", "100", "--train.precision", "bf16"), backbone=bb,
+              splits=synthetic_splits(), quiet=True)
     assert sp.load_prompt(res.prompt_path).tensors["prompt"].dtype == torch.float32
-    assert res.best["accuracy"] >= 0.8
+    losses = losses_of(tmp_path / "run")
+    assert sum(losses[-20:]) / 20 < 0.75 * sum(losses[:10]) / 10  # measured: 0.85 -> 0.18-0.42 over 4 seeds
 
 
 def test_lr_schedules():
@@ -181,9 +211,15 @@ def test_a_generation_task_trains_on_target_tokens(tmp_path):
     cfg = load_config(None, ["--task", json.dumps(task), "--out_dir", str(tmp_path / "run"),
                              "--method.num_virtual_tokens", "8", "--method.init", "random", "--train.batch_size", "16",
                              "--train.lr", "0.1", "--train.steps", "80", "--train.eval_every", "80",
-                             "--train.eval_examples", "32"])
-    res = fit(cfg, backbone=make_learnable_backbone(), splits=splits, quiet=True)
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+                             "--train.eval_examples", "null", "--train.precision", "float32"])
+    bb = make_learnable_backbone()
+    res = fit(cfg, backbone=bb, splits=splits, quiet=True)
+    losses = losses_of(tmp_path / "run")
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
-    assert "exact_match" in res.best and 0 <= res.best["exact_match"] <= 1
+    # the reported exact match is what the saved prompt's greedy answers give, recomputed here row by row
+    prompt = sp.load_prompt(res.prompt_path, backbone=bb)
+    val = splits["validation"]
+    right = sum(sp.generate(bb, prompt, [f"{r['q']} sentiment :"], max_new_tokens=32).texts[0].strip() == r["a"]
+                for r in val)
+    assert res.best["n"] == len(val) and res.best["exact_match"] == right / len(val)
+    assert right > 0

@@ -270,15 +270,15 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
             raise SoftPromptError(
                 f"could not load {name_or_path!r}: it is not a built-in name ({', '.join(BUILTIN_MODELS)}), a local "
                 f"folder or .gguf file, and the model hub is unreachable ({why}); use a built-in name or a local path")
-    from transformers.utils import logging as hf_logging
+    from .cache import quiet_progress_bars
 
-    hf_logging.disable_progress_bar()  # a 1-second load needs no bar; our own messages say what happens
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        except (OSError, ValueError):
-            tokenizer = None
+        with quiet_progress_bars():  # a 1-second load needs no bar; our own messages say what happens
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            except (OSError, ValueError):
+                tokenizer = None
     except OSError as e:
         if isinstance(source, str):
             known = ", ".join(BUILTIN_MODELS)

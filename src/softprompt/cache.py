@@ -7,6 +7,7 @@ of it, converted once to a safetensors model folder, and every later load reads 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -120,13 +121,28 @@ def builtin_model_dir(name: str) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """transformers' progress bars off for the block (its documented switch), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """Read a GGUF file with transformers (de-quantised to float32) and save a safetensors model folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    with quiet_progress_bars():  # our own lines say what happens; bars would flood a log file
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     # save_pretrained refuses a GGUF-loaded model while it still claims to be quantised; the weights are
     # already de-quantised floats, so the quantisation record is dropped.
     model.hf_quantizer = None

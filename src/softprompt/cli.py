@@ -126,6 +126,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from .evaluate import evaluate
     from .files import read_prompt
     from .model import PromptedModel
+    from .precision import resolve_precision
     from .tasks.datasets import load_splits
     from .tasks.encode import TaskEncoder
     from .tasks.spec import load_task
@@ -143,7 +144,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     if args.baselines:
         result = compare(cfg, prompt_file=args.prompt, baselines=("zero_shot", "few_shot", "soft_prompt"),
                          k_shot=args.k_shot, test_examples=args.limit, out=args.out)
-        print(markdown_table(result))
+        print(json.dumps(result, indent=2) if args.json else markdown_table(result))
         return
     from .backbones import load_backbone
     from .files import check_prompt
@@ -158,7 +159,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
         import random
 
         rows = random.Random(cfg.seed + 1).sample(rows, args.limit)
-    m = evaluate(PromptedModel(bb, method), enc, rows, cfg.train.precision)
+    m = evaluate(PromptedModel(bb, method), enc, rows, resolve_precision(cfg.train.precision, bb.device))
     if args.json:
         print(json.dumps({**m, "skipped_rows": bad.skipped}, indent=2))
         return
@@ -182,7 +183,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     result = compare(cfg, prompt_file=args.prompt, baselines=tuple(b.strip() for b in args.baselines.split(",")),
                      k_shot=args.k_shot, test_examples=args.limit, out=args.out or cfg.out_dir,
                      overwrite=args.overwrite)
-    print(markdown_table(result))
+    print(json.dumps(result, indent=2) if args.json else markdown_table(result))
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
@@ -221,6 +222,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt", description="Prompt tuning for frozen pretrained models.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an unexpected error (or set SOFTPROMPT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(sp, required=True):
@@ -285,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--baselines", action="store_true", help="also zero-shot and few-shot, in one table")
     v.add_argument("--k-shot", type=int, default=4)
     v.add_argument("--out", default=None, help="folder for compare.json / compare.md (with --baselines)")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the result as one JSON document")
     v.set_defaults(func=cmd_eval, extra=True)
 
     c = sub.add_parser("compare", help="zero-shot vs few-shot vs soft prompt vs full fine-tuning, one table",
@@ -298,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None, help="test on a seeded sample of this many rows")
     c.add_argument("--out", default=None, help="folder for the table (default: out_dir)")
     c.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
+    c.add_argument("--json", action="store_true", help="print the result as one JSON document")
     c.set_defaults(func=cmd_compare, extra=True)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: many tasks (prompt files) on one backbone",
@@ -325,7 +329,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_crash_log(command: str, exc: BaseException) -> str:
+    """The full traceback of an unexpected error, in a file under the cache's logs/ folder; returns its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    from .cache import cache_dir
+
+    text = "".join(traceback.format_exception(exc))
+    name = f"softprompt-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(f"softprompt {' '.join(sys.argv[1:])}\n\n{text}")
+            return str(path)
+        except OSError:
+            continue
+    return "(could not be written)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user mistake (one line says what and how to fix it), 1 an unexpected error (one
+    line, with the file holding the traceback; --debug or SOFTPROMPT_DEBUG=1 shows it), 130 interrupted."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):  # a line at a time also into a pipe or a file
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SOFTPROMPT_DEBUG", "").lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]  # anywhere on the line, before or after the command
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "extra", False):
@@ -341,6 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("softprompt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log = write_crash_log(args.command, e)
+        print(f"softprompt {args.command}: unexpected error: {type(e).__name__}: {first} (full traceback in {log}; "
+              "rerun with --debug to show it)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .evaluate import evaluate
 from .files import load_prompt
 from .methods import PromptTuning
 from .model import PromptedModel
+from .precision import resolve_precision
 from .tasks.datasets import load_splits
 from .tasks.encode import TaskEncoder
 from .tasks.spec import TaskSpec, load_task
@@ -58,7 +60,8 @@ def _row(name: str, metrics: dict, trainable: int, bytes_per_task: int, train_s:
 
 def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELINES, k_shot: int = 4,
             test_examples: int | None = None, out: str | None = None, backbone: Any = None,
-            splits: dict | None = None, overwrite: bool = False, say=print) -> dict:
+            splits: dict | None = None, overwrite: bool = False, say=None) -> dict:
+    say = say or _progress
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise SoftPromptError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
@@ -71,7 +74,7 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
     test, _ = probe.check_rows(splits.get("test", []), "test", cfg.train.skip_bad_rows)
     if test_examples and len(test) > test_examples:
         test = random.Random(cfg.seed + 1).sample(test, test_examples)
-    precision = cfg.train.precision
+    precision = resolve_precision(cfg.train.precision, bb.device)
     rows = []
 
     def run_eval(model, enc):
@@ -81,9 +84,11 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
 
     if "zero_shot" in baselines:
         reset_peak()
+        t0 = time.perf_counter()
+        say(f"zero-shot: scoring {len(test)} test rows ...")
         m = run_eval(PromptedModel(bb, PromptTuning(torch.empty(0, bb.hidden_size))), probe)
         rows.append(_row("zero-shot (template only)", m, 0, len(task.template.encode()), 0.0, peak_memory()))
-        say(f"zero-shot: {_fmt(m)}")
+        say(f"zero-shot: {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
     if "few_shot" in baselines:
         prefix = few_shot_prefix(task, bb.tokenizer, splits["train"], k_shot, cfg.seed)
         enc = TaskEncoder(task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id, prefix=prefix)
@@ -91,9 +96,11 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
         if bb.max_positions:
             enc.limit = min(enc.limit, bb.max_positions)
         reset_peak()
+        t0 = time.perf_counter()
+        say(f"few-shot: scoring {len(test)} test rows with {k_shot} examples in context ...")
         m = run_eval(PromptedModel(bb, PromptTuning(torch.empty(0, bb.hidden_size))), enc)
         rows.append(_row(f"few-shot ({k_shot} examples in context)", m, 0, len(prefix.encode()), 0.0, peak_memory()))
-        say(f"few-shot (k={k_shot}): {_fmt(m)}")
+        say(f"few-shot (k={k_shot}): {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
     if "soft_prompt" in baselines:
         from .train.loop import fit
 
@@ -112,10 +119,12 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
             size = res.prompt_path.stat().st_size
             prompt_file = str(res.prompt_path)
         enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+        t0 = time.perf_counter()
+        say(f"soft prompt: scoring {len(test)} test rows ...")
         m = run_eval(PromptedModel(bb, method), enc)
         rows.append(_row(f"soft prompt ({method.num_virtual_tokens} tokens)", m, method.weight.numel(), size,
                          train_s, mem, prompt_file=prompt_file))
-        say(f"soft prompt: {_fmt(m)}")
+        say(f"soft prompt: {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
     if "fine_tune" in baselines:
         from .train.loop import fit
 
@@ -138,6 +147,10 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
         (Path(out) / "compare.md").write_text(markdown_table(result) + "\n")
     return result
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)  # progress on stderr: stdout carries the table (or --json)
 
 
 def _fmt(m: dict) -> str:

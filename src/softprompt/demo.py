@@ -18,6 +18,7 @@ from .compare import compare, markdown_table
 from .files import load_prompt
 from .generation import generate
 from .model import PromptedModel
+from .precision import resolve_precision
 from .tasks.datasets import load_splits
 from .tasks.encode import TaskEncoder
 from .tasks.spec import load_task
@@ -26,33 +27,21 @@ from .train.config import load_config
 DEMO_STEPS = 300  # x 8 reviews, bf16, AdamW 1e-2 decaying linearly: 87% on a 400-review test sample (README)
 
 
-def bf16_is_fast() -> bool:
-    """bf16 autocast pays on GPUs and on CPUs with native bf16 (avx512_bf16 / AMX); elsewhere it is emulated."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run(model_name: str = "smollm2-135m", steps: int | None = None, n_test: int = 400, out: str = "runs/demo",
         overrides: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     steps = steps or DEMO_STEPS
-    precision = "bf16" if bf16_is_fast() else "float32"
     cfg = load_config(None, ["--model", model_name, "--task", "rotten_tomatoes", "--out_dir", out,
                              "--train.steps", str(steps), "--train.batch_size", "8", "--train.lr", "1e-2",
-                             "--train.schedule", "linear", "--train.precision", precision,
+                             "--train.schedule", "linear", "--train.precision", "auto",
                              "--train.eval_every", "50", "--train.eval_examples", "200",
                              "--method.num_virtual_tokens", "20", "--method.init", "labels", *(overrides or [])])
     bb = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
     n_params = sum(p.numel() for p in bb.model.parameters())
+    precision = resolve_precision(cfg.train.precision, bb.device)
     print(f"backbone {cfg.model}: {n_params / 1e6:.1f}M frozen parameters, loaded in {bb.load_seconds:.1f} s "
-          f"({bb.device}, {str(bb.dtype).replace('torch.', '')})")
+          f"({bb.device}, {str(bb.dtype).replace('torch.', '')} weights, computing in {precision}: "
+          f"{'native bf16' if precision == 'bf16' else 'no native bf16 here'})")
     task = load_task(cfg.task)
     splits = load_splits(task.data, seed=cfg.seed)
     print(f"data: rotten_tomatoes, {len(splits['train'])} train / {len(splits['validation'])} validation / "

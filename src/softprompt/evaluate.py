@@ -4,18 +4,12 @@ log-likelihood at the answer position."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
+from .precision import autocast
 from .tasks.encode import TaskEncoder, left_pad
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ import torch
 
 from ..backbones import load_backbone
 from ..errors import SoftPromptError
-from ..evaluate import autocast, evaluate, headline
+from ..evaluate import evaluate, headline
 from ..files import save_prompt
 from ..methods import get_method
 from ..model import PromptedModel
+from ..precision import autocast, resolve_precision
 from ..tasks.datasets import load_splits
 from ..tasks.encode import TaskEncoder
 from ..tasks.spec import load_task
@@ -174,6 +176,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task)
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=ddp.device(cfg.device))
+    precision = resolve_precision(args.precision, bb.device)  # auto: bf16 where native, float32 elsewhere
     splits = splits or load_splits(task.data, seed=cfg.seed)
     if full_finetune:
         method = get_method("prompt_tuning")(torch.empty(0, bb.hidden_size))
@@ -211,7 +214,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
         state.update(ck["state"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate((ck["rng"]["python"][0], tuple(ck["rng"]["python"][1]), ck["rng"]["python"][2]))
-    log = _Logger(out, ddp.main and not full_finetune, quiet or not ddp.main, args.steps, state["step"])
+    log = _Logger(out, ddp.main and not full_finetune, quiet or not ddp.main, args.steps, state["step"],
+                  args.log_every)
     trainable = sum(p.numel() for p in params)
     total = trainable + (0 if full_finetune else sum(p.numel() for p in bb.model.parameters()))
     reset_peak()
@@ -232,7 +236,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
             shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
             batch = enc.batch(shard, device)
             tokens += batch["attention_mask"].sum() + method.num_virtual_tokens * len(shard)
-            with autocast(args.precision, device):
+            with autocast(precision, device):
                 if task.kind == "classification":
                     loss = classification_loss(enc, model, batch, args.loss)
                 else:
@@ -263,7 +267,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
         last = step == args.steps
         if (args.eval_every and step % args.eval_every == 0) or last:
             model.eval()
-            metrics = evaluate(model, enc, val_rows, args.precision)
+            metrics = evaluate(model, enc, val_rows, precision)
             model.train()
             score = headline(metrics)
             log.eval(step, metrics)
@@ -341,16 +345,21 @@ def _report(trainable, total, state, seconds, memory, skipped, bytes_per_task) -
 
 
 class _Logger:
-    """Progress bar (loss, tokens/s, ETA), metrics.jsonl, TensorBoard when installed, and the final plot."""
+    """Progress (a bar on a terminal; on a pipe or file, a line every `every` steps or 30 s with step, loss and ETA),
+    metrics.jsonl, TensorBoard when installed, and the final plot. Progress goes to stderr, results to stdout."""
 
-    def __init__(self, out: Path, write: bool, quiet: bool, total: int, start: int):
+    LINE_SECONDS = 30  # without a bar: at least one progress line this often
+
+    def __init__(self, out: Path, write: bool, quiet: bool, total: int, start: int, every: int = 10):
         self.out, self.write = out, write
+        self.total, self.start, self.every = total, start, every
+        self.t0 = self.last_line = time.perf_counter()
         self.bar = None
-        if not quiet:
+        if not quiet and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            # disable=None: a bar on a terminal, nothing on a pipe (CI logs); evaluations print either way
-            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=None)
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
         self.quiet = quiet
         self.tb = None
         if write:
@@ -375,6 +384,13 @@ class _Logger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}")
+        elif not self.quiet:
+            now = time.perf_counter()
+            if step % self.every == 0 or now - self.last_line >= self.LINE_SECONDS or step == self.total:
+                self.last_line = now
+                per_step = (now - self.t0) / max(1, step - self.start)
+                print(f"train step {step}/{self.total}: loss {loss:.4f}, {per_step:.2f} s/step, {tok_s:.0f} tokens/s, "
+                      f"ETA {_duration(per_step * (self.total - step))}", file=sys.stderr, flush=True)
 
     def eval(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{f"val_{k}": v for k, v in _small(metrics).items()}}
@@ -384,10 +400,12 @@ class _Logger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k.replace("val_", "val/"), v, step)
         if not self.quiet:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                         if k != "step" and isinstance(v, float)))
+            line = f"validation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                              if k != "step" and isinstance(v, float))
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
 
     def finish(self, report: dict) -> None:
         if self.bar is not None:
@@ -397,6 +415,11 @@ class _Logger:
         if self.write:
             (self.out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
             plot_metrics(self.out / "metrics.jsonl", self.out / "plot.png")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> None:
