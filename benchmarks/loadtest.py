@@ -51,7 +51,7 @@ def expected(bb, folder: Path, pool: list[dict], max_tokens: int) -> None:
         pf = prompts[item["task"]]
         if item["kind"] == "classify":
             task = load_task(pf.metadata["task"])
-            method = pf.build(bb.device)
+            method = sp.from_file(pf, bb.device)
             enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
             batch = enc.classification_batch([{"text": item["text"], "label": task.labels[0]}])
             with torch.no_grad():

@@ -19,9 +19,11 @@ PEFT gets its best shot, as a competent PEFT user would write it:
              PEFT with logits_to_keep=1.
   generate   batch 8, 32 new greedy tokens (EOS ignored). An independent reference (greedy, the whole
              [prompt embeddings ; token embeddings] recomputed at every step, no cache, one row at a time) decides
-             which sides produce the right tokens: softprompt must equal it (asserted, float32); PEFT's cached
-             generate, PEFT with use_cache=False and transformers' generate(inputs_embeds=...) are reported against
-             it, and a speed ratio is only quoted against a side that produces the reference's tokens.
+             which sides produce the right tokens (each row up to and including its first EOS: after it,
+             transformers pads a finished row while the others go on): softprompt must equal it (asserted,
+             float32); PEFT's cached generate, PEFT with use_cache=False and transformers'
+             generate(inputs_embeds=...) are reported against it, and a speed ratio is only quoted against a side
+             that produces the reference's tokens.
   bf16 training: PEFT is timed with SDPA's default kernel and with the math kernel softprompt uses, and the faster
              of the two is its figure (both recorded).
 Checks before any timing (in the processes themselves): equal losses on an unpadded row (both training cases),
@@ -452,8 +454,11 @@ def measure(args, case: str, precision: str) -> dict:
         row["peft_s"] = med["peft"]
         row["rows"] = ours["rows"]
     else:
-        ref = first["softprompt"]["reference"]
-        equal = {k: sum(a == b for a, b in zip(first[k]["tokens"], ref, strict=True)) for k in specs}
+        # equal up to and including the first EOS: after it transformers pads a finished row (the same compute),
+        # while the reference and softprompt (EOS ignored here) go on; what follows EOS is no one's output
+        eos = set(first["softprompt"]["eos_ids"])
+        ref = [_upto_eos(r, eos) for r in first["softprompt"]["reference"]]
+        equal = {k: sum(_upto_eos(a, eos) == b for a, b in zip(first[k]["tokens"], ref, strict=True)) for k in specs}
         if precision == "float32":
             assert equal["softprompt"] == len(ref), equal
         row["rows_equal_reference"] = {k: f"{v}/{len(ref)}" for k, v in equal.items()}
@@ -465,6 +470,11 @@ def measure(args, case: str, precision: str) -> dict:
     if row.get("peft_s"):
         row["speedup"] = row["peft_s"] / med["softprompt"]
     return row
+
+
+def _upto_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return tokens[:cut + 1]
 
 
 def memory_rows(args, precisions: list[str], cases: list[str]) -> list[dict]:

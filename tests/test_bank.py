@@ -7,7 +7,7 @@ import torch
 from conftest import make_backbone
 
 import softprompt as sp
-from softprompt.generation import content_hash
+from softprompt.prompts import content_hash
 from softprompt.serve import PromptBank, UnknownTask
 
 
@@ -42,15 +42,15 @@ def test_replace_invalidates_the_cached_key_values(folder, llama):
     bank = PromptBank(llama, folder)
     old = bank.get("qa")
     first = sp.generate(llama, old.prompt, ["the movie was"], max_new_tokens=4)
-    assert any(k[0] == old.digest for k in llama._prompt_kv)
+    assert sp.runtime(llama).cache.holds(old.digest)
     with pytest.raises(sp.SoftPromptError, match="already exists"):
         bank.add("qa", folder / "topic.safetensors")
     new_prompt = sp.PromptTuning.create(llama, num_virtual_tokens=6, seed=99)
     sp.save_prompt(folder / "qa2.safetensors", new_prompt, llama)
     bank.add("qa", folder / "qa2.safetensors", replace=True)
-    assert not any(k[0] == old.digest for k in llama._prompt_kv)  # stale key/values dropped
+    assert not sp.runtime(llama).cache.holds(old.digest)  # stale key/values dropped
     entry = bank.get("qa")
-    assert entry.digest == content_hash(new_prompt.weight) != old.digest
+    assert entry.digest == content_hash(new_prompt()) != old.digest
     now = sp.generate(llama, entry.prompt, ["the movie was"], max_new_tokens=4)
     assert now.tokens == sp.generate(llama, new_prompt, ["the movie was"], max_new_tokens=4,
                                      reuse_prompt_cache=False).tokens
@@ -86,7 +86,8 @@ def test_hot_add_and_remove_under_concurrent_requests(folder, llama):
     for t in threads:
         t.join()
     assert errors == []
-    assert torch.equal(bank.get("sentiment").prompt, sp.load_prompt(folder / "sentiment.safetensors").tensors["prompt"])
+    assert torch.equal(bank.get("sentiment").prompt.embeddings,
+                       sp.load_prompt(folder / "sentiment.safetensors").tensors["prompt"])
 
 
 def test_mixed_task_classification_equals_each_task_alone(llama):

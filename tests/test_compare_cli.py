@@ -44,11 +44,11 @@ def test_unknown_key_through_the_cli(folder, capsys):
 def test_compare_gives_one_table_with_costs(folder, tmp_path):
     cfg = load_config(str(folder / "run.yaml"), ["--out_dir", str(tmp_path / "cmp"), "--train.steps", "100",
                                                  "--train.finetune_lr", "1e-3"])
-    result = compare(cfg, k_shot=2, out=str(tmp_path / "cmp"), say=lambda *a: None)
+    result = compare(cfg, k_shot=2, out=str(tmp_path / "cmp"), say=lambda *a: None, search_steps=0)
     rows = {r["method"].split(" (")[0]: r for r in result["rows"]}
-    assert set(rows) == {"zero-shot", "few-shot", "soft prompt", "full fine-tuning"}
-    assert rows["soft prompt"]["accuracy"] >= 0.9 > rows["zero-shot"]["accuracy"]
-    assert rows["soft prompt"]["trainable_params"] == 8 * 64 and rows["zero-shot"]["trainable_params"] == 0
+    assert set(rows) == {"zero-shot", "few-shot", "prompt tuning", "full fine-tuning"}
+    assert rows["prompt tuning"]["accuracy"] >= 0.9 > rows["zero-shot"]["accuracy"]
+    assert rows["prompt tuning"]["trainable_params"] == 8 * 64 and rows["zero-shot"]["trainable_params"] == 0
     ft = rows["full fine-tuning"]
     assert ft["trainable_params"] > 50_000 and ft["bytes_per_task"] == ft["trainable_params"] * 4
     assert ft["accuracy"] >= 0.8 and ft["train_seconds"] > 0 and ft["peak_rss_mb"] > 0
@@ -75,7 +75,7 @@ def test_eval_with_baselines_prints_one_table(folder, capsys, tmp_path):
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| zero-shot (template only) |" in out and "| few-shot (2 examples in context) |" in out
-    assert "| soft prompt (8 tokens) |" in out and (tmp_path / "compare.json").exists()
+    assert "| prompt tuning (8 tokens) |" in out and (tmp_path / "compare.json").exists()
 
 
 def test_json_flags_print_one_json_document_and_nothing_else(folder, capsys):
@@ -86,7 +86,7 @@ def test_json_flags_print_one_json_document_and_nothing_else(folder, capsys):
     prompt = str(folder / "run" / "prompt.safetensors")
     assert main(["eval", prompt, "--baselines", "--k-shot", "2", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)  # the whole of stdout parses
-    assert [r["method"].split(" (")[0] for r in got["rows"]] == ["zero-shot", "few-shot", "soft prompt"]
+    assert [r["method"].split(" (")[0] for r in got["rows"]] == ["zero-shot", "few-shot", "prompt tuning"]
     assert main(["eval", prompt, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 128
 

@@ -28,7 +28,7 @@ def test_round_trip_keeps_tensor_metadata_and_logits(saved, llama):
     assert meta["backbone"]["name"] == "tiny-llama-0" and meta["task"] == {"name": "t"}
     assert meta["training"] == {"steps": 3} and meta["method_config"]["init_text"] == "great movie"
     ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(sp.PromptedModel(llama, pf.build())(ids).logits,
+    torch.testing.assert_close(sp.PromptedModel(llama, sp.from_file(pf))(ids).logits,
                                sp.PromptedModel(llama, prompt)(ids).logits, atol=0, rtol=0)
     assert os.path.getsize(path) < 5 * 32 * 4 + 4096  # the floats + a few KB of metadata (fingerprint probe)
 
@@ -140,14 +140,14 @@ def test_peft_trained_prompt_imports(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         theirs = pm(input_ids=ids).logits[:, 7:]
-        ours = sp.PromptedModel(bb2, pf.build())(ids).logits
+        ours = sp.PromptedModel(bb2, sp.from_file(pf))(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
 def test_import_refuses_other_adapters_and_pickles(tmp_path):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    with pytest.raises(sp.SoftPromptError, match="only PROMPT_TUNING"):
+    with pytest.raises(sp.SoftPromptError, match="softprompt imports PROMPT_TUNING, P_TUNING and PREFIX_TUNING"):
         sp.import_peft(tmp_path / "lora")
     (tmp_path / "pt").mkdir()
     (tmp_path / "pt" / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))

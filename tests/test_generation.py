@@ -19,14 +19,15 @@ def test_reused_prompt_cache_equals_recomputation(backbone):
 
 def test_prompt_kv_is_computed_once_per_prompt(llama):
     prompt = sp.PromptTuning.create(llama, num_virtual_tokens=4)
-    misses = getattr(llama, "kv_misses", 0)
+    cache = sp.runtime(llama).cache
+    misses, hits = cache.misses, cache.hits
     for _ in range(3):
         sp.generate(llama, prompt, TEXTS, max_new_tokens=2)
-    assert llama.kv_misses == misses + 1 and llama.kv_hits >= 2
+    assert cache.misses == misses + 1 and cache.hits >= hits + 2
     with torch.no_grad():
         prompt.weight.add_(0.5)  # a changed prompt is a new cache entry
     sp.generate(llama, prompt, TEXTS[:1], max_new_tokens=2)
-    assert llama.kv_misses == misses + 2
+    assert cache.misses == misses + 2
 
 
 def test_batched_generation_equals_each_row_alone(backbone):
@@ -137,9 +138,12 @@ def test_a_zero_token_prompt_generates_like_no_prompt(llama):
 
 
 def test_prompt_kv_cache_is_keyed_by_autocast_state(llama):
-    prompt = torch.randn(3, 32)
-    plain = sp.prompt_kv(llama, prompt)
-    assert sp.prompt_kv(llama, prompt) is plain  # cached
+    prompt = sp.EmbeddingPrompt(torch.randn(3, 32))
+    rt = sp.runtime(llama)
+    join = sp.get_join("embeddings", "causal_lm")
+    plain = join.prefix(rt, prompt)
+    assert join.prefix(rt, prompt) is plain  # cached
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        auto = sp.prompt_kv(llama, prompt)
-    assert auto is not plain and not torch.equal(auto[0][0][0].float(), plain[0][0][0])  # bf16-rounded, kept apart
+        auto = join.prefix(rt, prompt)
+    k_auto, k_plain = auto.layers[0][0], plain.layers[0][0]
+    assert auto is not plain and not torch.equal(k_auto.float(), k_plain)  # bf16-rounded, kept apart

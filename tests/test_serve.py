@@ -109,7 +109,7 @@ def test_classification_and_generation_share_a_batch(bank, engine):
     jobs = [engine.classify_job("sentiment", t) for t in texts] + [engine.generation_job("beta", "the film", max_tokens=4,
                                                                                          temperature=0)]
     results = submit_all(engine, jobs)
-    model = sp.PromptedModel(bank.backbone, sp.PromptTuning(bank.get("sentiment").prompt.clone()))
+    model = sp.PromptedModel(bank.backbone, sp.PromptTuning(bank.get("sentiment").prompt.embeddings.clone()))
     with torch.no_grad():
         want = enc.label_scores(model, enc.classification_batch([{"text": t, "label": "positive"} for t in texts]))
     for (kind, res), w in zip(results[:3], want, strict=True):
@@ -224,7 +224,7 @@ def test_classify_returns_the_label_and_scores(client, bank):
     data = r.json()["data"]
     assert [d["index"] for d in data] == [0, 1]
     bb = bank.backbone
-    prompt = bank.get("sentiment").prompt
+    prompt = bank.get("sentiment").prompt.embeddings
     words = {"positive": bb.tokenizer(" yes", add_special_tokens=False)["input_ids"][0],
              "negative": bb.tokenizer(" no", add_special_tokens=False)["input_ids"][0]}
     for d, text in zip(data, texts, strict=True):

@@ -24,7 +24,7 @@ def test_saved_prompt_reloads_with_identical_logits_and_cached_generation(smollm
     prompt = sp.PromptTuning.create(smollm2, num_virtual_tokens=8, init="text",
                                     init_text="Answer with one word: positive or negative.")
     path = sp.save_prompt(tmp_path / "p.safetensors", prompt, smollm2)
-    again = sp.load_prompt(path, backbone=smollm2).build()
+    again = sp.load_method(path, smollm2)
     tok = smollm2.tokenizer(["Review: a wonderful film\nSentiment:", "Review: dull\nSentiment:"],
                             return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_short_real_training_run_on_rotten_tomatoes(smollm2, tmp_path):
     cfg = load_config(None, ["--task", "rotten_tomatoes", "--out_dir", str(tmp_path / "rt"), "--train.steps", "40",
                              "--train.precision", "auto", "--train.eval_every", "20", "--train.eval_examples", "100"])
     result = compare(cfg, baselines=("zero_shot", "soft_prompt"), test_examples=200, backbone=smollm2,
-                     splits=load_splits("rotten_tomatoes"), say=lambda *a: None)
+                     splits=load_splits("rotten_tomatoes"), say=lambda *a: None, search_steps=0)
     zero, soft = (r["accuracy"] for r in result["rows"])
     assert 0.70 <= zero <= 0.88  # SmolLM2 zero-shot on this template is ~79%
     assert soft >= 0.80 and soft >= zero, (zero, soft)

@@ -223,3 +223,77 @@ def test_a_generation_task_trains_on_target_tokens(tmp_path):
                 for r in val)
     assert res.best["n"] == len(val) and res.best["exact_match"] == right / len(val)
     assert right > 0
+
+
+def imbalanced_splits(seed: int = 0) -> dict:
+    """The synthetic task with 80% positive rows."""
+    import random
+
+    rng = random.Random(seed)
+    out = {}
+    for split, rows in synthetic_splits(seed).items():
+        pos = [r for r in rows if r["label"] == "positive"]
+        neg = [r for r in rows if r["label"] == "negative"]
+        out[split] = pos + neg[: len(pos) // 4]
+        rng.shuffle(out[split])
+    return out
+
+
+def test_imbalanced_data_selects_on_macro_f1_and_weights_classes(tmp_path):
+    """With 80/20 labels: the kept prompt is picked on macro-F1 (auto), balanced class weights change the loss by
+    class (each class's rows weighted n / (classes x count)), and per-class recall is reported."""
+    from softprompt.tasks.encode import TaskEncoder
+    from softprompt.tasks.spec import TaskSpec
+    from softprompt.train.loop import classification_loss
+
+    splits = imbalanced_splits()
+    res = fit(config(tmp_path / "a", "--train.steps", "8", "--train.eval_every", "4"),
+              backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    assert res.report["selected_on"] == "macro_f1"
+    m = sp.load_prompt(res.prompt_path).metadata["training"]["validation"]
+    assert "macro_f1" in m and "accuracy" in m
+    balanced = fit(config(tmp_path / "b", "--train.steps", "8", "--train.select", "accuracy"),
+                   backbone=make_learnable_backbone(), splits=synthetic_splits(), quiet=True)
+    assert balanced.report["selected_on"] == "accuracy"
+    bb = make_learnable_backbone()
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 8, bb.max_positions, bb.pad_token_id)
+    rows = splits["train"][:16]
+    b = enc.classification_batch(rows)
+    model = sp.PromptedModel(bb, sp.PromptTuning.create(bb, num_virtual_tokens=8, init="random"))
+    w = torch.tensor([0.625, 2.5])  # 800 rows at 80/20: n / (2 x count)
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(enc.label_scores(model, b, normalize=False), b["y"], reduction="none")
+        weighted = classification_loss(enc, model, b, "options", w)
+    torch.testing.assert_close(weighted, (plain * w[b["y"]]).sum())
+    res_w = fit(config(tmp_path / "c", "--train.steps", "8", "--train.class_weights", "balanced"),
+                backbone=make_learnable_backbone(), splits=splits, quiet=True)
+    from softprompt.evaluate import evaluate
+
+    metrics = evaluate(sp.PromptedModel(bb, sp.load_method(res_w.prompt_path, bb)), enc, splits["test"])
+    assert set(metrics["recall"]) == {"positive", "negative"}
+
+
+def test_search_trains_each_value_and_keeps_the_best_on_validation(tmp_path, capsys):
+    """`--search lr=...`: a trial per value, each recorded with its validation score; the best one's prompt is the
+    run's prompt."""
+    import shutil
+
+    from conftest import write_model_and_data
+
+    from softprompt.cli import main
+
+    task = write_model_and_data(tmp_path, 256)
+    argv = ["train", "--model", str(tmp_path / "model"), "--task", json.dumps(task), "--out_dir",
+            str(tmp_path / "run"), "--method.num_virtual_tokens", "4", "--method.init", "random", "--train.steps", "30",
+            "--train.batch_size", "16", "--train.eval_every", "15", "--train.precision", "float32",
+            "--search", "lr=1e-4,0.1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "run" / "search.json").read_text())
+    scores = {t["values"]["train.lr"]: t["score"] for t in result["trials"]}
+    assert set(scores) == {1e-4, 0.1} and result["best"]["values"]["train.lr"] == max(scores, key=scores.get)
+    best = tmp_path / "run" / "search" / result["best"]["trial"] / "prompt.safetensors"
+    assert (tmp_path / "run" / "prompt.safetensors").read_bytes() == best.read_bytes()
+    assert "best: lr-" in out
+    assert main(argv) == 2 and "already holds a search" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "run")

@@ -1,20 +1,41 @@
 """softprompt: train a small soft prompt in front of a frozen pretrained model, save it, compare it, serve it."""
 
-__version__ = "0.1.0"
-
-from .backbones import Backbone, CausalLMBackbone, ModuleBackbone, load_backbone  # noqa: E402
-from .errors import SoftPromptError  # noqa: E402
-from .files import PromptFile, export_peft, import_peft, load_prompt, save_prompt  # noqa: E402
-from .generation import GenerationOutput, generate, prompt_kv  # noqa: E402
-from .methods import METHODS, PromptTuning, PromptTuningConfig  # noqa: E402
-from .model import PromptedModel  # noqa: E402
-from .tasks.spec import TaskSpec, load_task  # noqa: E402
-from .train.config import RunConfig, load_config  # noqa: E402
-from .train.loop import fit  # noqa: E402
+from ._version import __version__
+from .backbones import Backbone, CausalLMBackbone, ModuleBackbone, load_backbone
+from .errors import SoftPromptError
+from .fastpath import FastPathConfig
+from .files import PromptFile, export_peft, import_peft, load_prompt, save_prompt
+from .generation import GenerationOutput, generate
+from .joins import get_join
+from .methods import (
+    METHODS,
+    DeepPrompt,
+    Method,
+    MethodConfig,
+    PrefixTuning,
+    PrefixTuningConfig,
+    PromptTuning,
+    PromptTuningConfig,
+    PTuning,
+    PTuningConfig,
+    ResidualConfig,
+    ResidualPromptTuning,
+    from_file,
+    get_method,
+    load_method,
+)
+from .model import MixedPromptedModel, PromptedModel
+from .prompts import EmbeddingPrompt, KVPrompt
+from .runtime import Runtime, runtime
+from .tasks.spec import TaskSpec, load_task
+from .train.config import RunConfig, load_config
+from .train.loop import fit
 
 __all__ = [
-    "Backbone", "CausalLMBackbone", "GenerationOutput", "METHODS", "ModuleBackbone", "PromptFile", "PromptTuning",
-    "PromptTuningConfig", "PromptedModel", "RunConfig", "SoftPromptError", "TaskSpec", "__version__", "export_peft",
-    "fit", "generate", "import_peft", "load_backbone", "load_config", "load_prompt", "load_task", "prompt_kv",
-    "save_prompt",
+    "METHODS", "Backbone", "CausalLMBackbone", "DeepPrompt", "EmbeddingPrompt", "FastPathConfig", "GenerationOutput",
+    "KVPrompt", "Method", "MethodConfig", "MixedPromptedModel", "ModuleBackbone", "PTuning", "PTuningConfig",
+    "PrefixTuning", "PrefixTuningConfig", "PromptFile", "PromptTuning", "PromptTuningConfig", "PromptedModel",
+    "ResidualConfig", "ResidualPromptTuning", "RunConfig", "Runtime", "SoftPromptError", "TaskSpec", "__version__",
+    "export_peft", "fit", "from_file", "generate", "get_join", "get_method", "import_peft", "load_backbone",
+    "load_config", "load_method", "load_prompt", "load_task", "runtime", "save_prompt",
 ]

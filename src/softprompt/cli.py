@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import SoftPromptError
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .backbones import load_backbone
-    from .files import load_prompt
     from .generation import generate
+    from .methods import load_method
 
     texts = args.text or ([] if sys.stdin.isatty() else [line.rstrip("\n") for line in sys.stdin if line.strip()])
     if not texts:
         raise SoftPromptError("no input text; pass TEXT arguments or lines on stdin")
     bb = load_backbone(args.model, dtype=args.dtype, device=args.device)
-    prompt = load_prompt(args.prompt, backbone=bb).build(bb.device) if args.prompt else None
+    prompt = load_method(args.prompt, bb) if args.prompt else None
     out = generate(bb, prompt, texts, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                    stop=args.stop or None, chat=args.chat)
@@ -46,7 +47,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     for k, v in sorted(meta.items()):
         print(f"{k + ':':10} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     model = args.model or (bb_meta.get("name") if args.nearest else None)
-    if args.nearest and model:
+    if args.nearest and "prompt" not in pf.tensors:
+        print("nearest tokens: a key/value prompt has no vectors in the vocabulary's space")
+    elif args.nearest and model:
         import torch
 
         from .backbones import load_backbone
@@ -55,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         bb = load_backbone(model, device="cpu")
         check(pf, bb)
         emb = torch.nn.functional.normalize(bb.embedding_matrix.detach().float(), dim=-1)  # (V, H)
-        prompt = torch.nn.functional.normalize(next(iter(pf.tensors.values())).float(), dim=-1)  # (P, H)
+        prompt = torch.nn.functional.normalize(pf.tensors["prompt"].float(), dim=-1)  # (P, H)
         sims = prompt @ emb.T  # (P, V) cosine similarity
         top = sims.topk(args.nearest, dim=-1)
         print(f"nearest vocabulary tokens (cosine), backbone {bb.name}:")
@@ -83,9 +86,11 @@ def cmd_import(args: argparse.Namespace) -> None:
         from .backbones import load_backbone
 
         bb = load_backbone(args.model, device="cpu")
-    module = pf.build()
-    if bb is not None and module.hidden_size != bb.hidden_size:
-        raise SoftPromptError(f"PEFT prompt width {module.hidden_size} != backbone {bb.name!r} hidden size {bb.hidden_size}")
+    from .methods import from_file
+
+    module = from_file(pf)
+    if bb is not None:
+        module.check_backbone(bb)
     path = save_prompt(args.out, module, bb, overwrite=args.force, extra={"imported_from": pf.metadata["imported_from"]})
     print(f"wrote {path} ({module.num_virtual_tokens} virtual tokens x {module.hidden_size})")
 
@@ -110,6 +115,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     from .train.loop import fit
 
     cfg = _config(args, extra)
+    if args.search:
+        from .train.search import parse_grid, search
+
+        if args.resume:
+            raise SoftPromptError("--search starts its trials afresh; drop --resume")
+        result = search(cfg, parse_grid(args.search), overwrite=args.overwrite)
+        for t in result["trials"]:
+            print(f"{t['trial']}: validation {t['selected_on']} {t['score']:.4f} (best step {t['best_step']})")
+        print(f"best: {result['best']['trial']}; its prompt: {result['prompt']} (all trials: "
+              f"{Path(cfg.out_dir) / 'search.json'})")
+        return
     res = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     if res.prompt_path is None:  # a non-main DDP rank
         return
@@ -142,7 +158,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     path, rest = _split_config(extra)
     cfg = load_config(path, rest) if path else build_config(apply_overrides(values, rest))
     if args.baselines:
-        result = compare(cfg, prompt_file=args.prompt, baselines=("zero_shot", "few_shot", "soft_prompt"),
+        result = compare(cfg, prompt_file=args.prompt, baselines=("zero_shot", "few_shot", "prompt_tuning"),
                          k_shot=args.k_shot, test_examples=args.limit, out=args.out)
         print(json.dumps(result, indent=2) if args.json else markdown_table(result))
         return
@@ -151,7 +167,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
     bb = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
     check_prompt(pf, bb)
-    method = pf.build(bb.device)
+    from .methods import from_file
+
+    method = from_file(pf, bb.device)
     task = load_task(cfg.task)
     enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
     rows, bad = enc.check_rows(load_splits(task.data, cfg.seed).get(args.split, []), args.split, cfg.train.skip_bad_rows)
@@ -182,7 +200,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = _config(args, extra)
     result = compare(cfg, prompt_file=args.prompt, baselines=tuple(b.strip() for b in args.baselines.split(",")),
                      k_shot=args.k_shot, test_examples=args.limit, out=args.out or cfg.out_dir,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, search_steps=args.search_steps)
     print(json.dumps(result, indent=2) if args.json else markdown_table(result))
 
 
@@ -276,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "line, e.g. --train.lr 0.3 --method.num_virtual_tokens 50 --task reuters_r8.")
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in out_dir")
+    t.add_argument("--search", action="append", metavar="KEY=V1,V2",
+                   help="try each value on validation, keep the best (repeatable: every combination), e.g. "
+                        "--search lr=1e-3,3e-3,1e-2 --search method.num_virtual_tokens=10,20")
     t.set_defaults(func=cmd_train, extra=True)
 
     v = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix of a prompt on a split",
@@ -291,12 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the result as one JSON document")
     v.set_defaults(func=cmd_eval, extra=True)
 
-    c = sub.add_parser("compare", help="zero-shot vs few-shot vs soft prompt vs full fine-tuning, one table",
+    c = sub.add_parser("compare", help="every method and baseline side by side on one test split, one table",
                        usage="softprompt compare [CONFIG.yaml] [--prompt FILE] [--baselines LIST] [--group.key VALUE ...]",
-                       description="Run the baselines on the same test split and frozen model; print a markdown "
-                                   "table and write compare.json / compare.md.")
-    c.add_argument("--prompt", help="use this trained prompt instead of training one")
-    c.add_argument("--baselines", default="zero_shot,few_shot,soft_prompt,fine_tune")
+                       description="Run the rows on the same test split and frozen model (each trained row with the "
+                                   "same step budget, its best validation step kept, its learning rate chosen on "
+                                   "validation); print a markdown table and write compare.json / compare.md. Rows: "
+                                   "zero_shot, few_shot, linear_probe, prompt_tuning, residual, p_tuning, "
+                                   "prefix_tuning, p_tuning_v2, lora, fine_tune.")
+    c.add_argument("--prompt", help="a trained prompt_tuning prompt for that row instead of training one")
+    c.add_argument("--baselines", default="zero_shot,few_shot,prompt_tuning,fine_tune", help="comma-separated rows")
+    c.add_argument("--search-steps", type=int, default=None,
+                   help="steps per learning-rate candidate (default: a third of train.steps; 0: no search)")
     c.add_argument("--k-shot", type=int, default=4)
     c.add_argument("--limit", type=int, default=None, help="test on a seeded sample of this many rows")
     c.add_argument("--out", default=None, help="folder for the table (default: out_dir)")

@@ -1,13 +1,30 @@
-"""Side by side on one test split and one frozen model: zero-shot (template alone), few-shot in-context
-prompting (k labelled examples in the text), the trained soft prompt, and full fine-tuning of the whole model.
-Each row also says what it costs: trainable parameters, bytes stored per task, training time, peak memory."""
+"""Every method and baseline side by side on one test split and one frozen model, in one table.
+
+Rows (``--baselines``, any subset, in this order):
+
+- ``zero_shot``: the template alone; ``few_shot``: k labelled examples in context (prompt engineering);
+- ``linear_probe``: a class-balanced logistic-regression head on the frozen model's last-token features (the
+  cheapest trained baseline), trained on the same rows the prompts see;
+- the prompt methods (``prompt_tuning``, ``residual``, ``p_tuning``, ``prefix_tuning``, ``p_tuning_v2``): the
+  backbone frozen, a file of kilobytes per task;
+- ``lora`` (PEFT's LoRA: adapters on the attention projections) and ``fine_tune`` (every weight), trained on a
+  private copy of the backbone: the comparison rows that change weights.
+
+Every trained row gets the same step budget and batches, keeps its best validation step, and has its learning
+rate chosen on validation from a small grid (each candidate trained for ``search_steps``, the winner then for the
+full budget; the grid, every candidate's score and the choice are recorded). Each row also says what it costs
+(trainable parameters, bytes stored per task, training time, peak memory) and whether the task can share a
+serving batch on one frozen backbone with other tasks.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +32,38 @@ import torch
 
 from .backbones import load_backbone
 from .errors import SoftPromptError
-from .evaluate import evaluate
+from .evaluate import classification_metrics, evaluate
 from .files import load_prompt
-from .methods import PromptTuning
+from .methods import METHODS, PromptTuning, from_file
 from .model import PromptedModel
-from .precision import resolve_precision
+from .precision import autocast, resolve_precision
 from .tasks.datasets import load_splits
-from .tasks.encode import TaskEncoder
+from .tasks.encode import TaskEncoder, left_pad
 from .tasks.spec import TaskSpec, load_task
 from .train.config import RunConfig
 from .train.memory import peak_memory, reset_peak
 
-BASELINES = ("zero_shot", "few_shot", "soft_prompt", "fine_tune")
+PROMPT_METHODS = ("prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2")
+BASELINES = ("zero_shot", "few_shot", "linear_probe", *PROMPT_METHODS, "lora", "fine_tune")
+ALIASES = {"soft_prompt": "prompt_tuning"}
+DEFAULT_BASELINES = ("zero_shot", "few_shot", "prompt_tuning", "fine_tune")
+
+# Learning-rate grids, chosen on validation: a prompt needs a far larger lr than a weight (REFERENCE: AdamW 1e-2
+# measured best for prompt tuning on SmolLM2), reparameterised prompts sit between, LoRA and full fine-tuning use
+# the usual ranges for adapters and weights.
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "prompt_tuning": (3e-3, 1e-2, 3e-2), "residual": (3e-3, 1e-2, 3e-2), "p_tuning": (3e-4, 1e-3, 3e-3),
+    "prefix_tuning": (3e-4, 1e-3, 3e-3), "p_tuning_v2": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3),
+    "fine_tune": (1e-5, 2e-5, 5e-5),
+}
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+
+NAMES = {"zero_shot": "zero-shot (template only)", "few_shot": "few-shot ({k} examples in context)",
+         "linear_probe": "linear probe (frozen features)", "prompt_tuning": "prompt tuning ({p} tokens)",
+         "residual": "residual prompt tuning ({p} tokens)", "p_tuning": "P-tuning ({p} tokens)",
+         "prefix_tuning": "prefix tuning ({p} tokens per layer)", "p_tuning_v2": "P-tuning v2 ({p} tokens per layer)",
+         "lora": "LoRA (r 8, q/v projections)", "fine_tune": "full fine-tuning (all weights)"}
+SHARES = {"lora": "no: its own weights", "fine_tune": "no: its own model"}  # every other row: yes
 
 
 def few_shot_prefix(task: TaskSpec, tokenizer, train_rows: list[dict], k: int, seed: int, demo_tokens: int = 48) -> str:
@@ -50,98 +87,248 @@ def few_shot_prefix(task: TaskSpec, tokenizer, train_rows: list[dict], k: int, s
     return "".join(parts)
 
 
-def _row(name: str, metrics: dict, trainable: int, bytes_per_task: int, train_s: float, memory: dict,
+def _row(key: str, name: str, metrics: dict, trainable: int, bytes_per_task: int, train_s: float, memory: dict,
          **extra: Any) -> dict:
-    return {"method": name, "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
-            "exact_match": metrics.get("exact_match"), "n": metrics.get("n"), "trainable_params": trainable,
-            "bytes_per_task": bytes_per_task, "train_seconds": round(train_s, 1), **memory, **extra,
-            "confusion": metrics.get("confusion")}
+    return {"key": key, "method": name, "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
+            "exact_match": metrics.get("exact_match"), "recall": metrics.get("recall"), "n": metrics.get("n"),
+            "trainable_params": trainable, "bytes_per_task": bytes_per_task, "train_seconds": round(train_s, 1),
+            "shares_batch": SHARES.get(key, "yes"), **memory, **extra, "confusion": metrics.get("confusion")}
 
 
-def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELINES, k_shot: int = 4,
+class _Compare:
+    """One comparison: the backbone, the data, the test rows, and a runner per row kind."""
+
+    def __init__(self, cfg: RunConfig, bb, splits, test, precision, out, say, search_steps, lr_grids, overwrite):
+        self.cfg, self.bb, self.splits, self.test = cfg, bb, splits, test
+        self.task = load_task(cfg.task)
+        self.precision, self.out, self.say = precision, out, say
+        self.search_steps, self.lr_grids, self.overwrite = search_steps, lr_grids, overwrite
+        self.probe = TaskEncoder(self.task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id)
+
+    def test_metrics(self, model, enc) -> dict:
+        model.eval()
+        with torch.no_grad():
+            return evaluate(model, enc, self.test, self.precision)
+
+    def bare(self) -> PromptedModel:
+        return PromptedModel(self.bb, PromptTuning(torch.empty(0, self.bb.hidden_size)).to(self.bb.device))
+
+    # --- learning rates chosen on validation -----------------------------------------------------------
+    def choose_lr(self, key: str, train) -> tuple[float | None, dict]:
+        """Each lr of the grid trained for search_steps; the best validation score wins (recorded)."""
+        grid = self.lr_grids.get(key) or ()
+        if len(grid) <= 1:
+            return (grid[0] if grid else None), {}
+        scores = {}
+        for lr in grid:
+            res = train(lr, self.search_steps, f"search/lr_{lr:g}")
+            scores[f"{lr:g}"] = res.best and _score(res.best)
+            self.say(f"  {key}: lr {lr:g} -> validation {scores[f'{lr:g}']:.4f} ({self.search_steps} steps)")
+        best = max(grid, key=lambda lr: scores[f"{lr:g}"])
+        return best, {"lr_grid": list(grid), "lr_validation": scores, "search_steps": self.search_steps}
+
+    def _cfg(self, sub: str, steps: int, **train) -> RunConfig:
+        out = str(Path(self.out or self.cfg.out_dir) / sub)
+        return replace(self.cfg, out_dir=out, train=replace(self.cfg.train, steps=steps, **train))
+
+    # --- rows ----------------------------------------------------------------------------------------------
+    def prompt_method(self, key: str) -> dict:
+        from .train.loop import fit
+
+        def train(lr, steps, sub):
+            cfg = replace(self._cfg(f"{key}/{sub}", steps, lr=lr), method=replace(self.cfg.method, name=key))
+            return fit(cfg, backbone=self.bb, splits=self.splits, overwrite=True, quiet=True)
+
+        lr, chosen = self.choose_lr(key, train)
+        lr = lr or self.cfg.train.lr
+        self.say(f"{key}: training ({self.cfg.train.steps} steps x {self.cfg.train.batch_size}, lr {lr:g}) ...")
+        if not chosen and key == self.cfg.method.name:  # the config's own run, in its run folder (as `train`)
+            res = fit(self.cfg, backbone=self.bb, splits=self.splits, overwrite=self.overwrite)
+        else:
+            res = train(lr, self.cfg.train.steps, "final")
+        return self.prompt_row(key, res.prompt_path, res.report, lr=lr, **chosen)
+
+    def prompt_row(self, key: str, prompt_path, report: dict | None = None, **extra) -> dict:
+        pf = load_prompt(prompt_path, backbone=self.bb)
+        method = from_file(pf, self.bb.device)
+        info = report or pf.metadata.get("training") or {}
+        enc = TaskEncoder(self.task, self.bb.tokenizer, method.num_virtual_tokens, self.bb.max_positions,
+                          self.bb.pad_token_id)
+        m = self.test_metrics(PromptedModel(self.bb, method), enc)
+        name = NAMES.get(pf.method, pf.method).format(p=method.num_virtual_tokens)
+        trainable = info.get("trainable_params", sum(t.numel() for t in pf.tensors.values()))
+        memory = {k: info[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in info}
+        return _row(pf.method, name, m, trainable, Path(prompt_path).stat().st_size, info.get("train_seconds", 0.0),
+                    memory, prompt_file=str(prompt_path), **extra)
+
+    def weights(self, key: str) -> dict:
+        """LoRA or full fine-tuning, each on a private copy of the backbone (the shared one is never touched)."""
+        from .train.loop import fit
+
+        field = "finetune_lr" if key == "fine_tune" else "lora_lr"
+
+        def train(lr, steps, sub):
+            fresh = self.private_copy(key)
+            res = fit(self._cfg(f"{key}/{sub}", steps, **{field: lr}), backbone=fresh, splits=self.splits,
+                      weights="all" if key == "fine_tune" else "lora", quiet=True)
+            return res, fresh
+
+        lr, chosen = self.choose_lr(key, lambda lr, steps, sub: train(lr, steps, sub)[0])
+        lr = lr or getattr(self.cfg.train, field)
+        self.say(f"{key}: training ({self.cfg.train.steps} steps x {self.cfg.train.batch_size}, lr {lr:g}) ...")
+        res, fresh = train(lr, self.cfg.train.steps, "final")
+        m = self.test_metrics(PromptedModel(fresh, PromptTuning(torch.empty(0, fresh.hidden_size))), self.probe)
+        memory = {k: res.report[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in res.report}
+        row = _row(key, NAMES[key], m, res.report["trainable_params"], res.report["bytes_per_task"],
+                   res.report["train_seconds"], memory, lr=lr, best_step=res.best_step, **chosen)
+        del fresh
+        return row
+
+    def private_copy(self, key: str):
+        fresh = copy.deepcopy(self.bb)
+        if key == "lora":
+            try:
+                from peft import LoraConfig, inject_adapter_in_model
+            except ImportError:
+                raise SoftPromptError("the lora row needs PEFT: pip install 'softprompt[peft]'") from None
+            inject_adapter_in_model(LoraConfig(**LORA), fresh.model)
+            fresh.model.eval()
+        return fresh
+
+    def linear_probe(self) -> dict:
+        """A logistic-regression head on the frozen model's final hidden state at the answer position, classes
+        weighted by n / (classes * count), its L2 strength chosen on validation; trained on as many training rows as
+        the prompts see (steps x batch)."""
+        n = min(len(self.splits["train"]), self.cfg.train.steps * self.cfg.train.batch_size)
+        rows = [r for r in self.splits["train"] if self.probe.row_problem(r) is None]
+        rows = random.Random(self.cfg.seed).sample(rows, min(n, len(rows)))
+        val = [r for r in self.splits.get("validation", []) if self.probe.row_problem(r) is None]
+        if self.cfg.train.eval_examples and len(val) > self.cfg.train.eval_examples:
+            val = random.Random(self.cfg.seed).sample(val, self.cfg.train.eval_examples)
+        t0 = time.perf_counter()
+        reset_peak()
+        x, y = self.features(rows), torch.tensor([self.probe.label_index(r) for r in rows])
+        xv, yv = self.features(val), torch.tensor([self.probe.label_index(r) for r in val])
+        k = len(self.task.labels)
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        counts = torch.bincount(y, minlength=k).float()
+        weight = len(y) / (k * counts.clamp(min=1))
+        best = None
+        for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
+            head = _fit_logistic((x - mean) / std, y, k, weight, l2)
+            pred = head((xv - mean) / std).argmax(-1)
+            score = _score(classification_metrics(pred.tolist(), yv.tolist(), self.task.labels))
+            if best is None or score > best[0]:
+                best = (score, l2, head)
+        _, l2, head = best
+        train_s = time.perf_counter() - t0
+        xt = self.features(self.test)
+        pred = head((xt - mean) / std).argmax(-1)
+        m = classification_metrics(pred.tolist(), [self.probe.label_index(r) for r in self.test], self.task.labels)
+        params = head.weight.numel() + head.bias.numel()
+        return _row("linear_probe", NAMES["linear_probe"], m, params, (params + 2 * mean.numel()) * 4, train_s,
+                    peak_memory(), l2=l2, train_rows=len(rows))
+
+    @torch.no_grad()
+    def features(self, rows: list[dict], batch: int = 16) -> torch.Tensor:
+        """(N, H) float32 final hidden states at the answer position, the frozen model alone."""
+        model = self.bare()
+        bb = self.bb
+        ids = [self.probe.encode_input(r) for r in rows]
+        out = torch.zeros(len(rows), bb.hidden_size)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            x, m = left_pad([ids[j] for j in idx], self.probe.pad_id, bb.device)
+            with autocast(self.precision, bb.device):
+                states, _ = model.hidden_states(x, m, last_only=True)
+            if not model.lean:
+                raise SoftPromptError("the linear probe needs hidden states; this backbone runs the plain path")
+            out[idx] = states[:, -1].float().cpu()
+        return out
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, k: int, weight: torch.Tensor, l2: float) -> torch.nn.Linear:
+    """Weighted multinomial logistic regression, full batch, L-BFGS."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], k)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y, weight=weight) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return head.eval().requires_grad_(False)
+
+
+def _score(metrics: dict) -> float:
+    """The validation number that picks a learning rate: macro-F1 for classification (robust to imbalance)."""
+    return metrics.get("macro_f1", metrics.get("exact_match", 0.0))
+
+
+def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT_BASELINES, k_shot: int = 4,
             test_examples: int | None = None, out: str | None = None, backbone: Any = None,
-            splits: dict | None = None, overwrite: bool = False, say=None) -> dict:
+            splits: dict | None = None, overwrite: bool = False, say=None, search_steps: int | None = None,
+            lr_grids: dict[str, tuple[float, ...]] | None = None) -> dict:
+    """One table: the rows in `baselines` (see the module's docstring) on the same test rows. `prompt_file` stands
+    for the prompt_tuning row (a prompt trained before). search_steps=0 skips the learning-rate search (each row at
+    the config's lr); None: a third of the step budget."""
     say = say or _progress
+    baselines = [ALIASES.get(b, b) for b in baselines]
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise SoftPromptError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
     task = load_task(cfg.task)
+    if task.kind != "classification" and set(baselines) & {"few_shot", "linear_probe"}:
+        raise SoftPromptError("few-shot and linear-probe rows need a classification task")
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
     splits = splits or load_splits(task.data, seed=cfg.seed)
-    if task.kind != "classification" and "few_shot" in baselines:
-        raise SoftPromptError("few-shot comparison needs a classification task")
     probe = TaskEncoder(task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id)
     test, _ = probe.check_rows(splits.get("test", []), "test", cfg.train.skip_bad_rows)
     if test_examples and len(test) > test_examples:
         test = random.Random(cfg.seed + 1).sample(test, test_examples)
-    precision = resolve_precision(cfg.train.precision, bb.device)
+    steps = cfg.train.steps if search_steps is None else search_steps
+    search = max(1, cfg.train.steps // 3) if search_steps is None else search_steps
+    grids = {} if search == 0 else {**LR_GRIDS, **(lr_grids or {})}
+    run = _Compare(cfg, bb, splits, test, resolve_precision(cfg.train.precision, bb.device), out, say, search or steps,
+                   grids, overwrite)
     rows = []
-
-    def run_eval(model, enc):
-        model.eval()
-        with torch.no_grad():
-            return evaluate(model, enc, test, precision)
-
-    if "zero_shot" in baselines:
-        reset_peak()
+    for key in [b for b in BASELINES if b in baselines]:
         t0 = time.perf_counter()
-        say(f"zero-shot: scoring {len(test)} test rows ...")
-        m = run_eval(PromptedModel(bb, PromptTuning(torch.empty(0, bb.hidden_size))), probe)
-        rows.append(_row("zero-shot (template only)", m, 0, len(task.template.encode()), 0.0, peak_memory()))
-        say(f"zero-shot: {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
-    if "few_shot" in baselines:
-        prefix = few_shot_prefix(task, bb.tokenizer, splits["train"], k_shot, cfg.seed)
-        enc = TaskEncoder(task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id, prefix=prefix)
-        enc.limit = max(enc.limit, len(bb.tokenizer(prefix)["input_ids"]) + task.max_length)
-        if bb.max_positions:
-            enc.limit = min(enc.limit, bb.max_positions)
         reset_peak()
-        t0 = time.perf_counter()
-        say(f"few-shot: scoring {len(test)} test rows with {k_shot} examples in context ...")
-        m = run_eval(PromptedModel(bb, PromptTuning(torch.empty(0, bb.hidden_size))), enc)
-        rows.append(_row(f"few-shot ({k_shot} examples in context)", m, 0, len(prefix.encode()), 0.0, peak_memory()))
-        say(f"few-shot (k={k_shot}): {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
-    if "soft_prompt" in baselines:
-        from .train.loop import fit
-
-        if prompt_file:
-            pf = load_prompt(prompt_file, backbone=bb)
-            method = pf.build(bb.device)
-            info = (pf.metadata.get("training") or {})
-            train_s, mem = info.get("train_seconds", 0.0), {k: info[k] for k in ("peak_rss_mb",) if k in info}
-            size = Path(prompt_file).stat().st_size
+        if key == "zero_shot":
+            say(f"zero-shot: scoring {len(test)} test rows ...")
+            m = run.test_metrics(run.bare(), probe)
+            row = _row(key, NAMES[key], m, 0, len(task.template.encode()), 0.0, peak_memory())
+        elif key == "few_shot":
+            prefix = few_shot_prefix(task, bb.tokenizer, splits["train"], k_shot, cfg.seed)
+            enc = TaskEncoder(task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id, prefix=prefix)
+            enc.limit = max(enc.limit, len(bb.tokenizer(prefix)["input_ids"]) + task.max_length)
+            if bb.max_positions:
+                enc.limit = min(enc.limit, bb.max_positions)
+            say(f"few-shot: scoring {len(test)} test rows with {k_shot} examples in context ...")
+            m = run.test_metrics(run.bare(), enc)
+            row = _row(key, NAMES[key].format(k=k_shot), m, 0, len(prefix.encode()), 0.0, peak_memory())
+        elif key == "linear_probe":
+            say("linear probe: features of the frozen model, a balanced logistic-regression head ...")
+            row = run.linear_probe()
+        elif key == "prompt_tuning" and prompt_file:
+            row = run.prompt_row(key, prompt_file)
+        elif key in METHODS:
+            row = run.prompt_method(key)
         else:
-            say(f"training a soft prompt ({cfg.train.steps} steps x {cfg.train.batch_size}) ...")
-            res = fit(cfg, backbone=bb, splits=splits, overwrite=overwrite)
-            method = load_prompt(res.prompt_path, backbone=bb).build(bb.device)
-            train_s = res.report["train_seconds"]
-            mem = {k: res.report[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in res.report}
-            size = res.prompt_path.stat().st_size
-            prompt_file = str(res.prompt_path)
-        enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
-        t0 = time.perf_counter()
-        say(f"soft prompt: scoring {len(test)} test rows ...")
-        m = run_eval(PromptedModel(bb, method), enc)
-        rows.append(_row(f"soft prompt ({method.num_virtual_tokens} tokens)", m, method.weight.numel(), size,
-                         train_s, mem, prompt_file=prompt_file))
-        say(f"soft prompt: {_fmt(m)} ({time.perf_counter() - t0:.0f} s)")
-    if "fine_tune" in baselines:
-        from .train.loop import fit
-
-        say(f"full fine-tuning ({cfg.train.steps} steps x {cfg.train.batch_size}, AdamW lr {cfg.train.finetune_lr}) ...")
-        import copy
-
-        fresh = copy.deepcopy(bb)  # a private copy: the shared backbone is never touched
-        t0 = time.perf_counter()
-        res = fit(cfg, backbone=fresh, splits=splits, full_finetune=True)
-        model = PromptedModel(fresh, PromptTuning(torch.empty(0, fresh.hidden_size)))
-        m = run_eval(model, probe)
-        rows.append(_row("full fine-tuning (all weights)", m, res.report["trainable_params"],
-                         res.report["bytes_per_task"], res.report["train_seconds"] or time.perf_counter() - t0,
-                         {k: res.report[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in res.report}))
-        say(f"full fine-tuning: {_fmt(m)}")
-        del fresh, model
-    result = {"task": task.name, "model": cfg.model, "test_rows": len(test), "split": "test", "rows": rows}
+            row = run.weights(key)
+        rows.append(row)
+        say(f"{row['method']}: {_fmt(row)} ({time.perf_counter() - t0:.0f} s)")
+    result = {"task": task.name, "model": cfg.model, "test_rows": len(test), "split": "test",
+              "precision": run.precision, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+              "rows": rows, "notes": _notes(rows)}
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -149,14 +336,33 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=BASELIN
     return result
 
 
+def _notes(rows: list[dict]) -> list[str]:
+    """What the table says in words: the best prompt method against the linear probe and full fine-tuning."""
+    by = {r["key"]: r for r in rows}
+    prompts = [r for r in rows if r["key"] in PROMPT_METHODS and r.get("macro_f1") is not None]
+    notes = []
+    if prompts:
+        best = max(prompts, key=lambda r: r["macro_f1"])
+        if "linear_probe" in by:
+            probe = by["linear_probe"]
+            verdict = "matches or beats" if best["macro_f1"] >= probe["macro_f1"] else "does NOT match"
+            notes.append(f"best prompt method ({best['method']}, macro-F1 {best['macro_f1']:.3f}) {verdict} the "
+                         f"linear probe (macro-F1 {probe['macro_f1']:.3f})")
+        if "fine_tune" in by and by["fine_tune"].get("accuracy") is not None:
+            gap = 100 * (by["fine_tune"]["accuracy"] - best["accuracy"])
+            notes.append(f"best prompt method is {gap:+.1f} accuracy points behind full fine-tuning" if gap > 0 else
+                         f"best prompt method is {-gap:.1f} accuracy points ahead of full fine-tuning")
+    return notes
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)  # progress on stderr: stdout carries the table (or --json)
 
 
-def _fmt(m: dict) -> str:
-    if "accuracy" in m:
-        return f"accuracy {m['accuracy']:.1%}, macro-F1 {m['macro_f1']:.3f} (n={m['n']})"
-    return f"exact match {m['exact_match']:.1%} (n={m['n']})"
+def _fmt(r: dict) -> str:
+    if r.get("accuracy") is not None:
+        return f"accuracy {r['accuracy']:.1%}, macro-F1 {r['macro_f1']:.3f} (n={r['n']})"
+    return f"exact match {r['exact_match']:.1%} (n={r['n']})"
 
 
 def _size(n: int | None) -> str:
@@ -170,8 +376,8 @@ def _size(n: int | None) -> str:
 
 def markdown_table(result: dict) -> str:
     head = (f"{result['task']} on {result['model']}, {result['test_rows']} test rows\n\n"
-            "| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory |\n"
-            "|---|---|---|---|---|---|---|")
+            "| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory | "
+            "shares a batch |\n|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in result["rows"]:
         acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else f"EM {r['exact_match']:.1%}"
@@ -180,5 +386,7 @@ def markdown_table(result: dict) -> str:
         if r.get("peak_cuda_mb"):
             mem += f", {r['peak_cuda_mb']:.0f} MB CUDA"
         lines.append(f"| {r['method']} | {acc} | {f1} | {r['trainable_params']:,} | {_size(r['bytes_per_task'])} | "
-                     f"{r['train_seconds']:.0f} s | {mem} |")
+                     f"{r['train_seconds']:.0f} s | {mem} | {r.get('shares_batch', 'yes')} |")
+    for note in result.get("notes") or []:
+        lines.append(f"\n{note[0].upper()}{note[1:]}.")
     return "\n".join(lines)

@@ -15,8 +15,8 @@ import torch
 
 from .backbones import load_backbone
 from .compare import compare, markdown_table
-from .files import load_prompt
 from .generation import generate
+from .methods import load_method
 from .model import PromptedModel
 from .precision import resolve_precision
 from .tasks.datasets import load_splits
@@ -49,12 +49,12 @@ def run(model_name: str = "smollm2-135m", steps: int | None = None, n_test: int 
           f"{cfg.train.batch_size} training reviews, validation on {cfg.train.eval_examples}, test on a seeded "
           f"sample of {n_test}.")
     print(f"task: template {task.template!r}, verbalizer {task.verbalizer}")
-    result = compare(cfg, baselines=("zero_shot", "few_shot", "soft_prompt"), test_examples=n_test, backbone=bb,
-                     splits=splits, out=out, overwrite=True)
+    result = compare(cfg, baselines=("zero_shot", "few_shot", "prompt_tuning"), test_examples=n_test, backbone=bb,
+                     splits=splits, out=out, overwrite=True, search_steps=0)  # the recipe's lr was measured
     print()
     print(markdown_table(result))
     prompt_path = Path(out) / "prompt.safetensors"
-    method = load_prompt(prompt_path, backbone=bb).build(bb.device)
+    method = load_method(prompt_path, bb)
     pos = [r for r in splits["test"] if r["label"] == "positive"][:3]
     neg = [r for r in splits["test"] if r["label"] == "negative"][:3]
     examples = [r for pair in zip(pos, neg, strict=True) for r in pair]

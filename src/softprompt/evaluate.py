@@ -27,6 +27,7 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
     return {
         "accuracy": sum(conf[k][k] for k in range(n)) / max(1, len(gold)),
         "macro_f1": sum(f1s[k] for k in present) / max(1, len(present)),
+        "recall": {labels[k]: conf[k][k] / sum(conf[k]) for k in range(n) if sum(conf[k])},  # per class
         "confusion": {"labels": labels, "matrix": conf},
         "n": len(gold),
     }
@@ -104,6 +105,9 @@ def evaluate(model: Any, enc: TaskEncoder, rows: list[dict], precision: str = "f
     return evaluate_generation(model, enc, rows, max(1, batch_size // 2), precision)
 
 
-def headline(metrics: dict) -> float:
-    """The number that decides 'best': accuracy for classification, exact match for generation."""
+def headline(metrics: dict, select: str | None = None) -> float:
+    """The number that decides 'best': `select` (accuracy, macro_f1, exact_match), by default accuracy for
+    classification and exact match for generation."""
+    if select and select in metrics:
+        return metrics[select]
     return metrics.get("accuracy", metrics.get("exact_match", 0.0))

@@ -1,4 +1,9 @@
-"""Prompt files: one small .safetensors file (tensors + JSON metadata), and PEFT prompt-tuning folders.
+"""Prompt files: one small .safetensors file (tensors + JSON metadata), and PEFT prompt-learning folders.
+
+A file holds a method's collapsed tensors (``Method.tensors()``: "prompt" (P, H) for embedding prompts, "kv"
+(L, 2, kv_heads, P, head_dim) for key/value prompts), and metadata: format version, method name and config, shape
+facts, the backbone's name and fingerprint, the task, the training summary. ``softprompt.methods.from_file`` turns
+one back into a method.
 
 Nothing is ever unpickled: safetensors holds raw tensors, the metadata is JSON. Writes are atomic (temp file
 in the same folder, fsync, rename), so a crash never leaves a half-written file under the real name.
@@ -19,10 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from ._version import __version__
 from .backbones import fingerprint_id, fingerprints_match
 from .errors import SoftPromptError
-from .methods import get_method
 
 FORMAT_VERSION = 1
 META_KEY = "softprompt"
@@ -42,13 +46,16 @@ class PromptFile:
         return int(self.metadata.get("num_virtual_tokens", next(iter(self.tensors.values())).shape[0]))
 
     @property
-    def hidden_size(self) -> int:
-        return int(self.metadata.get("hidden_size", next(iter(self.tensors.values())).shape[-1]))
+    def hidden_size(self) -> int | None:
+        if "hidden_size" in self.metadata:
+            return None if self.metadata["hidden_size"] is None else int(self.metadata["hidden_size"])
+        return next(iter(self.tensors.values())).shape[-1] if "prompt" in self.tensors else None
 
-    def build(self, device: torch.device | str | None = None):
-        """The method module (e.g. PromptTuning), ready to join or to train further."""
-        module = get_method(self.method).from_tensors(self.tensors, self.metadata.get("method_config"))
-        return module.to(device) if device is not None else module
+    @property
+    def kv_layout(self) -> tuple[int, int, int] | None:
+        """(layers, kv_heads, head_dim) of a key/value prompt, else None."""
+        kv = self.tensors.get("kv")
+        return None if kv is None else (kv.shape[0], kv.shape[2], kv.shape[4])
 
 
 def atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> None:
@@ -81,9 +88,9 @@ def save_prompt(path: str | os.PathLike, method: Any, backbone: Any = None, *, t
         "format_version": FORMAT_VERSION,
         "softprompt_version": __version__,
         "method": method.name,
+        "prompt_kind": method.prompt_kind,
         "method_config": method.config_dict(),
-        "num_virtual_tokens": method.num_virtual_tokens,
-        "hidden_size": method.hidden_size,
+        **method.describe(),
         "dtype": "float32",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": task,
@@ -137,10 +144,19 @@ def check_prompt(pf: PromptFile, backbone: Any = None, check_backbone: bool = Tr
     meta_bb = pf.metadata.get("backbone") or {}
     if backbone is None:
         return
-    if pf.hidden_size != backbone.hidden_size:
+    trained_on = meta_bb.get("name", "an unknown backbone")
+    if pf.hidden_size is not None and pf.hidden_size != backbone.hidden_size:
         raise SoftPromptError(
-            f"{where} has width {pf.hidden_size} (trained on {meta_bb.get('name', 'an unknown backbone')!r}) but "
-            f"backbone {backbone.name!r} has hidden size {backbone.hidden_size}; load the backbone it was trained on")
+            f"{where} has width {pf.hidden_size} (trained on {trained_on!r}) but backbone {backbone.name!r} has "
+            f"hidden size {backbone.hidden_size}; load the backbone it was trained on")
+    if pf.kv_layout is not None and tuple(pf.kv_layout) != tuple(backbone.kv_layout() or ()):
+        L, h, d = pf.kv_layout
+        theirs = backbone.kv_layout()
+        have = "no attention layers" if theirs is None else f"{theirs[0]} layers x {theirs[1]} key/value heads x " \
+            f"{theirs[2]} dims"
+        raise SoftPromptError(
+            f"{where} is a {pf.method} prompt for {L} layers x {h} key/value heads x {d} dims (trained on "
+            f"{trained_on!r}) but backbone {backbone.name!r} has {have}; load the backbone it was trained on")
     fp = meta_bb.get("fingerprint")
     if check_backbone and fp and not fingerprints_match(fp, backbone.fingerprint()):
         raise SoftPromptError(
@@ -157,49 +173,66 @@ def load_prompt(path: str | os.PathLike, backbone: Any = None, check_backbone: b
 
 
 # ---------------------------------------------------------------------------------------------------------
-# PEFT prompt-tuning folders: adapter_config.json + adapter_model.safetensors (key "prompt_embeddings")
+# PEFT prompt-learning folders: adapter_config.json + adapter_model.safetensors, one tensor "prompt_embeddings"
+# (what PEFT saves for a trained prompt: the encoder's output for P-tuning, the flattened per-layer keys/values for
+# prefix tuning). Both ways: PROMPT_TUNING <-> prompt_tuning (residual exports as PROMPT_TUNING: at inference it is
+# one), P_TUNING <-> p_tuning, PREFIX_TUNING <-> prefix_tuning / p_tuning_v2. What PEFT's format cannot carry:
+# a reparameterisation (P-tuning's encoder, prefix tuning's MLP): folders hold the collapsed prompt, which PEFT
+# loads for inference (its default) but cannot train further as the reparameterised method.
 
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM", "encoder": "SEQ_CLS", "module": "CAUSAL_LM"}
+PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "residual": "PROMPT_TUNING", "p_tuning": "P_TUNING",
+              "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
+PEFT_PEFT_VERSION = "0.21.2"  # the format written (and tested against)
+
+
+def _peft_config(prompt: PromptFile, backbone: Any, base: str | None) -> dict:
+    meta_cfg = prompt.metadata.get("method_config") or {}
+    cfg = backbone.model.config.get_text_config() if backbone is not None and hasattr(backbone.model, "config") \
+        else None
+    peft_type = PEFT_TYPES[prompt.method]
+    config: dict[str, Any] = {
+        "auto_mapping": None, "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None,
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_layers": getattr(cfg, "num_hidden_layers", None), "num_transformer_submodules": 1,
+        "num_virtual_tokens": prompt.num_virtual_tokens, "peft_type": peft_type, "peft_version": PEFT_PEFT_VERSION,
+        "revision": None, "task_type": "CAUSAL_LM", "token_dim": prompt.hidden_size,
+    }
+    if peft_type == "PROMPT_TUNING":
+        init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(meta_cfg.get("init"), "RANDOM")
+        config.update(prompt_tuning_init=init, prompt_tuning_init_text=meta_cfg.get("init_text"),
+                      tokenizer_kwargs=None, tokenizer_name_or_path=base if init == "TEXT" else None)
+    elif peft_type == "P_TUNING":
+        config.update(encoder_reparameterization_type=str(meta_cfg.get("encoder", "mlp")).upper(),
+                      encoder_hidden_size=meta_cfg.get("encoder_hidden") or prompt.hidden_size,
+                      encoder_num_layers=2, encoder_dropout=0.0)
+    else:  # PREFIX_TUNING: PEFT counts key/value heads and their width (its grouped-query convention)
+        L, h, d = prompt.kv_layout
+        config.update(num_layers=L, num_attention_heads=h, token_dim=h * d, prefix_projection=False,
+                      encoder_hidden_size=meta_cfg.get("encoder_hidden") or h * d)
+    return dict(sorted(config.items()))
 
 
 def export_peft(prompt: PromptFile | Any, out_dir: str | os.PathLike, backbone: Any = None, *,
                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
-    """Write a PEFT PROMPT_TUNING folder that ``PeftModel.from_pretrained(base, out_dir)`` loads."""
+    """Write a PEFT folder that ``PeftModel.from_pretrained(base, out_dir)`` loads (prompt tuning, P-tuning, prefix
+    tuning; see PEFT_TYPES)."""
     if not isinstance(prompt, PromptFile):
         prompt = PromptFile(method=prompt.name, tensors=prompt.tensors(),
-                            metadata={"method_config": prompt.config_dict()})
-    if prompt.method != "prompt_tuning":
-        raise SoftPromptError(f"PEFT export supports prompt_tuning prompts only (this one is {prompt.method!r})")
+                            metadata={"method_config": prompt.config_dict(), **prompt.describe()})
+    if prompt.method not in PEFT_TYPES:
+        raise SoftPromptError(f"PEFT has no folder format for {prompt.method!r} prompts; exportable: "
+                              f"{', '.join(PEFT_TYPES)}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SoftPromptError(f"{out} exists and is not empty; choose another folder or pass overwrite (--force)")
-    weight = prompt.tensors["prompt"].detach().float().cpu().contiguous()
-    P, H = weight.shape
     meta_bb = prompt.metadata.get("backbone") or {}
     base = base_model_name_or_path or (backbone.name if backbone is not None else meta_bb.get("name"))
-    cfg = backbone.model.config if backbone is not None and hasattr(backbone.model, "config") else None
-    text_cfg = cfg.get_text_config() if cfg is not None else None
-    method_cfg = prompt.metadata.get("method_config") or {}
-    init_map = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}
-    config = {
-        "auto_mapping": None,
-        "base_model_name_or_path": base,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "num_attention_heads": getattr(text_cfg, "num_attention_heads", None),
-        "num_layers": getattr(text_cfg, "num_hidden_layers", None),
-        "num_transformer_submodules": 1,
-        "num_virtual_tokens": P,
-        "peft_type": "PROMPT_TUNING",
-        "peft_version": "0.21.2",
-        "prompt_tuning_init": init_map.get(method_cfg.get("init"), "RANDOM"),
-        "prompt_tuning_init_text": method_cfg.get("init_text"),
-        "revision": None,
-        "task_type": "CAUSAL_LM",
-        "token_dim": H,
-        "tokenizer_kwargs": None,
-        "tokenizer_name_or_path": base if method_cfg.get("init") == "text" else None,
-    }
+    if "kv" in prompt.tensors:  # (L, 2, h, P, d) -> PEFT's (P, L * 2 * h * d): per token, layer by layer, k then v
+        kv = prompt.tensors["kv"].detach().float().cpu()
+        weight = kv.permute(3, 0, 1, 2, 4).reshape(kv.shape[3], -1).contiguous()
+    else:
+        weight = prompt.tensors["prompt"].detach().float().cpu().contiguous()
+    config = _peft_config(prompt, backbone, base)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "adapter_model.safetensors",
                  lambda tmp: save_file({"prompt_embeddings": weight}, tmp, metadata={"format": "pt"}), True)
@@ -209,7 +242,7 @@ def export_peft(prompt: PromptFile | Any, out_dir: str | os.PathLike, backbone: 
 
 
 def import_peft(folder: str | os.PathLike) -> PromptFile:
-    """Read a PEFT PROMPT_TUNING folder (JSON + safetensors only: no code, no pickles) as a PromptFile."""
+    """Read a PEFT PROMPT_TUNING, P_TUNING or PREFIX_TUNING folder (JSON + safetensors only: no code, no pickles)."""
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.exists():
@@ -218,8 +251,10 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise SoftPromptError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if cfg.get("peft_type") != "PROMPT_TUNING":
-        raise SoftPromptError(f"{folder} holds a {cfg.get('peft_type')!r} adapter; only PROMPT_TUNING can be imported")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+        raise SoftPromptError(f"{folder} holds a {peft_type!r} adapter; softprompt imports PROMPT_TUNING, P_TUNING "
+                              "and PREFIX_TUNING")
     weights = folder / "adapter_model.safetensors"
     if not weights.exists():
         hint = " (adapter_model.bin is a pickle: softprompt never loads pickles)" if (folder / "adapter_model.bin").exists() else ""
@@ -230,22 +265,36 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
     except Exception as e:
         raise SoftPromptError(f"{weights} is not a readable safetensors file ({str(e).splitlines()[0][:100]})") from None
     if "prompt_embeddings" not in tensors:
-        raise SoftPromptError(f"{weights} has no 'prompt_embeddings' tensor (found: {', '.join(tensors)})")
+        raise SoftPromptError(f"{weights} has no 'prompt_embeddings' tensor (found: {', '.join(tensors)}); a folder "
+                              "saved mid-training holds the encoder, not the prompt: save it with PEFT's "
+                              "save_pretrained after training")
     weight = tensors["prompt_embeddings"].float()
     subs = int(cfg.get("num_transformer_submodules") or 1)
     if subs != 1:
         raise SoftPromptError(f"{folder} is a {subs}-submodule (seq2seq) prompt; only causal-LM prompts import so far")
     P = int(cfg.get("num_virtual_tokens") or weight.shape[0])
     weight = weight[:P]
-    init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(cfg.get("prompt_tuning_init"), "random")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "method": "prompt_tuning",
-        "method_config": {"num_virtual_tokens": P, "init": init, "init_text": cfg.get("prompt_tuning_init_text")},
-        "num_virtual_tokens": P,
-        "hidden_size": weight.shape[1],
-        "dtype": "float32",
-        "backbone": {"name": cfg.get("base_model_name_or_path")},
-        "imported_from": {"peft": str(folder), "peft_version": cfg.get("peft_version"), "task_type": cfg.get("task_type")},
-    }
-    return PromptFile(method="prompt_tuning", tensors={"prompt": weight}, metadata=meta, path=folder)
+    meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "num_virtual_tokens": P, "dtype": "float32",
+                            "backbone": {"name": cfg.get("base_model_name_or_path")},
+                            "imported_from": {"peft": str(folder), "peft_type": peft_type,
+                                              "peft_version": cfg.get("peft_version"), "task_type": cfg.get("task_type")}}
+    if peft_type == "PREFIX_TUNING":
+        L, h = int(cfg["num_layers"]), int(cfg["num_attention_heads"])
+        d = int(cfg["token_dim"]) // h
+        if weight.shape[1] != L * 2 * h * d:
+            raise SoftPromptError(f"{weights}: prompt_embeddings of width {weight.shape[1]} is not num_layers x 2 x "
+                                  f"token_dim = {L * 2 * h * d}")
+        kv = weight.view(P, L, 2, h, d).permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, h, P, d)
+        meta.update(method="prefix_tuning", prompt_kind="kv", hidden_size=None, layers=L, kv_heads=h, head_dim=d,
+                    method_config={"num_virtual_tokens": P, "reparameterize": False, "layers": L, "kv_heads": h,
+                                   "head_dim": d})
+        return PromptFile(method="prefix_tuning", tensors={"kv": kv}, metadata=meta, path=folder)
+    method = "prompt_tuning" if peft_type == "PROMPT_TUNING" else "p_tuning"
+    method_config: dict[str, Any] = {"num_virtual_tokens": P}
+    if peft_type == "PROMPT_TUNING":
+        init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(cfg.get("prompt_tuning_init"), "random")
+        method_config.update(init=init, init_text=cfg.get("prompt_tuning_init_text"))
+    else:
+        method_config.update(encoder=str(cfg.get("encoder_reparameterization_type", "MLP")).lower())
+    meta.update(method=method, prompt_kind="embeddings", hidden_size=weight.shape[1], method_config=method_config)
+    return PromptFile(method=method, tensors={"prompt": weight}, metadata=meta, path=folder)

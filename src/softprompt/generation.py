@@ -1,16 +1,14 @@
-"""Generation with a soft prompt, whose key/values are computed once per (backbone, prompt) and reused.
+"""Generation with soft prompts, whose key/values are computed once per (backbone, prompt) and reused.
 
-A causal LM's prompt sits at positions 0..P-1 and attends only to itself, so its key/value cache depends on
-the backbone and the prompt alone, never on the input. ``prompt_kv`` computes it once (batch 1) and keeps it,
-keyed by the prompt's content hash; each call expands it to its batch. The decode loop is ours: left-padded
-batch, positions from the mask, transformers Cache objects, greedy or sampling, stop at EOS or stop strings.
+A causal LM's prompt sits at positions 0..P-1 and attends only to itself, so its key/values (its prefix) depend on
+the backbone and the prompt alone, never on the input: the runtime's prompt cache keeps them, keyed by the prompt's
+content, and every batch expands them. The decode loop is ours: left-padded batch, positions from the mask,
+transformers Cache objects, greedy or sampling, stop at EOS or stop strings, rows with different prompts (or none)
+in one batch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,57 +16,21 @@ import torch
 
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
-from .join import check_mask, expand_kv, input_positions, run_prompt
+from .joins import check_mask, input_positions
+from .model import MixedPromptedModel
+from .prompts import Prompt, as_prompt, content_hash
+from .runtime import runtime
 
-_KV_CACHE_SIZE = 64  # prompts whose key/values are kept per backbone
-_KV_LOCK = threading.Lock()  # the store is shared by request threads
-
-
-def prompt_tensor(prompt: Any) -> torch.Tensor | None:
-    """(P, H) from a method module, a PromptFile, a tensor, or None (no prompt; a 0-token prompt is none too)."""
-    if prompt is None:
-        return None
-    if not isinstance(prompt, torch.Tensor):
-        if hasattr(prompt, "build"):  # PromptFile
-            prompt = prompt.build()
-        prompt = prompt()
-    return prompt if prompt.shape[0] > 0 else None
+__all__ = ["Decoding", "GenerationOutput", "Row", "Sampling", "content_hash", "encode", "generate", "prompt_of"]
 
 
-def content_hash(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+def prompt_of(value: Any) -> Prompt | None:
+    """A typed prompt from a method module, a PromptFile, a typed prompt, a (P, H) tensor, or None."""
+    if value is not None and hasattr(value, "metadata") and hasattr(value, "tensors"):  # a PromptFile
+        from .methods import from_file
 
-
-def forget_prompt_kv(backbone: CausalLMBackbone, digest: str) -> int:
-    """Drop the cached key/values of the prompt with this content hash (every dtype/device); returns how many."""
-    with _KV_LOCK:
-        store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
-        stale = [k for k in store if k[0] == digest]
-        for k in stale:
-            del store[k]
-    return len(stale)
-
-
-def prompt_kv(backbone: CausalLMBackbone, prompt: torch.Tensor):
-    """(per-layer (keys, values), last-position logits) of the prompt alone, batch 1, no grad; cached by content
-    hash, dtype, device and autocast state, so each prompt is computed once per backbone and precision."""
-    dev = backbone.device.type
-    autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    key = (content_hash(prompt), backbone.dtype, str(backbone.device), autocast)  # bf16 autocast rounds differently
-    with _KV_LOCK:
-        store: OrderedDict = backbone.__dict__.setdefault("_prompt_kv", OrderedDict())
-        if key in store:
-            store.move_to_end(key)
-            backbone.kv_hits = getattr(backbone, "kv_hits", 0) + 1
-            return store[key]
-        backbone.kv_misses = getattr(backbone, "kv_misses", 0) + 1
-    with torch.no_grad():
-        value = run_prompt(backbone, prompt.detach())
-    with _KV_LOCK:
-        store[key] = value
-        while len(store) > _KV_CACHE_SIZE:
-            store.popitem(last=False)
-    return value
+        value = from_file(value)
+    return as_prompt(value)
 
 
 @dataclass(frozen=True)
@@ -153,60 +115,6 @@ def encode(backbone: CausalLMBackbone, inputs: str | list[str] | list[list[int]]
     return input_ids, mask
 
 
-def mixed_prompt_kv(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None]):
-    """One cache for rows with different prompts (or none): each row's prompt key/values (cached per prompt
-    content) left-padded to the longest prompt. Returns (layers, prompt_mask (B, P_max), lengths (B, 1))."""
-    lengths = [0 if p is None else p.shape[0] for p in prompts]
-    P = max(lengths)
-    B = len(prompts)
-    dev = backbone.device
-    kvs = {}
-    for p in prompts:
-        if p is not None and id(p) not in kvs:
-            kvs[id(p)] = prompt_kv(backbone, p)[0]
-    template = next(iter(kvs.values()))
-    layers = []
-    for li, (k0, v0) in enumerate(template):
-        keys = k0.new_zeros(B, k0.shape[1], P, k0.shape[3])  # (B, heads, P_max, d)
-        values = v0.new_zeros(B, v0.shape[1], P, v0.shape[3])
-        for i, p in enumerate(prompts):
-            if p is not None:
-                k, v = kvs[id(p)][li]
-                keys[i, :, P - lengths[i]:] = k[0]
-                values[i, :, P - lengths[i]:] = v[0]
-        layers.append((keys, values))
-    n = torch.tensor(lengths, device=dev)
-    prompt_mask = (torch.arange(P, device=dev).unsqueeze(0) >= (P - n).unsqueeze(1)).long()  # (B, P_max)
-    return layers, prompt_mask, n.unsqueeze(1)
-
-
-def forward_mixed(backbone: CausalLMBackbone, prompts: list[torch.Tensor | None], embeds: torch.Tensor,
-                  mask: torch.Tensor, logits_to_keep: int = 0):
-    """One forward for rows with different prompts (or none), each attending to its own cached prompt KV.
-    Returns (outputs, full attention mask, per-row prompt lengths (B, 1))."""
-    layers, prompt_mask, offsets = mixed_prompt_kv(backbone, prompts)
-    full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], dim=1)
-    out = backbone.forward(embeds, attention_mask=full_mask, position_ids=input_positions(mask, offsets),
-                           cache=backbone.new_cache(layers), use_cache=True, logits_to_keep=logits_to_keep)
-    return out, full_mask, offsets
-
-
-def mixed_join(prompts: list[torch.Tensor | None], embeds: torch.Tensor, mask: torch.Tensor):
-    """Rows with different prompts, each prompt prepended (no cached key/values): (embeds, mask, positions),
-    each row laid out as [pad][its prompt][pad][its input], positions counting real tokens only."""
-    B, _, H = embeds.shape
-    lengths = [0 if p is None else p.shape[0] for p in prompts]
-    P = max(lengths)
-    virtual = embeds.new_zeros(B, P, H)
-    for i, p in enumerate(prompts):
-        if p is not None:
-            virtual[i, P - lengths[i]:] = p.to(embeds.dtype)
-    n = torch.tensor(lengths, device=embeds.device)
-    prompt_mask = (torch.arange(P, device=embeds.device).unsqueeze(0) >= (P - n).unsqueeze(1)).to(mask.dtype)
-    full_mask = torch.cat([prompt_mask, mask], dim=1)
-    return torch.cat([virtual, embeds], dim=1), full_mask, input_positions(full_mask, 0)
-
-
 def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
     """(V,) float32 logits of one row -> its next token."""
     if s.temperature == 0:
@@ -225,14 +133,14 @@ def _pick(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) 
 class Decoding:
     """A batch being decoded one token per step: iterate it, and after each step read ``rows``.
 
-    Rows may have different prompts (or none), inputs, sampling settings and lengths. The prefill is one forward
-    (each row attending to its own prompt's cached key/values, or with the prompts prepended when
-    ``reuse_prompt_cache`` is off); each step is one forward over the rows still running: a row that finishes
-    (EOS, a stop string, its max_new_tokens, or cancelled) is dropped from the batch and its cache.
+    Rows may have different prompts (any kind, or none), inputs, sampling settings and lengths. The prefill is one
+    forward (each row attending to its own prompt's cached prefix; with ``reuse_prompt_cache`` off each prompt's
+    prefix is recomputed for the batch); each step is one forward over the rows still running: a row that
+    finishes (EOS, a stop string, its max_new_tokens, or cancelled) is dropped from the batch and its cache.
     Iterating yields, after each step, the indices of the rows that got a token or finished in it.
     """
 
-    def __init__(self, backbone: CausalLMBackbone, prompts: list[torch.Tensor | None], input_ids: torch.Tensor,
+    def __init__(self, backbone: CausalLMBackbone, prompts: list[Any], input_ids: torch.Tensor,
                  mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True):
         B = input_ids.shape[0]
         if len(prompts) != B or len(rows) != B:
@@ -240,27 +148,15 @@ class Decoding:
         check_mask(mask)
         self.backbone, self.rows = backbone, rows
         self.eos = set(backbone.eos_token_ids or [])
-        dev = backbone.device
-        embeds = backbone.embed(input_ids)
-        first = prompts[0]
-        if all(p is None for p in prompts):
-            full_mask, positions = mask, input_positions(mask, 0)
-            out = backbone.forward(embeds, attention_mask=mask, position_ids=positions, cache=backbone.new_cache(),
-                                   use_cache=True, logits_to_keep=1)
-        elif not reuse_prompt_cache:
-            embeds, full_mask, positions = mixed_join(prompts, embeds, mask)
-            out = backbone.forward(embeds, attention_mask=full_mask, position_ids=positions,
-                                   cache=backbone.new_cache(), use_cache=True, logits_to_keep=1)
-        elif all(p is first for p in prompts):  # one prompt for every row: its cached key/values, expanded
-            P = first.shape[0]
-            full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
-            positions = input_positions(mask, P)
-            out = backbone.forward(embeds, attention_mask=full_mask, position_ids=positions,
-                                   cache=backbone.new_cache(expand_kv(prompt_kv(backbone, first)[0], B)),
-                                   use_cache=True, logits_to_keep=1)
-        else:
-            out, full_mask, offsets = forward_mixed(backbone, prompts, embeds, mask, logits_to_keep=1)
-            positions = input_positions(mask, offsets)
+        rt = runtime(backbone)
+        prefix = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefix()
+        P = prefix.length
+        full_mask = torch.cat([prefix.mask(B, mask), mask], dim=1)
+        positions = input_positions(mask, prefix.offsets(B))
+        with rt.engaged():
+            out = backbone.forward(backbone.embed(input_ids), attention_mask=full_mask, position_ids=positions,
+                                   cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
+                                   logits_to_keep=1)
         self.cache = out.cache
         self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each running row
         self.prefill_logits = self.logits
@@ -321,11 +217,18 @@ class Decoding:
         self.logits = out.logits[:, -1].float()
 
 
-def check_prompt_tensor(backbone: CausalLMBackbone, soft: torch.Tensor | None) -> None:
-    if soft is not None and soft.shape[-1] != backbone.hidden_size:
-        raise SoftPromptError(f"prompt width {soft.shape[-1]} does not match backbone {backbone.name!r} hidden "
-                              f"size {backbone.hidden_size}")
-    if soft is not None and not torch.isfinite(soft).all():
+def check_prompt_tensor(backbone: CausalLMBackbone, prompt: Prompt | None) -> None:
+    if prompt is None:
+        return
+    if prompt.kind == "embeddings" and prompt.embeddings.shape[-1] != backbone.hidden_size:
+        raise SoftPromptError(f"prompt width {prompt.embeddings.shape[-1]} does not match backbone "
+                              f"{backbone.name!r} hidden size {backbone.hidden_size}")
+    if prompt.kind == "kv" and tuple(prompt.kv.shape[i] for i in (0, 2, 4)) != tuple(backbone.kv_layout()):
+        L, _, h, _, d = prompt.kv.shape
+        theirs = backbone.kv_layout()
+        raise SoftPromptError(f"key/value prompt for {L} layers x {h} heads x {d} dims does not fit backbone "
+                              f"{backbone.name!r} ({theirs[0]} layers x {theirs[1]} heads x {theirs[2]} dims)")
+    if not all(torch.isfinite(t).all() for t in prompt.tensors):
         raise SoftPromptError("the prompt contains NaN/Inf values; it cannot be used")
 
 
@@ -336,8 +239,9 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
              reuse_prompt_cache: bool = True, truncate: bool = False) -> GenerationOutput:
     """Continue each input after its soft prompt.
 
-    `prompt` is one prompt for every row (a method module, PromptFile, (P, H) tensor or None), or a list with one
-    prompt (or None) per row: a mixed-task batch, each row attending to its own prompt's cached key/values.
+    `prompt` is one prompt for every row (a method module, PromptFile, typed prompt, (P, H) tensor or None), or a
+    list with one prompt (or None) per row: a mixed-task batch, each row attending to its own prompt's cached
+    key/values. Prompts of any kind (embeddings, per-layer key/values) mix in one batch.
     """
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
                         top_k=top_k, top_p=top_p, seed=seed, stop=tuple(stop or ()))
@@ -346,10 +250,10 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
     per_row = isinstance(prompt, (list, tuple))
     if per_row and len(prompt) != B:
         raise SoftPromptError(f"{len(prompt)} prompts for {B} inputs; give one prompt (or None) per input")
-    softs = [prompt_tensor(p) for p in prompt] if per_row else [prompt_tensor(prompt)] * B
+    softs = [prompt_of(p) for p in prompt] if per_row else [prompt_of(prompt)] * B
     for soft in softs:
         check_prompt_tensor(backbone, soft)
-    P = max(0 if s is None else s.shape[0] for s in softs)
+    P = max(0 if s is None else s.num_virtual_tokens for s in softs)
     limit = backbone.max_positions
     if limit is not None and P + T + max_new_tokens > limit:
         if truncate and limit - P - max_new_tokens > 0:

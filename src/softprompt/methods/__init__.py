@@ -1,18 +1,42 @@
-"""Methods: what trains. Each method is a small module registered here by its file name, which is also its
-CLI value and the ``method`` field of a saved prompt file."""
+"""Methods: what trains. Each method is one file and one line in METHODS, under its name, which is also its CLI
+value and the ``method`` field of a saved prompt file. A method returns a typed prompt (``softprompt.prompts``);
+a join (``softprompt.joins``) puts it into the backbone."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..errors import SoftPromptError
+from .base import Method, MethodConfig
+from .p_tuning import PTuning, PTuningConfig
+from .prefix_tuning import DeepPrompt, PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig
+from .residual import ResidualConfig, ResidualPromptTuning
 
-METHODS = {PromptTuning.name: PromptTuning}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, ResidualPromptTuning, PTuning, PrefixTuning,
+                                                         DeepPrompt)}
 
-__all__ = ["METHODS", "PromptTuning", "PromptTuningConfig", "get_method"]
+__all__ = ["METHODS", "DeepPrompt", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
+           "PrefixTuningConfig", "PromptTuning", "PromptTuningConfig", "ResidualConfig", "ResidualPromptTuning",
+           "from_file", "get_method", "load_method"]
 
 
-def get_method(name: str):
-    from ..errors import SoftPromptError
-
+def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise SoftPromptError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def from_file(pf: Any, device: Any = None) -> Method:
+    """The method a prompt file holds (a PromptFile from ``load_prompt``), inference-ready."""
+    module = get_method(pf.method).from_tensors(pf.tensors, pf.metadata.get("method_config"))
+    return module.to(device) if device is not None else module
+
+
+def load_method(path: Any, backbone: Any = None, check_backbone: bool = True) -> Method:
+    """Read a prompt file (checked against `backbone` when given) and rebuild its method on the backbone's
+    device: ``load_method("task.safetensors", bb)``."""
+    from ..files import load_prompt
+
+    pf = load_prompt(path, backbone=backbone, check_backbone=check_backbone)
+    return from_file(pf, None if backbone is None else backbone.device)

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SoftPromptError
+from ..runtime import runtime
 from .bank import UnknownTask
 from .engine import Engine, Job, RequestError, Result
 
@@ -160,7 +161,8 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
     async def metrics(format: str = "prometheus"):
         snap = engine.metrics.snapshot()
         bb = engine.backbone
-        snap |= {"prompt_kv_hits": getattr(bb, "kv_hits", 0), "prompt_kv_misses": getattr(bb, "kv_misses", 0),
+        cache = runtime(bb).cache
+        snap |= {"prompt_kv_hits": cache.hits, "prompt_kv_misses": cache.misses,
                  "queue_depth": engine.queue_depth(), "tasks": len(engine.bank)}
         if format == "json":
             return snap

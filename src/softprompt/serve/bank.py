@@ -2,7 +2,7 @@
 
 Entries are immutable; add/replace/remove swap them under a lock, so a request in flight keeps the entry it
 started with. Each prompt is checked against the backbone's fingerprint when added. The prompt key/value cache
-(generation.prompt_kv) is keyed by content hash, so a replaced prompt can never be served stale key/values; the
+(the backbone runtime's prompt cache) is keyed by content hash, so a replaced prompt can never be served stale key/values; the
 old prompt's key/values are dropped from the cache when nothing else uses them.
 """
 
@@ -18,7 +18,9 @@ import torch
 
 from ..errors import SoftPromptError
 from ..files import PromptFile, check_prompt, read_prompt
-from ..generation import content_hash, forget_prompt_kv
+from ..methods import from_file
+from ..prompts import Prompt, content_hash
+from ..runtime import runtime
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -30,7 +32,7 @@ class UnknownTask(SoftPromptError):
 @dataclass(frozen=True)
 class TaskEntry:
     name: str
-    prompt: torch.Tensor  # (P, H) on the backbone's device, float32
+    prompt: Prompt  # typed (embeddings or per-layer key/values), float32 on the backbone's device
     digest: str  # content hash: the key of its cached key/values
     metadata: dict = field(default_factory=dict)
     source: str = ""
@@ -41,7 +43,7 @@ class TaskEntry:
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.prompt.shape[0]
+        return self.prompt.num_virtual_tokens
 
 
 def check_task_name(name: str) -> str:
@@ -106,7 +108,10 @@ class PromptBank:
         check_task_name(name)
         pf = source if isinstance(source, PromptFile) else read_prompt(source)
         check_prompt(pf, self.backbone)  # NaN/Inf, width, backbone fingerprint
-        prompt = pf.build().forward().detach().to(self.backbone.device, torch.float32)
+        method = from_file(pf, self.backbone.device)
+        method.check_backbone(self.backbone)
+        with torch.no_grad():
+            prompt = method()
         entry = TaskEntry(name=name, prompt=prompt, digest=content_hash(prompt), metadata=pf.metadata,
                           source=str(getattr(pf, "path", "") or ""))
         with self._lock:
@@ -145,4 +150,4 @@ class PromptBank:
         with self._lock:
             in_use = any(e.digest == old.digest for e in self._entries.values())
         if not in_use:
-            forget_prompt_kv(self.backbone, old.digest)
+            runtime(self.backbone).cache.forget(old.digest)

@@ -329,7 +329,7 @@ class Engine:
                         job.emit("error", f"internal error: {type(e).__name__}: {e}")
 
     def _classify(self, jobs: list[Job]) -> None:
-        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in jobs])
+        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in jobs], self.reuse_prompt_cache)
         for job, s in zip(jobs, scores, strict=True):
             labels = job.encoder.task.labels
             values = s.tolist()

@@ -11,6 +11,24 @@ from ..errors import SoftPromptError
 from .spec import TaskSpec
 
 
+@dataclass(frozen=True)
+class Verbalizer:
+    """A task's scored words as token ids: candidates[i] belongs to label candidate_label[i]."""
+
+    candidates: tuple[tuple[int, ...], ...]
+    candidate_label: tuple[int, ...]
+    n_labels: int
+
+    @property
+    def single_token(self) -> bool:
+        return all(len(c) == 1 for c in self.candidates)
+
+    @property
+    def verbalizer(self) -> Verbalizer:
+        """What the scorer (``softprompt.scoring``) needs of this task's label words."""
+        return Verbalizer(tuple(map(tuple, self.candidates)), tuple(self.candidate_label), len(self.task.labels))
+
+
 @dataclass
 class BadRows:
     skipped: int = 0
@@ -60,6 +78,11 @@ class TaskEncoder:
     @property
     def single_token(self) -> bool:
         return all(len(c) == 1 for c in self.candidates)
+
+    @property
+    def verbalizer(self) -> Verbalizer:
+        """What the scorer (``softprompt.scoring``) needs of this task's label words."""
+        return Verbalizer(tuple(map(tuple, self.candidates)), tuple(self.candidate_label), len(self.task.labels))
 
     # --- rows -------------------------------------------------------------------------------------------
     def row_problem(self, row: dict) -> str | None:
@@ -145,38 +168,7 @@ class TaskEncoder:
 
     # --- scoring ---------------------------------------------------------------------------------------
     def label_scores(self, model, batch: dict, normalize: bool = True) -> torch.Tensor:
-        """(B, n_labels) log-likelihood of each label's words at the answer position (logsumexp over a label's
-        words). One forward with logits at the last position when every word is a single token; otherwise each
-        row is scored once per candidate word, with logits kept only for the word's positions.
-
-        normalize=False (single-token words) skips the softmax normaliser, which is the same for every label of a
-        row: scores are then log-likelihoods up to a per-row constant, which changes neither the argmax nor a
-        cross-entropy over the labels, and only the label words' rows of the LM head are computed."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        B, n_labels = ids.shape[0], len(self.task.labels)
-        C = len(self.candidates)
-        words = [c[0] for c in self.candidates]
-        if self.single_token and getattr(model, "lean", False):
-            hidden = model.hidden_states(ids, mask, last_only=True)[0][:, -1]  # (B, H) at the answer position
-            if normalize:
-                cand = model.head(hidden).float().log_softmax(-1)[:, words]  # (B, C)
-            else:
-                cand = model.head(hidden, words).float()  # (B, C): C rows of the LM head, not V
-        elif self.single_token:
-            logits = model(ids, mask, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            cand = logits.log_softmax(-1)[:, words]  # (B, C)
-        else:
-            K = max(map(len, self.candidates))
-            rows = [ids[b][mask[b].bool()].tolist() + c for b in range(B) for c in self.candidates]
-            xi, xm = left_pad(rows, self.pad_id, ids.device)
-            logp = model(xi, xm, logits_to_keep=K + 1).logits[:, :-1].float().log_softmax(-1)  # (B*C, K, V)
-            scores = []
-            for r, c in enumerate(self.candidates * B):
-                pos = torch.arange(K - len(c), K, device=ids.device)
-                scores.append(logp[r, pos, torch.tensor(c, device=ids.device)].sum())
-            cand = torch.stack(scores).view(B, C)
-        label_of = torch.tensor(self.candidate_label, device=ids.device)
-        out = torch.full((B, n_labels), float("-inf"), device=ids.device)
-        for j in range(n_labels):
-            out[:, j] = cand[:, label_of == j].logsumexp(-1)
-        return out
+        """(B, n_labels) log-likelihood of each label's words at the answer position, through the one scorer
+        (``softprompt.scoring.label_scores``, which ``model.label_scores`` calls)."""
+        return model.label_scores(batch["input_ids"], batch["attention_mask"], self.verbalizer, normalize,
+                                  self.pad_id)

@@ -16,7 +16,8 @@ from ..errors import SoftPromptError
 
 @dataclass
 class MethodArgs:
-    """What trains (the method registered under `name`) and how it starts."""
+    """What trains (the method registered under `name`: prompt_tuning | residual | p_tuning | prefix_tuning |
+    p_tuning_v2) and how it starts. Options a method does not have must stay unset."""
 
     name: str = "prompt_tuning"
     num_virtual_tokens: int = 20  # Lester et al.: 20 gets most of the gain
@@ -24,6 +25,30 @@ class MethodArgs:
     init_text: str | None = None
     init_labels: list[str] = field(default_factory=list)  # default for init=labels: the task's verbalizer words
     init_file: str | None = None
+    reparameterize: bool | None = None  # prefix_tuning / p_tuning_v2: an MLP over embeddings while training
+    encoder: str | None = None  # p_tuning: mlp | lstm
+    encoder_hidden: int | None = None  # width of a reparameterisation (prefix MLP, P-tuning encoder)
+    bottleneck: int | None = None  # residual: hidden width of the shared MLP
+
+    def method_config(self, labels: list[str], seed: int):
+        """The registered method's config from these args (one-line error for an option it does not have)."""
+        from ..methods import METHODS, get_method
+
+        cls = get_method(self.name).Config
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
+                  "init_labels": self.init_labels or labels, "init_file": self.init_file, "seed": seed}
+        for key in ("reparameterize", "encoder", "encoder_hidden", "bottleneck"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in known:
+                owners = [n for n, m in METHODS.items() if key in {f.name for f in dataclasses.fields(m.Config)}]
+                raise SoftPromptError(f"method.{key} does not apply to {self.name}; leave it unset (it applies to: "
+                                      f"{', '.join(owners)})")
+            values[key] = value
+        return cls(**values)
+
 
 
 # Measured on rotten_tomatoes / SmolLM2-135M, batch 8, bf16, constant lr, 150 steps (README): AdamW 1e-2 -> 85.3%
@@ -64,7 +89,13 @@ class TrainArgs:
     # memory instead of 0.76-0.98x, at 1.3-1.6x the step time (SPEED.md), hence off by default
     activation_checkpointing: bool = False
     skip_bad_rows: bool = False  # skip (and count) rows with a missing field or unknown label instead of failing
+    # classification on imbalanced data: balanced = each class's loss weighted by n / (classes * its count)
+    class_weights: str = "none"  # none | balanced
+    # the validation metric that picks the kept prompt: auto = macro_f1 when the train labels are imbalanced (the
+    # largest class over 1.5x the smallest), else accuracy (exact match for generation) | accuracy | macro_f1
+    select: str = "auto"
     finetune_lr: float = 2e-5  # full fine-tuning baseline (compare): AdamW lr for the whole model
+    lora_lr: float = 2e-4  # LoRA baseline (compare): AdamW lr for the adapters
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adafactor"):
@@ -79,6 +110,10 @@ class TrainArgs:
             raise SoftPromptError(f"train.precision must be auto, float32 or bf16, not {self.precision!r}")
         if self.loss not in ("options", "lm"):
             raise SoftPromptError(f"train.loss must be options or lm, not {self.loss!r}")
+        if self.class_weights not in ("none", "balanced"):
+            raise SoftPromptError(f"train.class_weights must be none or balanced, not {self.class_weights!r}")
+        if self.select not in ("auto", "accuracy", "macro_f1", "exact_match"):
+            raise SoftPromptError(f"train.select must be auto, accuracy, macro_f1 or exact_match, not {self.select!r}")
         if int(self.length_buckets) < 0:
             raise SoftPromptError(f"train.length_buckets must be >= 0 (got {self.length_buckets})")
         for key in ("steps", "batch_size", "grad_accum", "save_every", "log_every"):

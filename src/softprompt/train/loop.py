@@ -24,7 +24,7 @@ from ..backbones import load_backbone
 from ..errors import SoftPromptError
 from ..evaluate import evaluate, headline
 from ..files import save_prompt
-from ..methods import get_method
+from ..methods import PromptTuning, get_method
 from ..model import PromptedModel
 from ..precision import autocast, resolve_precision
 from ..tasks.datasets import load_splits
@@ -97,13 +97,17 @@ def make_optimizer(params, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def classification_loss(enc: TaskEncoder, model, batch: dict, kind: str) -> torch.Tensor:
-    """Summed over the batch (the caller divides by the global count)."""
+def classification_loss(enc: TaskEncoder, model, batch: dict, kind: str,
+                        class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed over the batch (the caller divides by the global count); each row weighted by its class's weight
+    when class_weights are given (train.class_weights balanced)."""
     # cross-entropy over the labels ignores the per-row softmax normaliser: only the label words' LM-head rows
     scores = enc.label_scores(model, batch, normalize=kind == "lm")  # (B, n_labels)
     if kind == "lm":  # NLL of the gold label's words
-        return -scores.gather(1, batch["y"][:, None]).sum()
-    return torch.nn.functional.cross_entropy(scores, batch["y"], reduction="sum")
+        nll = -scores.gather(1, batch["y"][:, None])[:, 0]
+    else:
+        nll = torch.nn.functional.cross_entropy(scores, batch["y"], reduction="none")
+    return nll.sum() if class_weights is None else (nll * class_weights[batch["y"]]).sum()
 
 
 def generation_loss(model, batch: dict) -> torch.Tensor:
@@ -158,14 +162,140 @@ def _config_json(cfg: RunConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+class Trainable:
+    """What a run trains: a method's parameters (a prompt), or weights of the backbone itself (the full fine-tuning
+    and LoRA baselines, which train a private copy). Keeps and restores their state by name."""
+
+    def __init__(self, method, named: dict[str, torch.nn.Parameter] | None = None):
+        self.method = method
+        self.named = named  # None: the method's own state (prompt runs)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.method.parameters()) if self.named is None else list(self.named.values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        if self.named is None:
+            return self.method.state_tensors()
+        return {k: v.detach() for k, v in self.named.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        if self.named is None:
+            self.method.load_state_tensors(state)
+        else:
+            for k, p in self.named.items():
+                p.copy_(state[k])
+
+
+@dataclass
+class _Run:
+    """Everything the loop reads, made by _setup."""
+
+    cfg: RunConfig
+    ddp: Dist
+    out: Path
+    task: Any
+    bb: Any
+    trainable: Trainable
+    model: PromptedModel
+    enc: TaskEncoder
+    train_rows: list[dict]
+    val_rows: list[dict]
+    lengths: list[int] | None
+    precision: str
+    select: str
+    class_weights: torch.Tensor | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: dict
+    log: _Logger
+    skipped: int
+    writes: bool  # a prompt run on rank 0: checkpoints, the prompt file, the run folder's logs
+
+
 def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbone: Any = None,
-        splits: dict | None = None, full_finetune: bool = False, on_step: Callable[[int, float], None] | None = None,
-        quiet: bool = False) -> RunResult:
-    """Train a prompt (or, with full_finetune, the whole model: the expensive baseline) as `cfg` says."""
-    # ---- set-up ------------------------------------------------------------------------------------
+        splits: dict | None = None, weights: str | None = None,
+        on_step: Callable[[int, float], None] | None = None, quiet: bool = False) -> RunResult:
+    """Train a prompt as `cfg` says (or, with weights="all" / "lora", the backbone's own weights: the expensive
+    baselines, which change `backbone`: give them a copy). Set-up, one loop, clean-up."""
+    run = _setup(cfg, resume, overwrite, backbone, splits, weights, quiet)
+    args, ddp, enc, state = cfg.train, run.ddp, run.enc, run.state
+    params, device = run.trainable.params, run.bb.device
+    micro = args.batch_size // args.grad_accum
+    run.model.train()
+    stopped = "steps"
+    t_start = time.perf_counter() - state["train_seconds"]
+    step = state["step"]
+    while step < args.steps:
+        rows = [run.train_rows[i] for i in example_order(len(run.train_rows), args.batch_size, cfg.seed, step,
+                                                         run.lengths, args.length_buckets)]
+        count = enc.count(rows)  # loss normaliser of the whole global batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
+        for j in range(args.grad_accum):
+            shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
+            batch = enc.batch(shard, device)
+            tokens += batch["attention_mask"].sum() + run.model.num_virtual_tokens * len(shard)
+            with autocast(run.precision, device):
+                if run.task.kind == "classification":
+                    loss = classification_loss(enc, run.model, batch, args.loss, run.class_weights)
+                else:
+                    loss = generation_loss(run.model, batch)
+            (loss / count).backward()
+            loss_sum += loss.detach()
+        ddp.all_reduce_grads(params)
+        local_loss, local_tokens = torch.stack([loss_sum, tokens]).tolist()  # the one host sync per step
+        loss_value = ddp.sum(local_loss) / count
+        if not math.isfinite(loss_value):
+            kept = f"the last good checkpoint (step {_ck_step(run.out)}) is kept in {run.out / CHECKPOINT}" \
+                if (run.out / CHECKPOINT).exists() else "no checkpoint was written yet"
+            raise SoftPromptError(f"loss became {loss_value} at step {step + 1}; stopping: {kept}; lower train.lr "
+                                  "or use train.max_grad_norm")
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        step += 1
+        state["step"] = step
+        state["tokens"] += int(ddp.sum(local_tokens))
+        state["train_seconds"] = time.perf_counter() - t_start
+        run.log.step(step, loss_value, run.scheduler.get_last_lr()[0], state)
+        if on_step is not None:
+            on_step(step, loss_value)
+
+        last = step == args.steps
+        if (args.eval_every and step % args.eval_every == 0) or last:
+            run.model.eval()
+            metrics = evaluate(run.model, enc, run.val_rows, run.precision)
+            run.model.train()
+            score = headline(metrics, run.select)
+            run.log.eval(step, metrics)
+            if state["best_score"] is None or score > state["best_score"]:
+                state.update(best_score=score, best_step=step, best_metrics=_small(metrics), bad_evals=0,
+                             best_tensors={k: v.detach().cpu().clone() for k, v in run.trainable.state().items()})
+            else:
+                state["bad_evals"] += 1
+            if args.patience and state["bad_evals"] >= args.patience:
+                stopped = "early_stopping"
+        if run.writes and (step % args.save_every == 0 or last or stopped != "steps"):
+            save_checkpoint(run.out / CHECKPOINT, {
+                "method": run.trainable.state(), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(), "state": state,
+                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}})
+        if stopped != "steps":
+            break
+    return _finish(run, step, stopped)
+
+
+def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits: dict | None, weights: str | None,
+           quiet: bool) -> _Run:
+    """The run folder, backbone, data, what trains, the optimizer, and the state (fresh, or from the checkpoint)."""
     ddp = Dist.from_env(cfg.device)
     out = Path(cfg.out_dir)
-    if not full_finetune:
+    writes = weights is None
+    if writes:
         check_out_dir(out, cfg, resume, overwrite)
         ddp.barrier()
         if ddp.main:
@@ -178,19 +308,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=ddp.device(cfg.device))
     precision = resolve_precision(args.precision, bb.device)  # auto: bf16 where native, float32 elsewhere
     splits = splits or load_splits(task.data, seed=cfg.seed)
-    if full_finetune:
-        method = get_method("prompt_tuning")(torch.empty(0, bb.hidden_size))
-        bb.model.requires_grad_(True)
-        params = [p for p in bb.model.parameters()]
-    else:
-        m = cfg.method
-        labels = m.init_labels or [ws[0] for ws in task.verbalizer.values()]
-        method = get_method(m.name).create(bb, num_virtual_tokens=m.num_virtual_tokens, init=m.init,
-                                           init_text=m.init_text, init_labels=labels, init_file=m.init_file,
-                                           seed=cfg.seed)
-        params = list(method.parameters())
-    model = PromptedModel(bb, method, activation_checkpointing=args.activation_checkpointing)
-    enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+    trainable = _trainable(cfg, bb, task, weights)
+    model = PromptedModel(bb, trainable.method, activation_checkpointing=args.activation_checkpointing)
+    enc = TaskEncoder(task, bb.tokenizer, trainable.method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
     train_rows, bad = enc.check_rows(splits.get("train", []), "train", args.skip_bad_rows)
     val_rows, _ = enc.check_rows(splits.get("validation", []), "validation", args.skip_bad_rows)
     if args.eval_examples and len(val_rows) > args.eval_examples:
@@ -202,112 +322,80 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
-    optimizer = make_optimizer(params, args if not full_finetune else _ft_args(args))
+    optimizer = make_optimizer(trainable.params, _weights_args(args, weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
     if resume:
         ck = load_checkpoint(out / CHECKPOINT)
-        method.load_tensors(ck["method"])
+        trainable.load(ck["method"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         state.update(ck["state"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate((ck["rng"]["python"][0], tuple(ck["rng"]["python"][1]), ck["rng"]["python"][2]))
-    log = _Logger(out, ddp.main and not full_finetune, quiet or not ddp.main, args.steps, state["step"],
-                  args.log_every)
-    trainable = sum(p.numel() for p in params)
-    total = trainable + (0 if full_finetune else sum(p.numel() for p in bb.model.parameters()))
-    reset_peak()
-
-    # ---- the loop ----------------------------------------------------------------------------------
-    model.train()
-    stopped = "steps"
-    t_start = time.perf_counter() - state["train_seconds"]
-    device = bb.device
-    step = state["step"]
-    while step < args.steps:
-        rows = [train_rows[i] for i in example_order(len(train_rows), args.batch_size, cfg.seed, step,
-                                                                 lengths, args.length_buckets)]
-        count = enc.count(rows)  # loss normaliser of the whole global batch
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        tokens = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no sync per micro-batch
-        for j in range(args.grad_accum):
-            shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
-            batch = enc.batch(shard, device)
-            tokens += batch["attention_mask"].sum() + method.num_virtual_tokens * len(shard)
-            with autocast(precision, device):
-                if task.kind == "classification":
-                    loss = classification_loss(enc, model, batch, args.loss)
-                else:
-                    loss = generation_loss(model, batch)
-            (loss / count).backward()
-            loss_sum += loss.detach()
-        ddp.all_reduce_grads(params)
-        local_loss, local_tokens = torch.stack([loss_sum, tokens]).tolist()  # the one host sync per step
-        loss_value = ddp.sum(local_loss) / count
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint (step {_ck_step(out)}) is kept in {out / CHECKPOINT}" \
-                if (out / CHECKPOINT).exists() else "no checkpoint was written yet"
-            raise SoftPromptError(f"loss became {loss_value} at step {step + 1}; stopping: {kept}; lower train.lr "
-                                  "or use train.max_grad_norm")
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["step"] = step
-        state["tokens"] += int(ddp.sum(local_tokens))
-        state["train_seconds"] = time.perf_counter() - t_start
-        log.step(step, loss_value, scheduler.get_last_lr()[0], state)
-        if on_step is not None:
-            on_step(step, loss_value)
-
-        last = step == args.steps
-        if (args.eval_every and step % args.eval_every == 0) or last:
-            model.eval()
-            metrics = evaluate(model, enc, val_rows, precision)
-            model.train()
-            score = headline(metrics)
-            log.eval(step, metrics)
-            if state["best_score"] is None or score > state["best_score"]:
-                state.update(best_score=score, best_step=step, best_metrics=_small(metrics), bad_evals=0,
-                             best_tensors=None if full_finetune else {k: v.detach().cpu().clone()
-                                                                      for k, v in method.tensors().items()})
-            else:
-                state["bad_evals"] += 1
-            if args.patience and state["bad_evals"] >= args.patience:
-                stopped = "early_stopping"
-        if not full_finetune and ddp.main and (step % args.save_every == 0 or last or stopped != "steps"):
-            save_checkpoint(out / CHECKPOINT, {
-                "method": method.tensors(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}})
-        if stopped != "steps":
-            break
-
-    # ---- clean-up: keep the best prompt, report --------------------------------------------------
-    model.eval()
-    train_seconds = state["train_seconds"]
-    memory = peak_memory()
-    prompt_path = None
-    if not full_finetune:
-        if state["best_tensors"] is not None:  # the kept prompt is the best one on validation
-            method.load_tensors(state["best_tensors"])
-        prompt_path = out / PROMPT_FILE if ddp.main else None  # only rank 0 writes
-        report = _report(trainable, total, state, train_seconds, memory, bad.skipped, None)
-        if ddp.main:
-            save_prompt(out / PROMPT_FILE, method, bb, task=task.to_dict(), overwrite=True, training={
-                "config": cfg.to_dict(), "best_step": state["best_step"], "validation": state["best_metrics"],
-                **report})
-            report["bytes_per_task"] = (out / PROMPT_FILE).stat().st_size
-            log.finish(report)
+    log = _Logger(out, ddp.main and writes, quiet or not ddp.main, args.steps, state["step"], args.log_every)
+    class_weights = select = None
+    if task.kind == "classification":
+        counts = [0] * len(task.labels)
+        for r in train_rows:
+            counts[enc.label_index(r)] += 1
+        imbalanced = min(counts) == 0 or max(counts) > 1.5 * min(counts)
+        select = args.select if args.select != "auto" else ("macro_f1" if imbalanced else "accuracy")
+        if args.class_weights == "balanced":  # n / (classes * count): every class weighs the same in the loss
+            class_weights = torch.tensor([len(train_rows) / (len(counts) * max(c, 1)) for c in counts],
+                                         dtype=torch.float32, device=bb.device)
     else:
-        report = _report(trainable, total, state, train_seconds, memory, bad.skipped,
-                         sum(p.numel() * p.element_size() for p in bb.model.parameters()))
-        bb.model.requires_grad_(False)
-        bb.model.eval()
+        select = "exact_match"
+    reset_peak()
+    return _Run(cfg=cfg, ddp=ddp, out=out, task=task, bb=bb, trainable=trainable, model=model, enc=enc,
+                train_rows=train_rows, val_rows=val_rows, lengths=lengths, precision=precision, select=select,
+                class_weights=class_weights, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
+                skipped=bad.skipped, writes=writes)
+
+
+def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None) -> Trainable:
+    if weights is None:
+        labels = [ws[0] for ws in task.verbalizer.values()]
+        method = get_method(cfg.method.name).create(bb, cfg.method.method_config(labels, cfg.seed))
+        return Trainable(method)
+    empty = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device)  # no prompt: the weights change instead
+    if weights == "all":
+        bb.model.requires_grad_(True)
+        return Trainable(empty, dict(bb.model.named_parameters()))
+    if weights == "lora":  # the adapters PEFT injected into this (copied) backbone
+        named = {n: p for n, p in bb.model.named_parameters() if "lora_" in n}
+        if not named:
+            raise SoftPromptError("weights='lora' needs a backbone with LoRA adapters injected (see compare)")
+        for p in named.values():
+            p.requires_grad_(True)
+        return Trainable(empty, named)
+    raise SoftPromptError(f"weights must be None, 'all' or 'lora', not {weights!r}")
+
+
+def _finish(run: _Run, step: int, stopped: str) -> RunResult:
+    """Keep the best state on validation, save the prompt (rank 0), report."""
+    run.model.eval()
+    state, out, ddp = run.state, run.out, run.ddp
+    if state["best_tensors"] is not None:  # the kept state is the best one on validation
+        run.trainable.load(state["best_tensors"])
+    trainable = sum(p.numel() for p in run.trainable.params)
+    report = {**_report(trainable, state, run.bb, run.trainable.named is not None, run.skipped),
+              "precision": run.precision, "selected_on": run.select}
+    prompt_path = None
+    if run.writes:
+        prompt_path = out / PROMPT_FILE if ddp.main else None  # only rank 0 writes
+        if ddp.main:
+            save_prompt(out / PROMPT_FILE, run.trainable.method, run.bb, task=run.task.to_dict(), overwrite=True,
+                        training={"config": run.cfg.to_dict(), "best_step": state["best_step"],
+                                  "validation": state["best_metrics"], **report})
+            report["bytes_per_task"] = (out / PROMPT_FILE).stat().st_size
+            run.log.finish(report)
+    else:
+        report["bytes_per_task"] = sum(p.numel() * p.element_size() for p in run.trainable.params)
+        for p in run.trainable.params:
+            p.requires_grad_(False)
+        run.bb.model.eval()
     ddp.barrier()
     return RunResult(out_dir=out, prompt_path=prompt_path, final_step=step, best=state["best_metrics"],
                      best_step=state["best_step"], report=report, stopped=stopped)
@@ -319,10 +407,14 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _ft_args(args):
+def _weights_args(args, weights: str | None):
+    """The optimizer settings: the run's own for a prompt; AdamW at finetune_lr / lora_lr for the baselines."""
     from dataclasses import replace
 
-    return replace(args, optimizer="adamw", lr=args.finetune_lr, weight_decay=0.0)
+    if weights is None:
+        return args
+    return replace(args, optimizer="adamw", lr=args.finetune_lr if weights == "all" else args.lora_lr,
+                   weight_decay=0.0)
 
 
 def _ck_step(out: Path) -> int | str:
@@ -333,14 +425,15 @@ def _ck_step(out: Path) -> int | str:
 
 
 def _small(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "confusion"}
+    return {k: v for k, v in metrics.items() if k not in ("confusion", "recall")}
 
 
-def _report(trainable, total, state, seconds, memory, skipped, bytes_per_task) -> dict:
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_share": trainable / max(1, total), "bytes_per_task": bytes_per_task,
-            "tokens_processed": state["tokens"], "train_seconds": round(seconds, 2),
-            "tokens_per_second": round(state["tokens"] / max(seconds, 1e-9), 1), **memory,
+def _report(trainable: int, state: dict, bb: Any, weights: bool, skipped: int) -> dict:
+    total = sum(p.numel() for p in bb.model.parameters()) + (0 if weights else trainable)
+    seconds = state["train_seconds"]
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / max(1, total),
+            "bytes_per_task": None, "tokens_processed": state["tokens"], "train_seconds": round(seconds, 2),
+            "tokens_per_second": round(state["tokens"] / max(seconds, 1e-9), 1), **peak_memory(),
             "skipped_rows": skipped, "steps": state["step"], "processes": _world()}
 
 

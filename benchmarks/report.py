@@ -1,0 +1,217 @@
+"""Render every published table from the results JSONs, into the README and the docs.
+
+    python benchmarks/report.py           # rewrite the tables in place
+    python benchmarks/report.py --check   # exit 1 if a committed table differs from what the JSON renders (CI)
+
+A table lives between ``<!-- table:NAME -->`` and ``<!-- /table -->`` in a Markdown file; NAME picks the renderer
+below and the JSON it reads. No figure is typed by hand: each one comes from a file that a committed command wrote
+(the command is named under each table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+CASES = {"train_cls": "train step, classification (verbalizer)", "train_gen": "train step, generation targets",
+         "score": "scoring {rows} test rows", "generate": "generate, batch {batch} x {new} new tokens"}
+SIDE_NAMES = {"peft": "PEFT generate", "peft_nocache": "PEFT generate, use_cache=False",
+              "hf_embeds": "transformers generate(inputs_embeds)"}
+
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    if not path.exists():
+        raise SystemExit(f"report: {path} is missing; run the command that writes it (see benchmarks/README.md)")
+    return json.loads(path.read_text())
+
+
+def machine_line(m: dict) -> str:
+    flags = ", ".join(m.get("cpu_flags", []))
+    return (f"{m.get('cpu', '?')} ({flags}; native bf16: {'yes' if m.get('native_bf16') else 'no'}), "
+            f"{m.get('threads', '?')} threads, torch {m.get('torch')}, transformers {m.get('transformers')}, "
+            f"peft {m.get('peft')}")
+
+
+def _case(r: dict) -> str:
+    return CASES[r["case"]].format(rows=r.get("rows"), batch=r.get("batch"), new=r.get("new_tokens"))
+
+
+def speed(res: dict) -> str:
+    """softprompt vs the tuned PEFT (train_vs_peft.json)."""
+    a = res["args"]
+    lines = [f"{a['model']}, batch {a['batch']} x <= {a['seq']} tokens, P = {a['prompt_len']}; each side in its own "
+             f"processes, {a['rounds']} x {a['repeats']} runs, median. Machine: {machine_line(res['machine'])}.", "",
+             "| case | precision | softprompt | tuned PEFT | speed-up | outputs |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        med = r["median_s"]
+        if r["case"] == "generate":
+            eq = r["rows_equal_reference"]
+            base = r.get("baseline")
+            out = f"reference tokens: softprompt {eq['softprompt']}, PEFT {eq['peft']}"
+            if base is None:
+                lines.append(f"| {_case(r)} | {r['precision']} | {med['softprompt']:.2f} s | - | - | {out}; no "
+                             "baseline produced the reference's tokens |")
+                continue
+            out += f"; ratio against {SIDE_NAMES[base]} ({eq[base]})"
+            lines.append(f"| {_case(r)} | {r['precision']} | {med['softprompt']:.2f} s | {r['peft_s']:.2f} s | "
+                         f"{r['speedup']:.2f}x | {out} |")
+            continue
+        if r["case"] == "score":
+            ref = r["softprompt_vs_reference"]
+            out = f"softprompt = reference on {ref['predictions_equal_reference']}/{ref['rows']} rows"
+        else:
+            out = "same loss on an unpadded row" + (f"; PEFT with SDPA's {r['peft_kernel']} kernel"
+                                                    if r["precision"] == "bf16" else "")
+        lines.append(f"| {_case(r)} | {r['precision']} | {med['softprompt']:.2f} s | {r['peft_s']:.2f} s | "
+                     f"{r['speedup']:.2f}x | {out} |")
+    if res.get("memory"):
+        lines += ["", "Peak memory of a training step (fresh process per side; in brackets: above the loaded model):",
+                  "", "| case | precision | softprompt | PEFT | ratio |", "|---|---|---|---|---|"]
+        for m in res["memory"]:
+            s, p = m["softprompt"], m["peft"]
+            lines.append(f"| {CASES[m['case']]} | {m['precision']} | {s['peak_rss_mb']:.0f} MB "
+                         f"(+{s['peak_rss_mb'] - s['loaded_rss_mb']:.0f}) | {p['peak_rss_mb']:.0f} MB "
+                         f"(+{p['peak_rss_mb'] - p['loaded_rss_mb']:.0f}) | {m['peak_rss_ratio']:.2f} "
+                         f"({m['above_loaded_ratio']:.2f}) |")
+    lines += ["", "Command: `python benchmarks/train_vs_peft.py` -> `benchmarks/results/train_vs_peft.json`."]
+    return "\n".join(lines)
+
+
+def speed_headline(res: dict) -> str:
+    """The README's short version: one line per case, float32 and bf16 side by side."""
+    by = {(r["case"], r["precision"]): r for r in res["rows"]}
+    precisions = [p for p in ("float32", "bf16") if any(k[1] == p for k in by)]
+    lines = ["| case | " + " | ".join(f"speed-up, {p}" for p in precisions) + " |",
+             "|---|" + "---|" * len(precisions)]
+    for case in ("train_cls", "train_gen", "score", "generate"):
+        cells = []
+        for p in precisions:
+            r = by.get((case, p))
+            cells.append("-" if r is None or not r.get("speedup") else f"{r['speedup']:.2f}x")
+        if (case, precisions[0]) in by:
+            lines.append(f"| {_case(by[(case, precisions[0])])} | " + " | ".join(cells) + " |")
+    lines += ["", f"Against a tuned PEFT doing the same work with the same outputs, each side in its own processes; "
+              f"{machine_line(res['machine'])}. Details: [benchmarks](docs/benchmarks.md)."]
+    return "\n".join(lines)
+
+
+def redesign(_: dict) -> str:
+    """Before/after of the core's redesign: the same benchmark on the code before and after, same machine."""
+    before, after = load("train_vs_peft_before_redesign.json"), load("train_vs_peft.json")
+    old = {(r["case"], r["precision"]): r["median_s"]["softprompt"] for r in before["rows"]}
+    lines = [f"softprompt's own time per case, before and after the redesign (same benchmark, same machine: "
+             f"{machine_line(after['machine'])}).", "",
+             "| case | precision | before | after | after / before |", "|---|---|---|---|---|"]
+    for r in after["rows"]:
+        key = (r["case"], r["precision"])
+        if key in old:
+            t = r["median_s"]["softprompt"]
+            lines.append(f"| {_case(r)} | {r['precision']} | {old[key]:.2f} s | {t:.2f} s | {t / old[key]:.2f} |")
+    lines += ["", "Commands: `python benchmarks/train_vs_peft.py` at the commit before the redesign (`--out "
+              "benchmarks/results/train_vs_peft_before_redesign.json`) and after."]
+    return "\n".join(lines)
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def comparison(res: dict) -> str:
+    """A `softprompt compare` result (compare.json)."""
+    lines = [f"{res['task']} on {res['model']}: {res['test_rows']} test rows, {res.get('steps')} steps x "
+             f"{res.get('batch_size')} for every trained row, {res.get('precision')}.", "",
+             "| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory | lr "
+             "(chosen on validation) | shares a batch |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
+        f1 = "-" if r.get("macro_f1") is None else f"{r['macro_f1']:.3f}"
+        mem = f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"
+        lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
+        if r.get("lr_grid"):
+            lr += f" of {', '.join(f'{x:g}' for x in r['lr_grid'])}"
+        lines.append(f"| {r['method']} | {acc} | {f1} | {r['trainable_params']:,} | {_size(r['bytes_per_task'])} | "
+                     f"{r['train_seconds']:.0f} s | {mem} | {lr} | {r.get('shares_batch', 'yes')} |")
+    for note in res.get("notes") or []:
+        lines += ["", f"{note[0].upper()}{note[1:]}."]
+    cmd = res.get("command")
+    if cmd:
+        lines += ["", f"Command: `{cmd}`."]
+    if res.get("machine"):
+        lines += [f"Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
+def demo(res: dict) -> str:
+    """The demo's table, from one run (benchmarks/run_demo.py)."""
+    rows = res["result"]["rows"]
+    lines = ["| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['accuracy']:.1%} | {r['macro_f1']:.3f} | {r['trainable_params']:,} | "
+                     f"{_size(r['bytes_per_task'])} | {r['train_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+    m = res["machine"]
+    lines += ["", f"One run of `softprompt demo` ({res['wall_seconds'] / 60:.1f} min in all, model cache warm, "
+              f"computing in {res['result'].get('precision')}) on {machine_line(m)}. Command: "
+              f"`python benchmarks/run_demo.py`."]
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "speed": (speed, "train_vs_peft.json"),
+    "speed_headline": (speed_headline, "train_vs_peft.json"),
+    "redesign": (redesign, "train_vs_peft.json"),
+    "compare_rt": (comparison, "compare_rotten_tomatoes.json"),
+    "compare_r8": (comparison, "compare_reuters_r8.json"),
+    "demo": (demo, "demo.json"),
+    "demo_avx2": (demo, "demo_avx2.json"),
+}
+BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
+
+
+def render(text: str) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise SystemExit(f"report: unknown table {name!r}; known: {', '.join(RENDERERS)}")
+        fn, source = RENDERERS[name]
+        return f"{m.group(1)}{fn(load(source))}\n{m.group(4)}"
+
+    return BLOCK.sub(one, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="fail if a committed table differs from its JSON")
+    args = ap.parse_args()
+    stale = []
+    for page in PAGES:
+        text = page.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(page.relative_to(ROOT))
+            if not args.check:
+                page.write_text(new)
+    if args.check and stale:
+        print(f"report: tables differ from their results JSON in: {', '.join(map(str, stale))}; run "
+              "python benchmarks/report.py", file=sys.stderr)
+        return 1
+    print(f"report: {'checked' if args.check else 'rendered'} {len(PAGES)} pages"
+          + (f"; rewrote {', '.join(map(str, stale))}" if stale and not args.check else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Backbones: frozen models that prompts go into, one file per kind (``base.Backbone`` is the protocol)."""
+
+from .base import Backbone, ModuleBackbone, fingerprint_id, fingerprints_match, freeze
+from .causal_lm import CausalLMBackbone
+from .loading import load_backbone, resolve_device, resolve_dtype
+
+__all__ = ["Backbone", "CausalLMBackbone", "ModuleBackbone", "fingerprint_id", "fingerprints_match", "freeze",
+           "load_backbone", "resolve_device", "resolve_dtype"]

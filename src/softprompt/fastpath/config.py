@@ -1,0 +1,38 @@
+"""The fast path's switches: one object, every switch public, all on by default. What each buys is measured in
+benchmarks/speedups.py (before/after of each switch, same process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class FastPathConfig:
+    """Speed-ups for a frozen backbone; each keeps every real position's values and the prompt's gradient."""
+
+    enabled: bool = True  # False: the plain path (the model's own forward, full logits), nothing installed
+    lean_head: bool = True  # final hidden states out; the LM head only where a loss or a score needs it
+    last_column_mlp: bool = True  # classification: the last decoder layer's MLP at the answer column only
+    unpadded_mlp: bool = True  # every decoder MLP runs on the real tokens only, never on padding
+    gated_mlp_memory: bool = True  # training: a gated MLP keeps its two projections for backward, not three tensors
+    shared_prefix: bool = True  # classification: the rows' common first tokens run once, after the prompt
+    cached_weight_casts: bool = True  # bf16/fp16 autocast: the frozen weights cast once, not at every forward
+    sdpa_gqa: bool = True  # CPU: SDPA on the key/value heads (enable_gqa), not on repeated copies of them
+    # bf16 training on CPU: SDPA's math kernel, whose backward is faster there than the flash kernel's (measured
+    # 6.1 vs 10.8 ms per layer, batch 8 x 72 tokens). Off by default: it computes in bf16 throughout, and one
+    # step's prompt gradient was 9-38% (relative norm) away from float32's on tiny Llama/GPT-2/Qwen2, against 0.5%
+    # with the default kernel, which accumulates in float32 (tests/test_fastpath.py)
+    bf16_math_attention: bool = False
+
+    @classmethod
+    def off(cls) -> FastPathConfig:
+        return cls(**{f.name: False for f in fields(cls)})
+
+    def without(self, *names: str) -> FastPathConfig:
+        """This config with the named switches off (benchmarks: what one switch buys)."""
+        from dataclasses import replace
+
+        return replace(self, **dict.fromkeys(names, False))
+
+
+SWITCHES = tuple(f.name for f in fields(FastPathConfig) if f.name != "enabled")

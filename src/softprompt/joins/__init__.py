@@ -1,0 +1,42 @@
+"""Joins: how a typed prompt goes into a backbone, one per (prompt kind, backbone kind), looked up here.
+
+``PromptedModel`` is backbone + method + join and branches on neither: it asks ``get_join(method.prompt_kind,
+backbone.kind)`` and hands the work over. A new join is one class and one ``@register`` line.
+
+| prompt kind | backbone kind | join | what it does |
+|---|---|---|---|
+| embeddings | causal_lm | ``EmbeddingsIntoCausalLM`` | the prompt runs once (batch 1); its keys/values are the rows' prefix |
+| kv | causal_lm | ``KVIntoCausalLM`` | the per-layer keys/values are the rows' prefix |
+| embeddings | module | ``EmbeddingsIntoModule`` | the prompt is concatenated in front of the input embeddings |
+"""
+
+from __future__ import annotations
+
+from ..errors import SoftPromptError
+from .base import JOINS, Join, register
+from .causal import (
+    CausalJoin,
+    EmbeddingsIntoCausalLM,
+    KVIntoCausalLM,
+    Prefix,
+    check_mask,
+    input_positions,
+    run_rows,
+    stack_prefixes,
+    truncate_to_fit,
+)
+from .module import EmbeddingsIntoModule, prefix_join
+
+__all__ = ["JOINS", "CausalJoin", "EmbeddingsIntoCausalLM", "EmbeddingsIntoModule", "Join", "KVIntoCausalLM",
+           "Prefix", "check_mask", "get_join", "input_positions", "prefix_join", "register", "run_rows",
+           "stack_prefixes", "truncate_to_fit"]
+
+
+def get_join(prompt_kind: str, backbone_kind: str) -> Join:
+    join = JOINS.get((prompt_kind, backbone_kind))
+    if join is None:
+        fits = sorted(b for p, b in JOINS if p == prompt_kind)
+        raise SoftPromptError(
+            f"a {prompt_kind!r} prompt cannot go into a {backbone_kind!r} backbone (it goes into: "
+            f"{', '.join(fits) or 'none'}); use a method whose prompt fits this backbone")
+    return join

@@ -1,0 +1,317 @@
+"""The fast path (softprompt.fastpath), through its public switches: each switch keeps the loss and the prompt
+gradient of the plain path, is engaged where it should be, stays in its thread, installs only where it is known and
+correct, and uninstalls to the untouched model."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import SYNTH_TASK, make_backbone, make_tokenizer
+
+import softprompt as sp
+from softprompt.fastpath import ARCHITECTURES, SWITCHES, Architecture, FastPathConfig
+from softprompt.tasks.encode import TaskEncoder
+from softprompt.tasks.spec import TaskSpec
+from softprompt.train.loop import classification_loss, generation_loss
+
+TEXTS = ["the movie was great and fun", "bad", "this plot is not very good !"]
+
+
+@pytest.fixture
+def switched():
+    """Set a backbone's fast-path config for a test, restore the default after."""
+    touched = []
+
+    def use(bb, config):
+        sp.runtime(bb).configure(config)
+        touched.append(bb)
+
+    yield use
+    for bb in touched:
+        sp.runtime(bb).configure(FastPathConfig())
+
+
+def batch(bb, texts, side="left"):
+    bb.tokenizer.padding_side = side
+    enc = bb.tokenizer(texts, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def encoders(bb):
+    enc = TaskEncoder(TaskSpec(**SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+    gen = TaskEncoder(TaskSpec(template="question : {q} answer :", target_field="a"), bb.tokenizer, 4,
+                      bb.max_positions, bb.pad_token_id)
+    return enc, gen
+
+
+def step(bb, case, precision="float32", P=4, name="prompt_tuning"):
+    """Loss and prompt gradient of one training step on a padded batch (rows sharing their first tokens)."""
+    enc, gen = encoders(bb)
+    rows = [{"text": "review : " + t, "label": "positive", "q": t, "a": "it is"} for t in TEXTS]
+    b = enc.classification_batch(rows) if case == "classification" else gen.generation_batch(rows)
+    assert not bool(b["attention_mask"].all())  # padded: the unpadded MLP has something to skip
+    method = sp.get_method(name).create(bb, num_virtual_tokens=P, init="vocab", seed=3)
+    model = sp.PromptedModel(bb, method)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = classification_loss(enc, model, b, "options") if case == "classification" else generation_loss(model, b)
+    loss.backward()
+    return loss.detach().float(), torch.cat([p.grad.flatten() for p in method.parameters()])
+
+
+@pytest.mark.parametrize("off", [None, *SWITCHES, "all"])
+@pytest.mark.parametrize("case", ["classification", "generation"])
+def test_each_switch_keeps_loss_and_gradient(backbone, switched, case, off):
+    """Every switch on (the default), each one off, all off: the loss and prompt gradient of the plain path (the
+    model's own forward and full logits), in float32, where every switch's logic is the same as in any precision."""
+    config = FastPathConfig() if off is None else FastPathConfig.off() if off == "all" else FastPathConfig().without(off)
+    switched(backbone, FastPathConfig(enabled=False))
+    want = step(backbone, case)
+    switched(backbone, config)
+    got = step(backbone, case)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning"])
+def test_bf16_switches_within_bf16_rounding_of_float32(backbone, switched, name):
+    """bf16 autocast: the fast path is as close to float32 as the plain bf16 path (the model's own forward under
+    autocast): loss within 4 bf16 roundings (2^-8 relative each), prompt gradient within twice the plain path's
+    error (measured 0.4-0.7% for both) or 2%. Cached weight casts give exactly autocast's own casts' numbers."""
+    ref_loss, ref_grad = step(backbone, "classification", "float32", name=name)
+
+    def error(config):
+        switched(backbone, config)
+        loss, grad = step(backbone, "classification", "bf16", name=name)
+        return loss, grad, float((grad - ref_grad).norm() / ref_grad.norm())
+
+    plain = error(FastPathConfig(enabled=False))
+    uncached = error(FastPathConfig().without("cached_weight_casts"))
+    fast = error(FastPathConfig())
+    for loss, _, grad_error in (plain, uncached, fast):
+        assert abs(loss - ref_loss) <= 4 * 2**-8 * abs(ref_loss)
+        assert grad_error <= max(2 * plain[2], 0.02), (grad_error, plain[2])
+    torch.testing.assert_close(fast[0], uncached[0], atol=0, rtol=0)  # same bf16 weights, same numbers
+    torch.testing.assert_close(fast[1], uncached[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_hidden_states_and_head_give_the_forward_logits(backbone, side):
+    ids, mask = batch(backbone, TEXTS, side)
+    for P in (0, 4):
+        method = sp.PromptTuning.create(backbone, num_virtual_tokens=P, seed=1) if P else \
+            sp.PromptTuning(torch.empty(0, backbone.hidden_size))
+        model = sp.PromptedModel(backbone, method)
+        assert model.lean
+        with torch.no_grad():
+            full = model(ids, mask).logits
+            hidden, last = model.hidden_states(ids, mask)
+            lean = model.head(hidden)
+            rows = model.head(hidden, [5, 9])
+        real = mask.bool()
+        torch.testing.assert_close(lean[real], full[real], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(rows, lean[..., [5, 9]])
+        assert (last is None) == (P == 0)
+
+
+def saved_bytes(fn) -> tuple[object, int]:
+    """fn's result, and the bytes of distinct storages autograd keeps for its backward."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_speedups_are_engaged(switched):
+    """Each switch changes what runs (equal results are checked above): the MLP sees real tokens only, the last
+    layer's MLP the answer column only, SDPA gets the key/value heads, a gated MLP keeps less for backward, the
+    rows' shared first tokens run once, bf16 weights are cast once and reused."""
+    import torch.nn.functional as F
+
+    bb = make_backbone("llama")
+    cfg = bb.model.config
+    enc, _ = encoders(bb)
+    b = enc.classification_batch([{"text": "review : " + t, "label": "positive"} for t in TEXTS])
+    real = int(b["attention_mask"].sum())
+    mlps = [layer.mlp for layer in bb.model.base_model.layers]
+    widths = {0: [], len(mlps) - 1: []}
+    hooks = [mlps[i].gate_proj.register_forward_pre_hook(lambda m, a, i=i: widths[i].append(a[0].shape[:-1].numel()))
+             for i in widths]
+    kv_heads = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, *a, **kw):
+        if k.shape[0] == len(TEXTS):  # the rows' forward
+            kv_heads.append(k.shape[1])
+        return sdpa(q, k, *a, **kw)
+
+    def train_step():
+        m = sp.PromptedModel(bb, sp.PromptTuning.create(bb, num_virtual_tokens=4, seed=1))
+        return classification_loss(enc, m, b, "options")
+
+    kept = {}
+    F.scaled_dot_product_attention = spy
+    try:
+        for on in (False, True):
+            switched(bb, FastPathConfig() if on else FastPathConfig(lean_head=True).without(*SWITCHES[1:]))
+            for w in widths.values():
+                w.clear()
+            kv_heads.clear()
+            _, kept[on] = saved_bytes(train_step)
+            shared = 2  # "review :" starts every row: it runs once, after the prompt, when shared_prefix is on
+            rows_tokens = real - shared * len(TEXTS) if on else b["input_ids"].numel()
+            assert widths[0][-1] == rows_tokens  # the first MLP: the real tokens only
+            assert widths[len(mlps) - 1][-1] == (len(TEXTS) if on else b["input_ids"].numel())  # the answer column
+            assert set(kv_heads) == ({cfg.num_key_value_heads} if on else {cfg.num_attention_heads})
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    # at least one (tokens, intermediate) float32 tensor less per layer but the last
+    assert kept[False] - kept[True] >= (cfg.num_hidden_layers - 1) * (real - 6) * cfg.intermediate_size * 4
+    fp = sp.runtime(bb).fastpath
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train_step()
+        casts = fp.casts[torch.bfloat16].store
+        first = {m: w.data_ptr() for m, (_, w) in casts.items()}
+        train_step()
+    assert len(casts) == sum(type(m) is torch.nn.Linear for m in bb.model.base_model.modules())
+    assert {m: w.data_ptr() for m, (_, w) in casts.items()} == first  # cast once, reused
+    layer = mlps[0].down_proj
+    with torch.no_grad():
+        layer.weight.mul_(2)  # changed in place: cast again
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            train_step()
+    torch.testing.assert_close(casts[layer][1].float(), layer.weight.to(torch.bfloat16).float())
+
+
+def test_a_forward_in_another_thread_runs_the_plain_modules(llama):
+    """While one thread runs an engaged forward (bf16 casts, GQA, unpadded MLPs), a float32 forward of the same
+    model in another thread sees the plain modules: its logits are the untouched model's."""
+    ids, mask = batch(llama, TEXTS)
+    with torch.no_grad():
+        want = llama.model(input_ids=ids, attention_mask=mask).logits
+    rt = sp.runtime(llama)
+    seen = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), rt.engaged(mask):
+        inside = llama.model(input_ids=ids, attention_mask=mask).logits
+
+        def other():
+            with torch.no_grad():
+                seen["logits"] = llama.model(input_ids=ids, attention_mask=mask).logits
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen["logits"].dtype == torch.float32
+    torch.testing.assert_close(seen["logits"], want, atol=1e-6, rtol=1e-5)
+    real = mask.bool()
+    assert (inside.float() - want)[real].abs().max() > 1e-4  # this thread ran on bf16 weights
+    torch.testing.assert_close(inside.float()[real], want[real], atol=5e-2, rtol=5e-2)
+
+
+def test_uninstall_restores_the_untouched_model(llama):
+    rt = sp.runtime(llama)
+    fp = rt.fastpath
+    assert fp.installed and llama.model.config._attn_implementation == "softprompt_sdpa"
+    assert all("forward" in vars(m) for m in fp.mlps + fp.linears)
+    modules = fp.mlps + fp.linears
+    fp.uninstall()
+    assert llama.model.config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(m) for m in modules) and not rt.lean
+    fp.install()
+    assert fp.installed and rt.lean
+
+
+def test_unknown_or_failing_architecture_runs_the_plain_path(capsys, monkeypatch):
+    bb = make_backbone("llama")
+    bb.model.config.model_type = "llama-like-unknown"
+    rt = sp.runtime(bb)
+    assert not rt.lean and not rt.fastpath.installed
+    assert "'llama-like-unknown' is not in the fast path's table; running the plain path" in capsys.readouterr().err
+    enc, _ = encoders(bb)
+    b = enc.classification_batch([{"text": t, "label": "positive"} for t in TEXTS])
+    m = sp.PromptedModel(bb, sp.PromptTuning.create(bb, num_virtual_tokens=4, seed=1))
+    plain = enc.label_scores(m, b)
+    assert plain.shape == (3, 2) and torch.isfinite(plain).all()
+    # a known type whose head does something the table does not say: the self-check catches it
+    monkeypatch.setitem(ARCHITECTURES, "llama", Architecture(gated_mlp=True, logits=lambda c, x: 2 * x))
+    bb2 = make_backbone("llama")
+    assert not sp.runtime(bb2).lean
+    assert "final hidden states through the LM head do not give its logits" in capsys.readouterr().err
+    assert all("forward" not in vars(m) for m in bb2.model.modules())
+
+
+def test_soft_capped_logits_go_through_the_self_checked_head():
+    """Gemma 2 caps its logits (tanh(x / c) * c) after the LM head: the fast path's head does too, and scores equal
+    the model's own."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, max_position_embeddings=64, final_logit_softcapping=3.0,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    bb = sp.CausalLMBackbone(AutoModelForCausalLM.from_config(cfg), make_tokenizer())
+    assert sp.runtime(bb).lean
+    ids, mask = batch(bb, TEXTS)
+    m = sp.PromptedModel(bb, sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1))
+    with torch.no_grad():
+        full = m(ids, mask).logits
+        lean = m.head(m.hidden_states(ids, mask)[0])
+    assert full.abs().max() <= 3.0 + 1e-5  # capped
+    torch.testing.assert_close(lean[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-4)
+
+
+def test_a_deep_copy_runs_its_own_weights(llama):
+    """The fine-tuning baseline trains a deep copy: the copy's installed modules run the copy's weights."""
+    ids, mask = batch(llama, TEXTS)
+    sp.runtime(llama)
+    with torch.no_grad():
+        want = llama.model(input_ids=ids, attention_mask=mask).logits
+    twin = copy.deepcopy(llama)
+    assert sp.runtime(twin).lean
+    torch.nn.init.zeros_(twin.model.base_model.layers[-1].mlp.down_proj.weight)
+    m_twin = sp.PromptedModel(twin, sp.PromptTuning(torch.empty(0, 32)))
+    m_orig = sp.PromptedModel(llama, sp.PromptTuning(torch.empty(0, 32)))
+    with torch.no_grad():
+        assert not torch.allclose(m_twin(ids, mask).logits, want)
+        torch.testing.assert_close(m_orig(ids, mask).logits, want)
+
+
+def test_gated_activation_gradient():
+    from softprompt.fastpath.mlp import GatedActivation
+
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    for act, silu in ((torch.nn.SiLU(), True), (torch.nn.GELU("tanh"), False)):
+        assert torch.autograd.gradcheck(lambda a, b, act=act, silu=silu: GatedActivation.apply(a, b, act, silu), (g, u))
+
+
+def test_prompt_cache_is_keyed_by_content_and_precision_and_bounded(llama):
+    rt = sp.runtime(llama)
+    rt.clear()
+    enc, _ = encoders(llama)
+    b = enc.classification_batch([{"text": t, "label": "positive"} for t in TEXTS])
+    method = sp.PromptTuning.create(llama, num_virtual_tokens=4, seed=1)
+    model = sp.PromptedModel(llama, method).eval()
+    with torch.no_grad():
+        a = enc.label_scores(model, b)
+        misses = rt.cache.misses
+        assert torch.equal(enc.label_scores(model, b), a) and rt.cache.misses == misses  # reused
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            enc.label_scores(model, b)
+        assert rt.cache.misses > misses  # another precision: computed apart
+        method.weight.add_(0.1)  # new content: never the stale prefix
+        assert not torch.allclose(enc.label_scores(model, b), a)
+    rt.clear()
+    assert len(rt.cache) == 0
+    for i in range(rt.cache.capacity + 5):
+        with torch.no_grad():
+            sp.generate(llama, torch.randn(2, 32) * 0.1 + i, ["the movie"], max_new_tokens=1)
+    assert len(rt.cache) == rt.cache.capacity
