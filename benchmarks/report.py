@@ -169,6 +169,68 @@ def demo(res: dict) -> str:
     return "\n".join(lines)
 
 
+MODES = {"a_one_at_a_time": "(a) one at a time", "b_per_task_batches": "(b) one task per batch",
+         "c_mixed_no_kv_reuse": "(c) mixed, prompt KV recomputed", "d_mixed_kv_reuse": "(d) mixed, prompt KV reused",
+         "e_bare_backbone": "(e) bare backbone"}
+
+
+def serving(res: dict) -> str:
+    """benchmarks/serving.py: requests/s per (tasks, mix) and mode at the highest concurrency."""
+    meta = res["meta"]
+    top = max(r["concurrency"] for r in res["results"])
+    cells: dict[tuple, dict] = {}
+    for r in res["results"]:
+        if r["concurrency"] == top or r["mode"] == "a_one_at_a_time":
+            cells[(r["tasks"], r["mix"], r["mode"])] = r
+    modes = [m for m in MODES if any(k[2] == m for k in cells)]
+    lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}), {meta['requests']} requests per cell, {meta['max_tokens']} new tokens each, "
+             f"{top} closed-loop clients ((a): one), median of {meta['repeats']} runs. Each cell: requests/s, time to "
+             "first token p50, latency p50 / p99.", "",
+             "| tasks, mix | " + " | ".join(MODES[m] for m in modes) + " |", "|---|" + "---|" * len(modes)]
+    for tasks, mix in sorted({(k[0], k[1]) for k in cells}):
+        row = []
+        for m in modes:
+            c = cells.get((tasks, mix, m))
+            row.append("-" if c is None else f"{c['requests_per_s']:.2f} req/s, {c['ttft_p50_s']:.2f} s, "
+                                             f"{c['latency_p50_s']:.1f} / {c['latency_p99_s']:.1f} s")
+        lines.append(f"| {tasks}, {mix} | " + " | ".join(row) + " |")
+    lines += ["", "Command: `python benchmarks/serving.py` -> `benchmarks/results/serving.json` (measured with "
+              "softprompt 0.1, before the core's redesign)."]
+    return "\n".join(lines)
+
+
+def loadtest(res: dict) -> str:
+    """benchmarks/loadtest.py: a softprompt serve subprocess under mixed load, every answer checked."""
+    kinds = ", ".join(f"{v} {k}" for k, v in res["kinds"].items()) if isinstance(res.get("kinds"), dict) else ""
+    return "\n".join([
+        "| requests | clients | tasks | errors | answers different from offline | requests/s | latency p50 / p99 | "
+        "server RSS after warm-up -> end |", "|---|---|---|---|---|---|---|---|",
+        f"| {res['requests']:,} ({kinds}) | {res['clients']} | {res['tasks']} | {res['errors']} | {res['mismatches']} | "
+        f"{res['requests_per_s']:.2f} | {res['latency_p50_s']:.1f} / {res['latency_p99_s']:.1f} s | "
+        f"{res['rss_after_warmup_mb']:.0f} -> {res['rss_end_mb']:.0f} MB |", "",
+        "Command: `python benchmarks/loadtest.py` -> `benchmarks/results/loadtest.json` (measured with softprompt "
+        "0.1, before the core's redesign)."])
+
+
+def speedups(res: dict) -> str:
+    """benchmarks/speedups.py: each fast-path switch off in turn, same process."""
+    variants = res["variants"]
+    lines = [f"Machine: {machine_line(res['machine'])}; median of {res['repeats']}, variants alternating. Time per "
+             "case; for training, in brackets the bytes autograd keeps for backward.", "",
+             "| case | precision | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for r in res["rows"]:
+        cells = []
+        for v in variants:
+            t = r["median_s"][v]
+            kept = r.get("kept_mb", {}).get(v)
+            cells.append(f"{t:.2f} s" + (f" ({kept:.0f} MB)" if kept is not None else ""))
+        lines.append(f"| {CASES[r['case']].format(rows=r.get('rows'))} | {r['precision']} | " + " | ".join(cells) + " |")
+    lines += ["", "`on`: every switch (the default); `-switch`: that one off; `off`: the plain path. Command: "
+              "`python benchmarks/speedups.py` -> `benchmarks/results/speedups.json`."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
@@ -177,6 +239,9 @@ RENDERERS = {
     "compare_r8": (comparison, "compare_reuters_r8.json"),
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),
+    "serving": (serving, "serving.json"),
+    "loadtest": (loadtest, "loadtest.json"),
+    "speedups": (speedups, "speedups.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

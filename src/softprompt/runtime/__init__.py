@@ -47,13 +47,18 @@ class Runtime:
 
     def configure(self, config: FastPathConfig) -> None:
         """Switch speed-ups on or off (public: benchmarks and tests compare paths through this)."""
-        if self.fastpath is None:
+        fp = self.fastpath
+        if fp is None:
             return
-        self.fastpath.uninstall()
-        self.fastpath.config = config
-        self.fastpath.notice = None
-        self.fastpath.install()
-        self.cache.clear()  # prefixes computed under the old head mode
+        lean = self.lean
+        if fp.installed and config.enabled:
+            fp.config = config  # the switches are read at every forward
+        else:
+            fp.uninstall()
+            fp.config, fp.notice = config, None
+            fp.install()
+        if self.lean != lean:
+            self.cache.clear()  # prefixes computed under the other head mode
 
     def cache_key(self, prompt: Prompt | None, extra: tuple = ()) -> tuple:
         bb = self.backbone

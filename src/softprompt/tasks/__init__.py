@@ -1,0 +1,1 @@
+"""Tasks: specs (template, verbalizer or target), built-in and local datasets, encoding rows into batches."""

@@ -1,0 +1,1 @@
+"""Training: the run configuration, the loop (set-up, one loop, clean-up), checkpoints, many processes, search."""
