@@ -101,3 +101,32 @@ def test_training_progress_lines_without_a_terminal(folder, tmp_path, capsys):
     assert [s.split(":")[0] for s in steps] == ["train step 4/12", "train step 8/12", "train step 12/12"]
     assert all("loss " in s and "ETA " in s and "s/step" in s for s in steps)
     assert any(line.startswith("validation at step 12: ") for line in err)
+
+
+def test_compare_every_row_with_lr_chosen_on_validation(folder, tmp_path):
+    """All rows in one table: each trained row keeps its best validation step and records the lr grid, every
+    candidate's validation score and the choice; costs per row; the notes name the best prompt method against the
+    linear probe and full fine-tuning."""
+    cfg = load_config(str(folder / "run.yaml"), ["--out_dir", str(tmp_path / "all"), "--train.steps", "24",
+                                                 "--train.eval_every", "12", "--train.eval_examples", "64"])
+    rows = ("zero_shot", "linear_probe", "prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2",
+            "lora", "fine_tune")
+    grids = {"prompt_tuning": (1e-4, 0.1), "residual": (1e-4, 0.1), "p_tuning": (1e-3, 1e-2),
+             "prefix_tuning": (1e-3, 1e-2), "p_tuning_v2": (1e-2, 0.1), "lora": (1e-3, 1e-2), "fine_tune": (1e-4, 1e-3)}
+    result = compare(cfg, baselines=rows, out=str(tmp_path / "all"), say=lambda *a: None, search_steps=6,
+                     lr_grids=grids)
+    by = {r["key"]: r for r in result["rows"]}
+    assert list(by) == list(rows)
+    for key in grids:
+        r = by[key]
+        assert r["lr_grid"] == list(grids[key]) and set(r["lr_validation"]) == {f"{x:g}" for x in grids[key]}
+        assert r["lr"] == max(grids[key], key=lambda x: r["lr_validation"][f"{x:g}"])
+        assert r["train_seconds"] > 0 and r["trainable_params"] > 0 and r["bytes_per_task"] > 0
+    assert by["prompt_tuning"]["accuracy"] > 0.8 and by["linear_probe"]["accuracy"] > 0.6
+    assert by["linear_probe"]["train_rows"] == min(256, 24 * 16) and by["linear_probe"]["bytes_per_task"] < 2000
+    assert by["prefix_tuning"]["bytes_per_task"] > by["prompt_tuning"]["bytes_per_task"]  # keys/values per layer
+    assert by["fine_tune"]["shares_batch"].startswith("no") and by["prompt_tuning"]["shares_batch"] == "yes"
+    assert any("linear probe" in n for n in result["notes"]) and any("full fine-tuning" in n for n in result["notes"])
+    assert set(by["prompt_tuning"]["recall"]) == {"positive", "negative"}
+    table = (tmp_path / "all" / "compare.md").read_text()
+    assert "| LoRA (r 8, q/v projections) |" in table and "| prefix tuning (8 tokens per layer) |" in table

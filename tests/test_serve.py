@@ -452,3 +452,44 @@ def test_completion_from_token_ids_and_a_list_of_prompts(client, bank):
                                                 "max_tokens": 4, "temperature": 0}).json()
     assert [c["index"] for c in many["choices"]] == [0, 1] and many["choices"][0]["text"] == by_text
     error_of(client.post("/v1/completions", json={"model": "beta", "prompt": [10**9]}), 400)
+
+
+def test_prefix_and_prompt_tuned_tasks_share_batches_and_answer_as_alone(tmp_path):
+    """A prefix-tuned (per-layer key/value) task, a P-tuned classifier and a prompt-tuned task in one bank: mixed
+    generation batches give each row its solo greedy tokens, /v1/classify on the P-tuned classifier equals offline
+    scoring, and /v1/models says each task's method and prompt kind."""
+    bb = make_backbone("llama")
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    methods = {"prefix": sp.PrefixTuning.create(bb, num_virtual_tokens=5, seed=1),
+               "deep": sp.DeepPrompt.create(bb, num_virtual_tokens=3, seed=2),
+               "plain": sp.PromptTuning.create(bb, num_virtual_tokens=4, seed=3)}
+    for name, m in methods.items():
+        sp.save_prompt(folder / f"{name}.safetensors", m, bb)
+    clf = sp.PTuning.create(bb, num_virtual_tokens=4, seed=4)
+    sp.save_prompt(folder / "clf.safetensors", clf, bb, task=SYNTH_TASK)
+    bank = PromptBank(bb, folder)
+    engine = Engine(bank, max_batch=16, window_ms=200).start()
+    try:
+        tasks = ["prefix", "plain", "deep", "tiny-llama-0", "prefix"]
+        jobs = [engine.generation_job(t, text, max_tokens=5, temperature=0) for t, text in zip(tasks, TEXTS, strict=False)]
+        results = submit_all(engine, jobs)
+        assert engine.metrics.snapshot()["batches"] == 1
+        for t, text, (kind, res) in zip(tasks, TEXTS, results, strict=False):
+            prompt = None if t == "tiny-llama-0" else bank.get(t).prompt
+            assert kind == "done" and res.tokens == sp.generate(bb, prompt, [text], max_new_tokens=5).tokens[0]
+        with TestClient(create_app(engine)) as client:
+            models = {m["id"]: m["softprompt"] for m in client.get("/v1/models").json()["data"]}
+            assert (models["prefix"]["method"], models["prefix"]["prompt_kind"]) == ("prefix_tuning", "kv")
+            assert (models["clf"]["method"], models["clf"]["prompt_kind"]) == ("p_tuning", "embeddings")
+            r = client.post("/v1/classify", json={"model": "clf", "input": ["the movie was great", "boring plot"]})
+            assert r.status_code == 200, r.text
+            enc = TaskEncoder(load_task(SYNTH_TASK), bb.tokenizer, 4, bb.max_positions, bb.pad_token_id)
+            model = sp.PromptedModel(bb, sp.load_method(folder / "clf.safetensors", bb)).eval()
+            with torch.no_grad():
+                want = enc.label_scores(model, enc.classification_batch(
+                    [{"text": t, "label": "positive"} for t in ["the movie was great", "boring plot"]]))
+            for d, w in zip(r.json()["data"], want, strict=True):
+                assert torch.allclose(torch.tensor([d["scores"][lab] for lab in enc.task.labels]), w, atol=1e-5)
+    finally:
+        engine.stop()

@@ -74,7 +74,7 @@ def _linear_forward(self, x):
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' SDPA attention, except inside an engaged forward on CPU: key/value heads attended directly
-    (enable_gqa) and, for bf16 training, the math kernel."""
+    (enable_gqa) and, for bf16 training, the math kernel in float32."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     plan = _ACTIVE.get()
@@ -88,7 +88,13 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if groups > 1 and not gqa:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if plan.math:
-        out = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attention_mask, dropout, False,
+        # the math op adds its mask to the scores (SDPA's front end converts a boolean mask first): masked = the
+        # dtype's lowest value, finite, so that a row with nothing to attend to (padding) stays finite
+        mask = attention_mask
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(query.dtype).min)
+        out = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, mask, dropout, False,
                                                                  scale=scaling, enable_gqa=gqa)[0]
     else:
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,

@@ -189,6 +189,8 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                          "parent": engine.model_name, "softprompt": {
                              "kind": "classification" if task.get("verbalizer") else "generation",
                              "labels": list(task.get("verbalizer") or {}) or None,
+                             "method": entry.metadata.get("method", "prompt_tuning"),
+                             "prompt_kind": entry.prompt.kind,
                              "num_virtual_tokens": entry.num_virtual_tokens}})
         return {"object": "list", "data": data}
 
