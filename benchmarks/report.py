@@ -82,6 +82,7 @@ def speed(res: dict) -> str:
                          f"(+{p['peak_rss_mb'] - p['loaded_rss_mb']:.0f}) | {m['peak_rss_ratio']:.2f} "
                          f"({m['above_loaded_ratio']:.2f}) |")
     lines += ["", "Command: `python benchmarks/train_vs_peft.py` -> `benchmarks/results/train_vs_peft.json`."]
+    lines += [f"{note[0].upper()}{note[1:]}." for note in res.get("reruns", [])]
     return "\n".join(lines)
 
 
@@ -103,20 +104,18 @@ def speed_headline(res: dict) -> str:
     return "\n".join(lines)
 
 
-def redesign(_: dict) -> str:
-    """Before/after of the core's redesign: the same benchmark on the code before and after, same machine."""
-    before, after = load("train_vs_peft_before_redesign.json"), load("train_vs_peft.json")
-    old = {(r["case"], r["precision"]): r["median_s"]["softprompt"] for r in before["rows"]}
-    lines = [f"softprompt's own time per case, before and after the redesign (same benchmark, same machine: "
-             f"{machine_line(after['machine'])}).", "",
-             "| case | precision | before | after | after / before |", "|---|---|---|---|---|"]
-    for r in after["rows"]:
-        key = (r["case"], r["precision"])
-        if key in old:
-            t = r["median_s"]["softprompt"]
-            lines.append(f"| {_case(r)} | {r['precision']} | {old[key]:.2f} s | {t:.2f} s | {t / old[key]:.2f} |")
-    lines += ["", "Commands: `python benchmarks/train_vs_peft.py` at the commit before the redesign (`--out "
-              "benchmarks/results/train_vs_peft_before_redesign.json`) and after."]
+def redesign(res: dict) -> str:
+    """Before/after of the core's redesign, interleaved (benchmarks/redesign_ab.py)."""
+    a = res["args"]
+    lines = [f"softprompt's own time per case, the code before and after the redesign in alternating fresh processes "
+             f"({a['rounds']} rounds x {a['repeats']} runs each, median); machine: {machine_line(res['machine'])}.",
+             "", "| case | precision | before | after | after / before |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        m = r["median_s"]
+        lines.append(f"| {CASES[r['case']].format(rows=128, batch=8, new=32)} | {r['precision']} | "
+                     f"{m['before']:.2f} s | {m['after']:.2f} s | {r['after_over_before']:.2f} |")
+    lines += ["", "Command: `python benchmarks/redesign_ab.py --before <src of the commit before> --after src` -> "
+              "`benchmarks/results/redesign_ab.json`."]
     return "\n".join(lines)
 
 
@@ -234,7 +233,7 @@ def speedups(res: dict) -> str:
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
-    "redesign": (redesign, "train_vs_peft.json"),
+    "redesign": (redesign, "redesign_ab.json"),
     "compare_rt": (comparison, "compare_rotten_tomatoes.json"),
     "compare_r8": (comparison, "compare_reuters_r8.json"),
     "demo": (demo, "demo.json"),

@@ -1,4 +1,4 @@
-"""Serving many tasks from one frozen backbone: the prompt bank (and, next, batching and the HTTP API)."""
+"""Serving many tasks from one frozen backbone: the prompt bank, the batching engine, the HTTP API."""
 
 from .bank import PromptBank, TaskEntry, UnknownTask
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftPromptError
+from ..errors import SoftPromptError, check_keys
 
 
 @dataclass
@@ -85,8 +85,6 @@ def load_task(task: str | dict | TaskSpec) -> TaskSpec:
                 raise SoftPromptError(f"unknown built-in task {task['builtin']!r}; known: {', '.join(BUILTIN_TASKS)}")
             base = BUILTIN_TASKS[task["builtin"]].to_dict()
             task = {k: v for k, v in task.items() if k != "builtin"}
-        from ..train.config import check_keys
-
         check_keys(task, TaskSpec, "task")
         return TaskSpec(**{**base, **task})
     raise SoftPromptError(f"a task is a name, a file or a mapping, not {type(task).__name__}")

@@ -6,12 +6,11 @@ Each group is a small dataclass with a comment per field; unknown keys are refus
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import SoftPromptError
+from ..errors import SoftPromptError, check_keys
 
 
 @dataclass
@@ -138,15 +137,6 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def check_keys(values: dict, cls: type, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {where + '.' if where else ''}{close[0]}?" if close else f"; valid keys: {', '.join(names)}"
-            raise SoftPromptError(f"unknown config key {where + '.' if where else ''}{key}{hint}")
 
 
 def _coerce(cls: type, values: dict, where: str) -> dict:
