@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+CASES = ["train_cls", "train_gen", "score", "generate"]
 
 
 def child(src: str, spec: str, args) -> dict:
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="float32,bf16")
     ap.add_argument("--cases", default="train_cls,train_gen,score,generate")
     ap.add_argument("--out", default="benchmarks/results/redesign_ab.json")
+    ap.add_argument("--keep", default=None,
+                    help="a results JSON whose rows for the (case, precision) pairs not run now are kept")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(args.after).resolve()))
     from train_vs_peft import machine
@@ -54,9 +57,15 @@ def main() -> None:
                     runs[side] += child(src, f"softprompt:{case}:{precision}", args)["times_s"]
             med = {k: statistics.median(v) for k, v in runs.items()}
             row = {"case": case, "precision": precision, "median_s": med, "runs_s": runs,
-                   "after_over_before": med["after"] / med["before"]}
+                   "after_over_before": med["after"] / med["before"], "rounds": args.rounds,
+                   "repeats": args.repeats}
             res["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs_s"}), flush=True)
+    if args.keep:
+        done = {(r["case"], r["precision"]) for r in res["rows"]}
+        kept = [r for r in json.loads(Path(args.keep).read_text())["rows"] if (r["case"], r["precision"]) not in done]
+        res["rows"] = sorted(res["rows"] + kept, key=lambda r: (r["precision"] != "float32", CASES.index(r["case"])))
+        res["kept_from"] = args.keep
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")

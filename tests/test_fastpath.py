@@ -191,6 +191,32 @@ def test_speedups_are_engaged(switched):
     torch.testing.assert_close(casts[layer][1].float(), layer.weight.to(torch.bfloat16).float())
 
 
+def test_every_generation_step_attends_with_the_key_value_heads():
+    """Not only the prefill: each decode step runs on the fast path too (SDPA gets the key/value heads)."""
+    import torch.nn.functional as F
+
+    bb = make_backbone("llama")
+    cfg = bb.model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    method = sp.PromptTuning.create(bb, num_virtual_tokens=4, seed=1)
+    sp.generate(bb, method, TEXTS, max_new_tokens=1)  # installs the fast path (its self-check runs the plain path)
+    heads, queries = [], []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, *a, **kw):
+        heads.append(k.shape[1])
+        queries.append(q.shape[2])
+        return sdpa(q, k, *a, **kw)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        sp.generate(bb, method, TEXTS, max_new_tokens=4)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    assert 1 in queries  # decode steps (one query position) were seen
+    assert set(heads) == {cfg.num_key_value_heads}
+
+
 def test_a_forward_in_another_thread_runs_the_plain_modules(llama):
     """While one thread runs an engaged forward (bf16 casts, GQA, unpadded MLPs), a float32 forward of the same
     model in another thread sees the plain modules: its logits are the untouched model's."""

@@ -148,7 +148,7 @@ class Decoding:
         check_mask(mask)
         self.backbone, self.rows = backbone, rows
         self.eos = set(backbone.eos_token_ids or [])
-        rt = runtime(backbone)
+        self.rt = rt = runtime(backbone)
         prefix = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefix()
         P = prefix.length
         full_mask = torch.cat([prefix.mask(B, mask), mask], dim=1)
@@ -211,8 +211,9 @@ class Decoding:
         self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
         self.position = self.position + 1
         ids = torch.tensor(tokens, device=dev).unsqueeze(1)
-        out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask, position_ids=self.position,
-                                    cache=self.cache, use_cache=True)
+        with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
+            out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask,
+                                        position_ids=self.position, cache=self.cache, use_cache=True)
         self.cache = out.cache
         self.logits = out.logits[:, -1].float()
 
