@@ -65,7 +65,6 @@ def main() -> None:
         done = {(r["case"], r["precision"]) for r in res["rows"]}
         kept = [r for r in json.loads(Path(args.keep).read_text())["rows"] if (r["case"], r["precision"]) not in done]
         res["rows"] = sorted(res["rows"] + kept, key=lambda r: (r["precision"] != "float32", CASES.index(r["case"])))
-        res["kept_from"] = args.keep
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")

@@ -108,14 +108,19 @@ def redesign(res: dict) -> str:
     """Before/after of the core's redesign, interleaved (benchmarks/redesign_ab.py)."""
     a = res["args"]
     lines = [f"softprompt's own time per case, the code before and after the redesign in alternating fresh processes "
-             f"({a['rounds']} rounds x {a['repeats']} runs each, median); machine: {machine_line(res['machine'])}.",
-             "", "| case | precision | before | after | after / before |", "|---|---|---|---|---|"]
+             f"(rounds x runs per side, median); machine: {machine_line(res['machine'])}.",
+             "", "| case | precision | before | after | after / before | runs per side |", "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         m = r["median_s"]
+        rounds, repeats = r.get("rounds", a["rounds"]), r.get("repeats", a["repeats"])
         lines.append(f"| {CASES[r['case']].format(rows=128, batch=8, new=32)} | {r['precision']} | "
-                     f"{m['before']:.2f} s | {m['after']:.2f} s | {r['after_over_before']:.2f} |")
-    lines += ["", "Command: `python benchmarks/redesign_ab.py --before <src of the commit before> --after src` -> "
-              "`benchmarks/results/redesign_ab.json`."]
+                     f"{m['before']:.2f} s | {m['after']:.2f} s | {r['after_over_before']:.2f} | "
+                     f"{rounds} x {repeats}{' *' if r.get('note') else ''} |")
+    if any(r.get("note") for r in res["rows"]):
+        lines += ["", "\\* " + next(r["note"] for r in res["rows"] if r.get("note")) + "."]
+    lines += ["", f"Command: `python benchmarks/redesign_ab.py --before <src of the commit before> --after src "
+              f"--rounds {a['rounds']} --repeats {a['repeats']} --cases {a['cases']} --precisions {a['precisions']}"
+              + (" --keep <earlier results>" if a.get("keep") else "") + "` -> `benchmarks/results/redesign_ab.json`."]
     return "\n".join(lines)
 
 
@@ -162,9 +167,15 @@ def demo(res: dict) -> str:
         lines.append(f"| {r['method']} | {r['accuracy']:.1%} | {r['macro_f1']:.3f} | {r['trainable_params']:,} | "
                      f"{_size(r['bytes_per_task'])} | {r['train_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
     m = res["machine"]
+    rates = m.get("matmul_gflops", {})
+    limited = m.get("limited_to")
     lines += ["", f"One run of `softprompt demo` ({res['wall_seconds'] / 60:.1f} min in all, model cache warm, "
-              f"computing in {res['result'].get('precision')}) on {machine_line(m)}. Command: "
-              f"`python benchmarks/run_demo.py`."]
+              f"computing in {res['result'].get('precision')}) on {machine_line(m)}"
+              + (f", limited to {limited}" if limited else "")
+              + (f"; 1024² matmuls at {rates['float32']:.0f} GFLOP/s in float32, {rates['bf16']:.1f} in bf16"
+                 if rates else "")
+              + ". Training and scoring are bound by the matmul rate of the precision the demo computes in: a "
+              "CPU with a lower one takes proportionally longer. Command: " + f"`python benchmarks/run_demo.py{' --avx2' if limited else ''}`."]
     return "\n".join(lines)
 
 
