@@ -1,11 +1,12 @@
 """Run `softprompt compare` as a user would (the CLI, a subprocess) and keep its result with the command and machine.
 
     python benchmarks/run_compare.py configs/compare_rotten_tomatoes.yaml benchmarks/results/compare_rotten_tomatoes.json
-    python benchmarks/run_compare.py configs/compare_reuters_r8.yaml benchmarks/results/compare_reuters_r8.json
+    python benchmarks/run_compare.py configs/compare_reuters_r8.yaml benchmarks/results/compare_reuters_r8.json \
+        --baselines zero_shot,linear_probe,prompt_tuning,residual,p_tuning,prefix_tuning,p_tuning_v2,lora,fine_tune
 
 Every row of the table (zero-shot, few-shot, linear probe, the five prompt methods, LoRA, full fine-tuning) on the
 config's model, task and step budget; each trained row's learning rate chosen on validation. Extra arguments go to
-`softprompt compare`.
+`softprompt compare` (--baselines replaces the rows; --resume continues a stopped run, keeping its finished rows).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main() -> None:
     machine = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                                         check=True).stdout.strip().splitlines()[-1])
     folder = Path("runs") / out.stem
-    cmd = ["softprompt", "compare", config, "--baselines", ROWS, "--out", str(folder), "--overwrite", *extra]
+    rows = [] if "--baselines" in extra else ["--baselines", ROWS]
+    keep = [] if "--resume" in extra else ["--overwrite"]
+    cmd = ["softprompt", "compare", config, *rows, "--out", str(folder), *keep, *extra]
     cli = Path(sys.executable).with_name("softprompt")
     subprocess.run([str(cli), *cmd[1:]], check=True)
     result = json.loads((folder / "compare.json").read_text())

@@ -131,3 +131,37 @@ def test_compare_every_row_with_lr_chosen_on_validation(folder, tmp_path):
     assert set(by["prompt_tuning"]["recall"]) == {"positive", "negative"}
     table = (tmp_path / "all" / "compare.md").read_text()
     assert "| LoRA (r 8, q/v projections) |" in table and "| prefix tuning (8 tokens per layer) |" in table
+
+
+def test_a_stopped_compare_resumes_keeping_its_finished_rows(folder, tmp_path, monkeypatch, capsys):
+    """The table is rewritten after every row: a comparison killed in its third row resumes with the two finished
+    rows kept as they were (not re-run) and only the rest trained; other settings refuse to resume in one line."""
+    import softprompt.compare as cmp
+
+    out = tmp_path / "stopped"
+    args = ["compare", str(folder / "run.yaml"), "--baselines", "zero_shot,linear_probe,prompt_tuning", "--out",
+            str(out), "--search-steps", "0", "--train.steps", "24", "--out_dir", str(out / "runs")]
+
+    def killed(self, key):
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) here: nothing after this row runs
+
+    monkeypatch.setattr(cmp._Compare, "prompt_method", killed)
+    assert main(args) == 130
+    partial = json.loads((out / "compare.json").read_text())
+    assert [r["key"] for r in partial["rows"]] == ["zero_shot", "linear_probe"] and partial["complete"] is False
+    assert not (out / "compare.md").exists()
+    monkeypatch.undo()
+
+    ran = []
+    real_probe = cmp._Compare.linear_probe
+    monkeypatch.setattr(cmp._Compare, "linear_probe", lambda self: ran.append("linear_probe") or real_probe(self))
+    assert main([*args, "--resume", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert ran == [] and result["complete"] is True
+    assert [r["key"] for r in result["rows"]] == ["zero_shot", "linear_probe", "prompt_tuning"]
+    assert result["rows"][:2] == partial["rows"] and result["rows"][2]["accuracy"] > 0.5
+    assert (out / "compare.md").exists()
+
+    assert main([*args[:-2], "--train.steps", "48", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "settings differ (steps 24 -> 48)" in err[0] and "--overwrite" in err[0]

@@ -200,7 +200,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
     cfg = _config(args, extra)
     result = compare(cfg, prompt_file=args.prompt, baselines=tuple(b.strip() for b in args.baselines.split(",")),
                      k_shot=args.k_shot, test_examples=args.limit, out=args.out or cfg.out_dir,
-                     overwrite=args.overwrite, search_steps=args.search_steps)
+                     overwrite=args.overwrite, search_steps=args.search_steps, resume=args.resume)
     print(json.dumps(result, indent=2) if args.json else markdown_table(result))
 
 
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=None, help="test on a seeded sample of this many rows")
     c.add_argument("--out", default=None, help="folder for the table (default: out_dir)")
     c.add_argument("--overwrite", action="store_true", help="replace a run already in out_dir")
+    c.add_argument("--resume", action="store_true",
+                   help="keep the rows a stopped comparison with the same settings finished in --out; run the rest")
     c.add_argument("--json", action="store_true", help="print the result as one JSON document")
     c.set_defaults(func=cmd_compare, extra=True)
 

@@ -275,10 +275,11 @@ def _score(metrics: dict) -> float:
 def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT_BASELINES, k_shot: int = 4,
             test_examples: int | None = None, out: str | None = None, backbone: Any = None,
             splits: dict | None = None, overwrite: bool = False, say=None, search_steps: int | None = None,
-            lr_grids: dict[str, tuple[float, ...]] | None = None) -> dict:
+            lr_grids: dict[str, tuple[float, ...]] | None = None, resume: bool = False) -> dict:
     """One table: the rows in `baselines` (see the module's docstring) on the same test rows. `prompt_file` stands
     for the prompt_tuning row (a prompt trained before). search_steps=0 skips the learning-rate search (each row at
-    the config's lr); None: a third of the step budget."""
+    the config's lr); None: a third of the step budget. The table in `out` is rewritten after every row; resume=True
+    keeps the rows a stopped run of the same settings finished there and runs only the others."""
     say = say or _progress
     baselines = [ALIASES.get(b, b) for b in baselines]
     unknown = set(baselines) - set(BASELINES)
@@ -298,8 +299,16 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
     grids = {} if search == 0 else {**LR_GRIDS, **(lr_grids or {})}
     run = _Compare(cfg, bb, splits, test, resolve_precision(cfg.train.precision, bb.device), out, say, search or steps,
                    grids, overwrite)
+    settings = {"task": task.name, "model": cfg.model, "test_rows": len(test), "split": "test",
+                "precision": run.precision, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+                "search_steps": search, "seed": cfg.seed, "k_shot": k_shot}
+    done = _finished_rows(Path(out) / "compare.json", settings) if (out and resume) else {}
     rows = []
     for key in [b for b in BASELINES if b in baselines]:
+        if key in done:
+            rows.append(done[key])
+            say(f"{done[key]['method']}: {_fmt(done[key])} (kept from the stopped run)")
+            continue
         t0 = time.perf_counter()
         reset_peak()
         if key == "zero_shot":
@@ -326,14 +335,40 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
             row = run.weights(key)
         rows.append(row)
         say(f"{row['method']}: {_fmt(row)} ({time.perf_counter() - t0:.0f} s)")
-    result = {"task": task.name, "model": cfg.model, "test_rows": len(test), "split": "test",
-              "precision": run.precision, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-              "rows": rows, "notes": _notes(rows)}
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-        (Path(out) / "compare.md").write_text(markdown_table(result) + "\n")
+        _write(out, {**settings, "rows": rows, "complete": False})
+    result = {**settings, "rows": rows, "notes": _notes(rows), "complete": True}
+    _write(out, result)
     return result
+
+
+def _write(out: str | None, result: dict) -> None:
+    """compare.json (and compare.md once complete), each written whole to a temporary file, then renamed."""
+    if not out:
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    files = {"compare.json": json.dumps(result, indent=2) + "\n"}
+    if result.get("complete"):
+        files["compare.md"] = markdown_table(result) + "\n"
+    for name, text in files.items():
+        tmp = Path(out) / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(Path(out) / name)
+
+
+def _finished_rows(path: Path, settings: dict) -> dict[str, dict]:
+    """The rows a stopped run with the same settings finished (none when there is no such run)."""
+    if not path.exists():
+        return {}
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SoftPromptError(f"cannot resume from {path}: {e}; pass --overwrite to start again") from None
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise SoftPromptError(f"cannot resume {path}: its settings differ ({what}); pass --overwrite to start "
+                              "again, or the same settings to resume")
+    return {r["key"]: r for r in before.get("rows", [])}
 
 
 def _notes(rows: list[dict]) -> list[str]:
