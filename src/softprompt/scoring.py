@@ -36,6 +36,12 @@ def label_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else:
             logp = model.head(h, firsts).float()  # (B, W): W rows of the LM head, not V
         col = {t: j for j, t in enumerate(firsts)}
+        if shared:  # one gather and one logsumexp for the batch: a label's words by a (words, labels) mask
+            v = verbalizers
+            w = logp[:, [col[c[0]] for c in v.candidates]]  # (B, C)
+            owner = torch.tensor(v.candidate_label, device=w.device)
+            mine = owner[:, None] == torch.arange(v.n_labels, device=w.device)  # (C, n_labels)
+            return (w[:, :, None] + torch.zeros_like(mine, dtype=w.dtype).masked_fill(~mine, -torch.inf)).logsumexp(1)
         for b, v in enumerate(per_row):
             words.append(logp[b, [col[c[0]] for c in v.candidates]])
     else:  # a row per (row, word): the word's tokens appended, each predicted by the position before it

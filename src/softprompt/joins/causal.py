@@ -194,20 +194,20 @@ class CausalJoin(Join):
 
         return rt.cache.get(rt.cache_key(prompt), compute)
 
-    def _prefix_and_rows(self, model, input_ids, mask, last_only):
+    def _prefix_and_rows(self, model, input_ids, mask, last_only, host):
         """The prefix for these rows, and the rows' embeddings and mask; with last_only, the first tokens every
-        row shares (a template's start) join the prefix: computed once instead of B times."""
+        row shares (a template's start) join the prefix: computed once instead of B times. `host`: the ids and
+        mask on the CPU, where the shared start is found (no device-to-host sync per check on an accelerator)."""
         rt, bb = model.runtime, model.backbone
         embeds = bb.embed(input_ids)  # (B, T, H)
         prompt = _prompt(model)
         grad = _trains(model)
         fp = rt.fastpath
-        c = shared_start(input_ids, mask) if last_only and fp is not None and fp.installed \
-            and fp.config.shared_prefix else 0
+        c = shared_start(*host) if last_only and fp is not None and fp.installed and fp.config.shared_prefix else 0
         if not c:
             return self.prefix(rt, prompt, grad), embeds, mask
         T = input_ids.shape[1]
-        start = T - int(mask[0].sum())
+        start = T - int(host[1][0].sum())
         shared = embeds[0, start:start + c]  # (c, H)
 
         def compute():
@@ -217,7 +217,7 @@ class CausalJoin(Join):
         if grad:
             prefix = compute()
         else:
-            key = rt.cache_key(prompt, extra=("then", tuple(input_ids[0, start:start + c].tolist())))
+            key = rt.cache_key(prompt, extra=("then", tuple(host[0][0, start:start + c].tolist())))
             prefix = rt.cache.get(key, compute)
         mask = mask[:, :T - c]  # (B, T - c): each row c real tokens shorter
         embeds = torch.where(mask[..., None].bool(), embeds[:, c:], embeds[:, :T - c])
@@ -229,8 +229,9 @@ class CausalJoin(Join):
         model.check_length(input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        check_mask(attention_mask)
-        prefix, embeds, mask = self._prefix_and_rows(model, input_ids, attention_mask, last_only)
+        host = (input_ids.cpu(), attention_mask.cpu())  # one copy (no-op on CPU); the checks read it there
+        check_mask(host[1])
+        prefix, embeds, mask = self._prefix_and_rows(model, input_ids, attention_mask, last_only, host)
         states = run_rows(model.runtime, prefix, embeds, mask, last_only=last_only,
                           checkpointing=model.activation_checkpointing and _trains(model))
         return states, prefix.last
