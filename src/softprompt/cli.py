@@ -143,9 +143,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from .files import read_prompt
     from .model import PromptedModel
     from .precision import resolve_precision
-    from .tasks.datasets import load_splits
-    from .tasks.encode import TaskEncoder
-    from .tasks.spec import load_task
+    from .tasks.spec import load_task, load_task_splits, task_encoder
 
     pf = read_prompt(args.prompt)
     values = {}
@@ -171,8 +169,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
     method = from_file(pf, bb.device)
     task = load_task(cfg.task)
-    enc = TaskEncoder(task, bb.tokenizer, method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
-    rows, bad = enc.check_rows(load_splits(task.data, cfg.seed).get(args.split, []), args.split, cfg.train.skip_bad_rows)
+    enc = task_encoder(task, bb, method.num_virtual_tokens)
+    rows, bad = enc.check_rows(load_task_splits(task, cfg.seed).get(args.split, []), args.split,
+                               cfg.train.skip_bad_rows)
     if args.limit and len(rows) > args.limit:
         import random
 

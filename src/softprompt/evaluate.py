@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .precision import autocast
-from .tasks.encode import TaskEncoder, left_pad
+from .tasks.encode import PAD_TOLERANCE, TaskEncoder, length_batches  # noqa: F401 (re-exported)
 
 
 def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) -> dict:
@@ -33,47 +33,19 @@ def classification_metrics(pred: list[int], gold: list[int], labels: list[str]) 
     }
 
 
-# None: sorted rows in batches of batch_size. A share (0.05) also cuts a batch where the next row would make padding
-# pass that share of its tokens: measured slower (128 test rows, fp32: 6.64 s vs 5.80 s; benchmarks/
-# classification_path.py), the smaller batches it makes cost more than the padding they save
-PAD_TOLERANCE: float | None = None
-
-
-def length_batches(lengths: list[int], batch_size: int, pad_tolerance: float | None = None) -> list[list[int]]:
-    """Indices sorted by length, cut into batches of at most batch_size rows; with pad_tolerance, a batch is also
-    cut where the next (longer) row would make padding exceed that share of the batch's computed tokens, so
-    longer rows come in smaller batches instead of padding their neighbours."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    real = 0
-    for i in order:
-        n = lengths[i]
-        if cur and (len(cur) == batch_size or (pad_tolerance is not None
-                                                and (len(cur) + 1) * n > (1 + pad_tolerance) * (real + n))):
-            batches.append(cur)
-            cur, real = [], 0
-        cur.append(i)
-        real += n
-    return batches + [cur] if cur else batches
-
-
 @torch.no_grad()
 def evaluate_classification(model: Any, enc: TaskEncoder, rows: list[dict], batch_size: int = 16,
                             precision: str = "float32") -> dict:
+    """Text or images: the task's encoder makes the batches (text: sorted by length, little padding per batch)."""
     device = model.backbone.device
-    ids = [enc.encode_input(r) for r in rows]
     preds, gold, nll = [0] * len(rows), [enc.label_index(r) for r in rows], 0.0
-    for idx in length_batches(list(map(len, ids)), batch_size, PAD_TOLERANCE):  # sorted: little padding per batch
-        input_ids, mask = left_pad([ids[i] for i in idx], enc.pad_id, device)
-        y = torch.tensor([gold[i] for i in idx], device=device)
+    for idx, batch in enc.eval_batches(rows, batch_size, device):
         with autocast(precision, device):
             # argmax and cross-entropy over the labels ignore the softmax normaliser: label-word rows only
-            scores = enc.label_scores(model, {"input_ids": input_ids, "attention_mask": mask, "y": y},
-                                      normalize=False)
+            scores = enc.label_scores(model, batch, normalize=False)
         for i, p in zip(idx, scores.argmax(-1).tolist(), strict=True):
             preds[i] = p
-        nll += float(torch.nn.functional.cross_entropy(scores.float(), y, reduction="sum"))
+        nll += float(torch.nn.functional.cross_entropy(scores.float(), batch["y"], reduction="sum"))
     out = classification_metrics(preds, gold, enc.task.labels)
     out["loss"] = nll / max(1, len(rows))
     return out

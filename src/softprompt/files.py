@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ._version import __version__
 from .backbones import fingerprint_id, fingerprints_match
 from .errors import SoftPromptError
+from .joins import JOINS
 
 FORMAT_VERSION = 1
 META_KEY = "softprompt"
@@ -97,7 +98,7 @@ def save_prompt(path: str | os.PathLike, method: Any, backbone: Any = None, *, t
         "training": training,
     }
     if backbone is not None:
-        meta["backbone"] = {"name": backbone.name, "fingerprint": backbone.fingerprint(),
+        meta["backbone"] = {"name": backbone.name, "kind": backbone.kind, "fingerprint": backbone.fingerprint(),
                             "fingerprint_id": backbone.fingerprint_id()}
     meta.update(extra or {})
     header = {META_KEY: json.dumps(meta, default=str), "format": "pt"}
@@ -145,6 +146,13 @@ def check_prompt(pf: PromptFile, backbone: Any = None, check_backbone: bool = Tr
     if backbone is None:
         return
     trained_on = meta_bb.get("name", "an unknown backbone")
+    kind = pf.metadata.get("prompt_kind")
+    if kind is not None and (kind, backbone.kind) not in JOINS:
+        fits = sorted(b for p, b in JOINS if p == kind)
+        raise SoftPromptError(
+            f"{where} is a {pf.method} prompt ({kind!r}, trained on {trained_on!r}, a {meta_bb.get('kind', '?')} "
+            f"model) and cannot go into backbone {backbone.name!r}, a {backbone.kind!r} model (it goes into: "
+            f"{', '.join(fits) or 'none'}); load a backbone of its kind")
     if pf.hidden_size is not None and pf.hidden_size != backbone.hidden_size:
         raise SoftPromptError(
             f"{where} has width {pf.hidden_size} (trained on {trained_on!r}) but backbone {backbone.name!r} has "

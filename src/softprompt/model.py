@@ -95,6 +95,10 @@ class PromptedModel(nn.Module):
         """The view for a subset or repetition of rows (one prompt for all rows: the same)."""
         return self
 
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of the prompt's task for normalised images (B, C, S, S): image prompts, with their head."""
+        return self.join.classify(self, pixel_values)
+
     def target_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                     reduction: str = "sum") -> torch.Tensor:
         """Causal LM cross-entropy of labels (B, T) (-100: no loss), the LM head at the target positions only."""
@@ -147,6 +151,13 @@ class MixedPromptedModel:
 
     def head(self, states: torch.Tensor, rows=None) -> torch.Tensor:
         return self.runtime.head(states, rows)
+
+    @torch.no_grad()
+    def classify(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Row i's logits (K_i,) under its own image prompt: rows of compatible prompts share a forward."""
+        from .joins import classify_mixed
+
+        return classify_mixed(self.backbone, self.prompts, pixel_values)
 
     def take(self, index: torch.Tensor) -> MixedPromptedModel:
         return MixedPromptedModel(self.backbone, [self.prompts[i] for i in index.tolist()], self.reuse_prompt_cache)

@@ -8,8 +8,12 @@ other's type. The kinds so far:
 - ``KVPrompt``: keys and values for every attention layer, (L, 2, kv_heads, P, head_dim), that the input attends to
   as if P earlier tokens had produced them (prefix tuning, P-tuning v2 / deep prompts).
 
-Kinds to come have the same shape of contract: patch tokens after a ViT's CLS, pixel-space prompts, context tokens
-inside CLIP's text encoder.
+- ``PatchPrompt``: tokens (D, P, H) inserted after a vision transformer's CLS token: D = 1 in the first layer only
+  (VPT-shallow), D = layers for a fresh set before every layer (VPT-deep); with the task's classification head.
+- ``PixelPrompt``: a learned image (C, S, S) added to the normalised input where a mask (S, S) is on (a border or a
+  patch: visual prompting in pixel space, for any image model); with the task's classification head.
+
+Kinds to come have the same shape of contract: context tokens inside CLIP's text encoder.
 """
 
 from __future__ import annotations
@@ -49,8 +53,55 @@ class KVPrompt:
         return (self.kv,)
 
 
-Prompt = EmbeddingPrompt | KVPrompt
-PROMPT_KINDS = {cls.kind: cls for cls in (EmbeddingPrompt, KVPrompt)}
+@dataclass(frozen=True)
+class Head:
+    """A linear classification head on an image model's features: logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # (K, F)
+    bias: torch.Tensor  # (K,)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclass(frozen=True)
+class PatchPrompt:
+    kind: ClassVar[str] = "patch_tokens"
+    tokens: torch.Tensor  # (D, P, H), or (B, D, P, H): a prompt per row
+    head: Head
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.tokens.shape[-2]
+
+    @property
+    def depth(self) -> int:
+        return self.tokens.shape[-3]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.tokens, self.head.weight, self.head.bias)
+
+
+@dataclass(frozen=True)
+class PixelPrompt:
+    kind: ClassVar[str] = "pixels"
+    pixels: torch.Tensor  # (C, S, S) in normalised units, zero outside the mask
+    mask: torch.Tensor  # (S, S) bool: where the prompt is added
+    head: Head
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0  # no tokens: the prompt is in the image
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.pixels, self.mask, self.head.weight, self.head.bias)
+
+
+Prompt = EmbeddingPrompt | KVPrompt | PatchPrompt | PixelPrompt
+PROMPT_KINDS = {cls.kind: cls for cls in (EmbeddingPrompt, KVPrompt, PatchPrompt, PixelPrompt)}
 
 
 def content_hash(prompt: Prompt | torch.Tensor) -> str:
@@ -72,6 +123,7 @@ def as_prompt(value) -> Prompt | None:
         return None
     if isinstance(value, torch.Tensor):
         value = EmbeddingPrompt(value)
-    elif not isinstance(value, (EmbeddingPrompt, KVPrompt)):
+    elif not isinstance(value, tuple(PROMPT_KINDS.values())):
         value = value()  # a method module
-    return value if value.num_virtual_tokens > 0 else None
+    headed = getattr(value, "head", None) is not None  # an image prompt carries its task's head: never "none"
+    return value if value.num_virtual_tokens > 0 or headed else None

@@ -10,7 +10,9 @@ import torch
 
 from ..cache import BUILTIN_MODELS, builtin_model_dir
 from ..errors import SoftPromptError
+from .base import Backbone
 from .causal_lm import CausalLMBackbone
+from .vision import VISION_MODEL_TYPES, load_vision_backbone
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -57,9 +59,27 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def _model_type(source: Any, kwargs: dict) -> str | None:
+    """The config's model_type (a folder's config.json; a hub id's through transformers), None if unknown."""
+    import json
+
+    if kwargs.get("gguf_file"):
+        return None
+    folder = Path(str(source))
+    if (folder / "config.json").exists():
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source).model_type
+    except Exception:  # the causal-LM loader below says what went wrong
+        return None
+
+
 def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                  ) -> CausalLMBackbone:
-    """Load a frozen causal LM: a built-in name (``smollm2-135m``), a local folder, a ``.gguf`` file, or a hub id.
+                  ) -> Backbone:
+    """Load a frozen model: a built-in name (``smollm2-135m``, ``dinov2-small``), a local folder, a ``.gguf`` file, or
+    a hub id. Causal LMs and ViT-family image models (``ViTModel``, ``Dinov2Model``, ``DeiTModel``...).
 
     dtype defaults to float32 on CPU and bfloat16 on GPUs that support it; device defaults to CUDA when present.
     """
@@ -89,6 +109,11 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
                 f"folder or .gguf file, and the model hub is unreachable ({why}); use a built-in name or a local path")
     from ..cache import quiet_progress_bars
 
+    model_type = _model_type(source, kwargs)
+    if model_type in VISION_MODEL_TYPES:
+        bb = load_vision_backbone(source, str(name_or_path), dt, dev)
+        bb.load_seconds = time.perf_counter() - start
+        return bb
     try:
         with quiet_progress_bars():  # a 1-second load needs no bar; our own messages say what happens
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, **kwargs)

@@ -8,6 +8,8 @@ backbone.kind)`` and hands the work over. A new join is one class and one ``@reg
 | embeddings | causal_lm | ``EmbeddingsIntoCausalLM`` | the prompt runs once (batch 1); its keys/values are the rows' prefix |
 | kv | causal_lm | ``KVIntoCausalLM`` | the per-layer keys/values are the rows' prefix |
 | embeddings | module | ``EmbeddingsIntoModule`` | the prompt is concatenated in front of the input embeddings |
+| patch_tokens | vit | ``PatchTokensIntoViT`` | tokens after CLS (first layer, or every layer: VPT-deep); the prompt's head |
+| pixels | image, vit | ``PixelsIntoImage``, ``PixelsIntoViT`` | a learned image added to the input; the prompt's head |
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from .causal import (
     truncate_to_fit,
 )
 from .module import EmbeddingsIntoModule, prefix_join
+from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed
 
-__all__ = ["JOINS", "CausalJoin", "EmbeddingsIntoCausalLM", "EmbeddingsIntoModule", "Join", "KVIntoCausalLM",
-           "Prefix", "check_mask", "get_join", "input_positions", "prefix_join", "register", "run_rows",
-           "stack_prefixes", "truncate_to_fit"]
+__all__ = ["JOINS", "CausalJoin", "EmbeddingsIntoCausalLM", "EmbeddingsIntoModule", "ImageJoin", "Join",
+           "KVIntoCausalLM", "PatchTokensIntoViT", "PixelsIntoImage", "PixelsIntoViT", "Prefix", "check_mask",
+           "classify_mixed", "get_join", "input_positions", "prefix_join", "register", "run_rows", "stack_prefixes",
+           "truncate_to_fit"]
 
 
 def get_join(prompt_kind: str, backbone_kind: str) -> Join:

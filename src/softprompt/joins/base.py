@@ -29,3 +29,7 @@ class Join:
         logits otherwise: ``model.head()`` turns either into logits), and the last prompt position's state (which
         predicts each row's first token; None when nothing does)."""
         raise NotImplementedError(f"{type(self).__name__} has no scoring path (no language-model head)")
+
+    def classify(self, model: Any, pixel_values):
+        """(B, K) logits of the prompt's task for images (image prompts, which carry their head)."""
+        raise NotImplementedError(f"{type(self).__name__} does not classify images")

@@ -9,15 +9,18 @@ from typing import Any
 from ..errors import SoftPromptError
 from .base import Method, MethodConfig
 from .p_tuning import PTuning, PTuningConfig
+from .pixel import PixelPromptConfig, PixelPrompting
 from .prefix_tuning import DeepPrompt, PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig
 from .residual import ResidualConfig, ResidualPromptTuning
+from .vpt import VPT, VPTConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, ResidualPromptTuning, PTuning, PrefixTuning,
-                                                         DeepPrompt)}
+                                                         DeepPrompt, VPT, PixelPrompting)}
 
 __all__ = ["METHODS", "DeepPrompt", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
-           "PrefixTuningConfig", "PromptTuning", "PromptTuningConfig", "ResidualConfig", "ResidualPromptTuning",
+           "PixelPromptConfig", "PixelPrompting", "PrefixTuningConfig", "PromptTuning", "PromptTuningConfig",
+           "ResidualConfig", "ResidualPromptTuning", "VPT", "VPTConfig",
            "from_file", "get_method", "load_method"]
 
 
@@ -28,8 +31,8 @@ def get_method(name: str) -> type[Method]:
 
 
 def from_file(pf: Any, device: Any = None) -> Method:
-    """The method a prompt file holds (a PromptFile from ``load_prompt``), inference-ready."""
-    module = get_method(pf.method).from_tensors(pf.tensors, pf.metadata.get("method_config"))
+    """The method a prompt file holds (a PromptFile from ``load_prompt``), inference-ready (eval mode: no dropout)."""
+    module = get_method(pf.method).from_tensors(pf.tensors, pf.metadata.get("method_config")).eval()
     return module.to(device) if device is not None else module
 
 

@@ -22,6 +22,7 @@ class Runtime:
     def __init__(self, backbone: Any, config: FastPathConfig | None = None):
         self.backbone = backbone
         self.cache = PromptCache()
+        self.extensions: dict[str, Any] = {}  # what a join installs on this backbone once (e.g. hooks), by name
         self.fastpath: FastPath | None = None
         if backbone.kind == "causal_lm":
             self.fastpath = FastPath(backbone, config)

@@ -65,26 +65,59 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
 }
 
 
-def load_task(task: str | dict | TaskSpec) -> TaskSpec:
-    """A built-in task name, a YAML/JSON file, a dict, or a TaskSpec."""
-    if isinstance(task, TaskSpec):
+def load_task(task: Any) -> Any:
+    """A built-in task name, a YAML/JSON file, a dict, a TaskSpec or an ImageTaskSpec (``softprompt.tasks.images``;
+    a dict with ``modality: image``, or a built-in image task)."""
+    from .images import BUILTIN_IMAGE_TASKS, ImageTaskSpec
+
+    builtins = {**BUILTIN_TASKS, **BUILTIN_IMAGE_TASKS}
+    if isinstance(task, (TaskSpec, ImageTaskSpec)):
         return task
-    if isinstance(task, str) and task in BUILTIN_TASKS:
-        return TaskSpec(**BUILTIN_TASKS[task].to_dict())
+    if isinstance(task, str) and task in builtins:
+        return type(builtins[task])(**builtins[task].to_dict())
     if isinstance(task, str):
         path = Path(task)
         if not path.exists():
-            raise SoftPromptError(f"unknown task {task!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) or a file")
+            raise SoftPromptError(f"unknown task {task!r}: not a built-in task ({', '.join(builtins)}) or a file")
         import yaml
 
         task = yaml.safe_load(path.read_text()) or {}
     if isinstance(task, dict):
         base = {}
         if "builtin" in task:  # a built-in task with some fields changed
-            if task["builtin"] not in BUILTIN_TASKS:
-                raise SoftPromptError(f"unknown built-in task {task['builtin']!r}; known: {', '.join(BUILTIN_TASKS)}")
-            base = BUILTIN_TASKS[task["builtin"]].to_dict()
+            if task["builtin"] not in builtins:
+                raise SoftPromptError(f"unknown built-in task {task['builtin']!r}; known: {', '.join(builtins)}")
+            base = builtins[task["builtin"]].to_dict()
             task = {k: v for k, v in task.items() if k != "builtin"}
-        check_keys(task, TaskSpec, "task")
-        return TaskSpec(**{**base, **task})
+        spec = ImageTaskSpec if {**base, **task}.get("modality") == "image" else TaskSpec
+        check_keys(task, spec, "task")
+        return spec(**{**base, **task})
     raise SoftPromptError(f"a task is a name, a file or a mapping, not {type(task).__name__}")
+
+
+def load_task_splits(task: Any, seed: int = 0) -> dict[str, list[dict]]:
+    """The task's data: train / validation / test rows (image tasks: with their few-shot selection and labels)."""
+    if getattr(task, "modality", "text") == "image":
+        from .images import load_image_splits
+
+        return load_image_splits(task, seed)
+    from .datasets import load_splits
+
+    return load_splits(task.data, seed=seed)
+
+
+def task_encoder(task: Any, backbone: Any, num_virtual_tokens: int = 0) -> Any:
+    """The encoder that turns the task's rows into batches for this backbone (tokens, or pixels)."""
+    if getattr(task, "modality", "text") == "image":
+        from .images import ImageEncoder
+
+        if not hasattr(backbone, "preprocessing"):
+            raise SoftPromptError(f"image task {task.name!r} needs an image model; backbone {backbone.name!r} is a "
+                                  f"{backbone.kind!r} model")
+        return ImageEncoder(task, backbone.preprocessing)
+    if backbone.tokenizer is None and backbone.kind != "causal_lm":
+        raise SoftPromptError(f"text task {task.name!r} needs a language model; backbone {backbone.name!r} is a "
+                              f"{backbone.kind!r} model")
+    from .encode import TaskEncoder
+
+    return TaskEncoder(task, backbone.tokenizer, num_virtual_tokens, backbone.max_positions, backbone.pad_token_id)

@@ -16,7 +16,7 @@ from ..errors import SoftPromptError, check_keys
 @dataclass
 class MethodArgs:
     """What trains (the method registered under `name`: prompt_tuning | residual | p_tuning | prefix_tuning |
-    p_tuning_v2) and how it starts. Options a method does not have must stay unset."""
+    p_tuning_v2 | vpt | pixel_prompt) and how it starts. Options a method does not have must stay unset."""
 
     name: str = "prompt_tuning"
     num_virtual_tokens: int = 20  # Lester et al.: 20 gets most of the gain
@@ -28,16 +28,22 @@ class MethodArgs:
     encoder: str | None = None  # p_tuning: mlp | lstm
     encoder_hidden: int | None = None  # width of a reparameterisation (prefix MLP, P-tuning encoder)
     bottleneck: int | None = None  # residual: hidden width of the shared MLP
+    deep: bool | None = None  # vpt: a fresh set of tokens before every layer (VPT-deep)
+    dropout: float | None = None  # vpt: dropout on the tokens while training
+    shape: str | None = None  # pixel_prompt: border | patch
+    width: int | None = None  # pixel_prompt: border width / patch side in pixels
 
-    def method_config(self, labels: list[str], seed: int):
-        """The registered method's config from these args (one-line error for an option it does not have)."""
+    def method_config(self, labels: list[str], seed: int, **context):
+        """The registered method's config from these args (one-line error for an option it does not have);
+        `context` (e.g. the task's image_size) fills the fields the method has."""
         from ..methods import METHODS, get_method
 
         cls = get_method(self.name).Config
         known = {f.name for f in dataclasses.fields(cls)}
         values = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
                   "init_labels": self.init_labels or labels, "init_file": self.init_file, "seed": seed}
-        for key in ("reparameterize", "encoder", "encoder_hidden", "bottleneck"):
+        values.update({k: v for k, v in context.items() if k in known and v is not None})
+        for key in ("reparameterize", "encoder", "encoder_hidden", "bottleneck", "deep", "dropout", "shape", "width"):
             value = getattr(self, key)
             if value is None:
                 continue

@@ -27,9 +27,8 @@ from ..files import save_prompt
 from ..methods import PromptTuning, get_method
 from ..model import PromptedModel
 from ..precision import autocast, resolve_precision
-from ..tasks.datasets import load_splits
 from ..tasks.encode import TaskEncoder
-from ..tasks.spec import load_task
+from ..tasks.spec import load_task, load_task_splits, task_encoder
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .distributed import Dist
@@ -236,7 +235,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
         for j in range(args.grad_accum):
             shard = rows[j * micro:(j + 1) * micro][ddp.rank::ddp.world]
             batch = enc.batch(shard, device)
-            tokens += batch["attention_mask"].sum() + run.model.num_virtual_tokens * len(shard)
+            tokens += enc.units(batch, run.model.num_virtual_tokens)
             with autocast(run.precision, device):
                 if run.task.kind == "classification":
                     loss = classification_loss(enc, run.model, batch, args.loss, run.class_weights)
@@ -307,18 +306,19 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     task = load_task(cfg.task)
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=ddp.device(cfg.device))
     precision = resolve_precision(args.precision, bb.device)  # auto: bf16 where native, float32 elsewhere
-    splits = splits or load_splits(task.data, seed=cfg.seed)
+    splits = splits or load_task_splits(task, seed=cfg.seed)
+    if getattr(task, "modality", "text") == "image" and not task.labels:  # splits given: classes from them
+        task.labels = sorted({str(r[task.label_field]) for r in splits["train"]})
     trainable = _trainable(cfg, bb, task, weights)
     model = PromptedModel(bb, trainable.method, activation_checkpointing=args.activation_checkpointing)
-    enc = TaskEncoder(task, bb.tokenizer, trainable.method.num_virtual_tokens, bb.max_positions, bb.pad_token_id)
+    enc = task_encoder(task, bb, trainable.method.num_virtual_tokens)
     train_rows, bad = enc.check_rows(splits.get("train", []), "train", args.skip_bad_rows)
     val_rows, _ = enc.check_rows(splits.get("validation", []), "validation", args.skip_bad_rows)
     if args.eval_examples and len(val_rows) > args.eval_examples:
         val_rows = random.Random(cfg.seed).sample(val_rows, args.eval_examples)
     lengths = None
     if args.length_buckets:  # token counts that decide the buckets (same on every rank: a function of the data)
-        lengths = [len(enc.encode_input(r)) for r in train_rows] if task.kind == "classification" else \
-            [int(enc.generation_batch([r])["attention_mask"].sum()) for r in train_rows]
+        lengths = enc.lengths(train_rows)
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
@@ -357,7 +357,8 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
 def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None) -> Trainable:
     if weights is None:
         labels = [ws[0] for ws in task.verbalizer.values()]
-        method = get_method(cfg.method.name).create(bb, cfg.method.method_config(labels, cfg.seed))
+        method = get_method(cfg.method.name).create(
+            bb, cfg.method.method_config(labels, cfg.seed, image_size=getattr(task, "image_size", None)))
         return Trainable(method)
     empty = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device)  # no prompt: the weights change instead
     if weights == "all":
@@ -388,7 +389,8 @@ def _finish(run: _Run, step: int, stopped: str) -> RunResult:
         if ddp.main:
             save_prompt(out / PROMPT_FILE, run.trainable.method, run.bb, task=run.task.to_dict(), overwrite=True,
                         training={"config": run.cfg.to_dict(), "best_step": state["best_step"],
-                                  "validation": state["best_metrics"], **report})
+                                  "validation": state["best_metrics"], **report},
+                        extra={"preprocessing": run.enc.preprocessing} if hasattr(run.enc, "preprocessing") else None)
             report["bytes_per_task"] = (out / PROMPT_FILE).stat().st_size
             run.log.finish(report)
     else:

@@ -1,0 +1,174 @@
+"""Image prompts into image backbones: VPT tokens into a vision transformer, pixel prompts into any image model.
+Each ends in the prompt's own classification head, so ``classify`` gives a task's logits (B, K).
+
+VPT tokens go in through hooks on the model's own modules (no model code copied, nothing patched): a forward hook
+on the embeddings module puts the tokens after CLS, and for deep prompts a forward pre-hook on every later layer
+replaces the previous layer's prompt outputs with that layer's tokens. The hooks are installed once per backbone
+and do nothing unless a forward asks for tokens (a context variable: another thread or a plain call of the model
+sees the model as it is). ``uninstall_hooks`` removes them.
+
+Rows of one batch may each have their own prompt (serving): patch prompts with the same depth and length run in
+one forward with a token set per row, pixel prompts in one forward with a learned image per row; each row then
+gets its own head.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..errors import SoftPromptError
+from ..prompts import Head, PatchPrompt, PixelPrompt
+from ..runtime import runtime
+from .base import Join, register
+
+_TOKENS: ContextVar[torch.Tensor | None] = ContextVar("softprompt_patch_tokens", default=None)  # (B|1, D, P, H)
+
+
+def _after_embeddings(module, args, output):
+    tokens = _TOKENS.get()
+    if tokens is None:
+        return None
+    B = output.shape[0]
+    first = tokens[:, 0].to(output.dtype).expand(B, -1, -1)  # (B, P, H)
+    return torch.cat([output[:, :1], first, output[:, 1:]], dim=1)  # [CLS][prompt][patches]
+
+
+def _before_layer(index: int, module, args, kwargs):
+    tokens = _TOKENS.get()
+    if tokens is None or tokens.shape[1] == 1:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    B, P = hidden.shape[0], tokens.shape[2]
+    fresh = tokens[:, index].to(hidden.dtype).expand(B, -1, -1)
+    hidden = torch.cat([hidden[:, :1], fresh, hidden[:, 1 + P:]], dim=1)  # this layer's tokens replace the last's
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def install_hooks(backbone: Any) -> None:
+    rt = runtime(backbone)
+    if "patch_tokens" in rt.extensions:
+        return
+    handles = [backbone.embeddings.register_forward_hook(_after_embeddings)]
+    handles += [layer.register_forward_pre_hook(partial(_before_layer, i), with_kwargs=True)
+                for i, layer in enumerate(backbone.layers) if i > 0]
+    rt.extensions["patch_tokens"] = handles
+
+
+def uninstall_hooks(backbone: Any) -> None:
+    for h in runtime(backbone).extensions.pop("patch_tokens", []):
+        h.remove()
+
+
+def apply_head(head: Head, features: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(features.to(head.weight.dtype), head.weight, head.bias)
+
+
+def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, H) final CLS states with tokens (D, P, H) for every row, or (B, D, P, H) a set per row."""
+    tokens = tokens.unsqueeze(0) if tokens.ndim == 3 else tokens
+    if tokens.shape[2] == 0:
+        return backbone.features(pixel_values)
+    D = tokens.shape[1]
+    if D not in (1, backbone.num_layers):
+        raise SoftPromptError(f"a VPT prompt of depth {D} does not fit backbone {backbone.name!r} with "
+                              f"{backbone.num_layers} layers")
+    install_hooks(backbone)
+    reset = _TOKENS.set(tokens)
+    try:
+        return backbone.features(pixel_values)
+    finally:
+        _TOKENS.reset(reset)
+
+
+def check_images(backbone: Any, pixel_values: torch.Tensor, size: int | None = None) -> None:
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != backbone.channels:
+        raise SoftPromptError(f"images must be (B, {backbone.channels}, S, S) for backbone {backbone.name!r}; got "
+                              f"{tuple(pixel_values.shape)}")
+    if size is not None and tuple(pixel_values.shape[-2:]) != (size, size):
+        raise SoftPromptError(f"this pixel prompt is for {size} x {size} images; got "
+                              f"{pixel_values.shape[-2]} x {pixel_values.shape[-1]}: resize them to {size} px")
+
+
+class ImageJoin(Join):
+    """What the image joins share: ``classify`` = features of the prompted images, through the prompt's head."""
+
+    def classify(self, model: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.classify_rows(model.backbone, [model.method()], pixel_values)[0]
+
+    def classify_rows(self, backbone: Any, prompts: list, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """One forward for rows that each have a prompt of this join's kind (one prompt: every row); a list with
+        the logits of each prompt's rows ((B, K) for one prompt)."""
+        raise NotImplementedError
+
+    def group(self, prompt) -> tuple:
+        """Rows whose prompts have the same group run in one forward."""
+        return ()
+
+
+@register
+class PatchTokensIntoViT(ImageJoin):
+    prompt_kind = "patch_tokens"
+    backbone_kind = "vit"
+
+    def group(self, prompt: PatchPrompt) -> tuple:
+        return (prompt.depth, prompt.num_virtual_tokens)
+
+    def classify_rows(self, backbone, prompts: list[PatchPrompt], pixel_values):
+        check_images(backbone, pixel_values)
+        tokens = prompts[0].tokens if len(prompts) == 1 else torch.stack([p.tokens for p in prompts])
+        feats = vit_features(backbone, tokens, pixel_values)
+        if len(prompts) == 1:
+            return [apply_head(prompts[0].head, feats)]
+        return [apply_head(p.head, feats[i:i + 1]) for i, p in enumerate(prompts)]
+
+
+@register
+class PixelsIntoImage(ImageJoin):
+    prompt_kind = "pixels"
+    backbone_kind = "image"
+
+    def group(self, prompt: PixelPrompt) -> tuple:
+        return (tuple(prompt.pixels.shape),)
+
+    def classify_rows(self, backbone, prompts: list[PixelPrompt], pixel_values):
+        check_images(backbone, pixel_values, prompts[0].pixels.shape[-1])
+        if len(prompts) == 1:
+            pixels = prompts[0].pixels.unsqueeze(0)
+        else:
+            pixels = torch.stack([p.pixels for p in prompts])
+        x = pixel_values + pixels.to(pixel_values.dtype)  # zero outside each mask
+        feats = backbone.features(x)
+        if len(prompts) == 1:
+            return [apply_head(prompts[0].head, feats)]
+        return [apply_head(p.head, feats[i:i + 1]) for i, p in enumerate(prompts)]
+
+
+@register
+class PixelsIntoViT(PixelsIntoImage):
+    backbone_kind = "vit"
+
+
+def classify_mixed(backbone: Any, prompts: list, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Row i's logits (K_i,) under prompts[i]: rows whose prompts share a join and a group run in one forward."""
+    from .base import JOINS
+
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        join = JOINS.get((p.kind, backbone.kind))
+        if not isinstance(join, ImageJoin):
+            raise SoftPromptError(f"a {p.kind!r} prompt cannot classify images on a {backbone.kind!r} backbone")
+        groups.setdefault((p.kind, join.group(p)), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(prompts)
+    for (kind, _), rows in groups.items():
+        logits = JOINS[(kind, backbone.kind)].classify_rows(backbone, [prompts[i] for i in rows], pixel_values[rows])
+        if len(rows) == 1:
+            logits = [logits[0]]
+        for i, row in zip(rows, logits, strict=True):
+            out[i] = row[0] if row.ndim == 2 and row.shape[0] == 1 else row
+    return out
