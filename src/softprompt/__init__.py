@@ -1,7 +1,7 @@
 """softprompt: train a small soft prompt in front of a frozen pretrained model, save it, compare it, serve it."""
 
 from ._version import __version__
-from .backbones import Backbone, CausalLMBackbone, ModuleBackbone, load_backbone
+from .backbones import Backbone, CausalLMBackbone, ImageBackbone, ModuleBackbone, ViTBackbone, load_backbone
 from .errors import SoftPromptError
 from .fastpath import FastPathConfig
 from .files import PromptFile, export_peft, import_peft, load_prompt, save_prompt
@@ -9,9 +9,12 @@ from .generation import GenerationOutput, generate
 from .joins import get_join
 from .methods import (
     METHODS,
+    VPT,
     DeepPrompt,
     Method,
     MethodConfig,
+    PixelPromptConfig,
+    PixelPrompting,
     PrefixTuning,
     PrefixTuningConfig,
     PromptTuning,
@@ -20,13 +23,15 @@ from .methods import (
     PTuningConfig,
     ResidualConfig,
     ResidualPromptTuning,
+    VPTConfig,
     from_file,
     get_method,
     load_method,
 )
 from .model import MixedPromptedModel, PromptedModel
-from .prompts import EmbeddingPrompt, KVPrompt
+from .prompts import EmbeddingPrompt, Head, KVPrompt, PatchPrompt, PixelPrompt
 from .runtime import Runtime, runtime
+from .tasks.images import ImageTaskSpec
 from .tasks.spec import TaskSpec, load_task
 from .train.config import RunConfig, load_config
 from .train.loop import fit
@@ -38,4 +43,6 @@ __all__ = [
     "ResidualConfig", "ResidualPromptTuning", "RunConfig", "Runtime", "SoftPromptError", "TaskSpec", "__version__",
     "export_peft", "fit", "from_file", "generate", "get_join", "get_method", "import_peft", "load_backbone",
     "load_config", "load_method", "load_prompt", "load_task", "runtime", "save_prompt",
+    "Head", "ImageBackbone", "ImageTaskSpec", "PatchPrompt", "PixelPrompt", "PixelPromptConfig", "PixelPrompting", "VPT",
+    "VPTConfig", "ViTBackbone",
 ]

@@ -130,11 +130,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if res.prompt_path is None:  # a non-main DDP rank
         return
     r = res.report
+    unit = r.get("unit", "tokens")
     print(f"saved {res.prompt_path}: the best prompt on validation (step {res.best_step} of {res.final_step}, "
           f"stopped by {res.stopped}): {json.dumps(res.best)}")
     print(f"trainable {r['trainable_params']:,} of {r['total_params']:,} parameters "
-          f"({r['trainable_share']:.4%}); {r['bytes_per_task']:,} bytes per task; {r['tokens_processed']:,} tokens "
-          f"in {r['train_seconds']:.0f} s ({r['tokens_per_second']:.0f} tokens/s); peak RSS {r['peak_rss_mb']:.0f} MB")
+          f"({r['trainable_share']:.4%}); {r['bytes_per_task']:,} bytes per task; {r['tokens_processed']:,} {unit} "
+          f"in {r['train_seconds']:.0f} s ({r['tokens_per_second']:.0f} {unit}/s); peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:

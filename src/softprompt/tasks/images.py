@@ -269,6 +269,8 @@ class ImageEncoder:
     """Rows of an image task -> pixel batches for one backbone's preprocessing (the interface the training loop and
     evaluation use for text tasks' ``TaskEncoder``)."""
 
+    unit = "images"  # what the throughput counts
+
     def __init__(self, task: ImageTaskSpec, preprocessing: dict):
         if not task.labels:
             raise SoftPromptError(f"image task {task.name!r} has no labels; give task.labels or load its data first")

@@ -334,7 +334,8 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
         state.update(ck["state"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate((ck["rng"]["python"][0], tuple(ck["rng"]["python"][1]), ck["rng"]["python"][2]))
-    log = _Logger(out, ddp.main and writes, quiet or not ddp.main, args.steps, state["step"], args.log_every)
+    log = _Logger(out, ddp.main and writes, quiet or not ddp.main, args.steps, state["step"], args.log_every,
+                  getattr(enc, "unit", "tokens"))
     class_weights = select = None
     if task.kind == "classification":
         counts = [0] * len(task.labels)
@@ -382,7 +383,7 @@ def _finish(run: _Run, step: int, stopped: str) -> RunResult:
         run.trainable.load(state["best_tensors"])
     trainable = sum(p.numel() for p in run.trainable.params)
     report = {**_report(trainable, state, run.bb, run.trainable.named is not None, run.skipped),
-              "precision": run.precision, "selected_on": run.select}
+              "precision": run.precision, "selected_on": run.select, "unit": getattr(run.enc, "unit", "tokens")}
     prompt_path = None
     if run.writes:
         prompt_path = out / PROMPT_FILE if ddp.main else None  # only rank 0 writes
@@ -445,8 +446,9 @@ class _Logger:
 
     LINE_SECONDS = 30  # without a bar: at least one progress line this often
 
-    def __init__(self, out: Path, write: bool, quiet: bool, total: int, start: int, every: int = 10):
-        self.out, self.write = out, write
+    def __init__(self, out: Path, write: bool, quiet: bool, total: int, start: int, every: int = 10,
+                 unit: str = "tokens"):
+        self.out, self.write, self.unit = out, write, unit
         self.total, self.start, self.every = total, start, every
         self.t0 = self.last_line = time.perf_counter()
         self.bar = None
@@ -484,7 +486,7 @@ class _Logger:
             if step % self.every == 0 or now - self.last_line >= self.LINE_SECONDS or step == self.total:
                 self.last_line = now
                 per_step = (now - self.t0) / max(1, step - self.start)
-                print(f"train step {step}/{self.total}: loss {loss:.4f}, {per_step:.2f} s/step, {tok_s:.0f} tokens/s, "
+                print(f"train step {step}/{self.total}: loss {loss:.4f}, {per_step:.2f} s/step, {tok_s:.0f} {self.unit}/s, "
                       f"ETA {_duration(per_step * (self.total - step))}", file=sys.stderr, flush=True)
 
     def eval(self, step: int, metrics: dict) -> None:
