@@ -307,3 +307,30 @@ def test_encoder_batches_are_normalised_pixels():
     flat = np.full((16, 16), 255, np.uint8)
     x = enc.pixels([flat])
     torch.testing.assert_close(x, torch.full((1, 3, 8, 8), 2.0))  # (1 - 0.5) / 0.25
+
+
+def test_compare_image_rows_side_by_side(tmp_path):
+    """Every image row in one table: a linear probe on frozen features, VPT-shallow, VPT-deep, a pixel prompt, LoRA
+    on the ViT and full fine-tuning (each with a head that trains with it), learning rates chosen on validation."""
+    from softprompt.compare import compare, markdown_table
+
+    bb = tiny_dinov2()
+    splits = {"train": stripes(120), "validation": stripes(30, 1), "test": stripes(60, 2)}
+    cfg = _cfg(tmp_path, "cmp", {"name": "vpt", "num_virtual_tokens": 4}, steps=30)
+    rows = ("linear_probe", "vpt", "vpt_deep", "pixel_prompt", "lora", "fine_tune")
+    grids = {"vpt": (1e-3, 3e-2), "vpt_deep": (1e-3, 3e-2), "pixel_prompt": (1e-3, 3e-2), "lora": (1e-3, 1e-2),
+             "fine_tune": (1e-4, 1e-3)}
+    before = {k: v.clone() for k, v in bb.model.state_dict().items()}
+    result = compare(cfg, baselines=rows, out=str(tmp_path / "cmp"), backbone=bb, splits=splits,
+                     say=lambda *a: None, search_steps=6, lr_grids=grids)
+    by = {r["key"]: r for r in result["rows"]}
+    assert list(by) == list(rows) and result["test_rows"] == 60
+    assert all(by[k]["accuracy"] > 0.5 for k in rows), {k: by[k]["accuracy"] for k in rows}  # chance: 1/3
+    assert by["vpt_deep"]["trainable_params"] == 3 * 4 * 32 + 3 * 32 + 3 > by["vpt"]["trainable_params"]
+    assert by["fine_tune"]["trainable_params"] > sum(p.numel() for p in bb.model.parameters())  # + the head
+    assert by["lora"]["shares_batch"].startswith("no") and by["vpt"]["shares_batch"] == "yes"
+    assert by["vpt_deep"]["method"] == "VPT-deep (4 tokens per layer)"
+    assert all(torch.equal(before[k], v) for k, v in bb.model.state_dict().items())  # the shared ViT untouched
+    assert "| pixel prompt (border) |" in markdown_table(result)
+    with pytest.raises(SoftPromptError, match="need a text task"):
+        compare(cfg, baselines=("zero_shot", "vpt"), backbone=bb, splits=splits, say=lambda *a: None)

@@ -34,17 +34,19 @@ from .backbones import load_backbone
 from .errors import SoftPromptError
 from .evaluate import classification_metrics, evaluate
 from .files import load_prompt
-from .methods import METHODS, PromptTuning, from_file
+from .methods import PromptTuning, from_file
 from .model import PromptedModel
 from .precision import autocast, resolve_precision
-from .tasks.datasets import load_splits
 from .tasks.encode import TaskEncoder, left_pad
-from .tasks.spec import TaskSpec, load_task
+from .tasks.spec import TaskSpec, load_task, load_task_splits, task_encoder
 from .train.config import RunConfig
 from .train.memory import peak_memory, reset_peak
 
-PROMPT_METHODS = ("prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2")
+IMAGE_METHODS = {"vpt": {"name": "vpt"}, "vpt_deep": {"name": "vpt", "deep": True},
+                 "pixel_prompt": {"name": "pixel_prompt"}}  # row -> method args (image tasks)
+PROMPT_METHODS = ("prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2", *IMAGE_METHODS)
 BASELINES = ("zero_shot", "few_shot", "linear_probe", *PROMPT_METHODS, "lora", "fine_tune")
+TEXT_ONLY = {"zero_shot", "few_shot", "prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2"}
 ALIASES = {"soft_prompt": "prompt_tuning"}
 DEFAULT_BASELINES = ("zero_shot", "few_shot", "prompt_tuning", "fine_tune")
 
@@ -54,7 +56,8 @@ DEFAULT_BASELINES = ("zero_shot", "few_shot", "prompt_tuning", "fine_tune")
 LR_GRIDS: dict[str, tuple[float, ...]] = {
     "prompt_tuning": (3e-3, 1e-2, 3e-2), "residual": (3e-3, 1e-2, 3e-2), "p_tuning": (3e-4, 1e-3, 3e-3),
     "prefix_tuning": (3e-4, 1e-3, 3e-3), "p_tuning_v2": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3),
-    "fine_tune": (1e-5, 2e-5, 5e-5),
+    "fine_tune": (1e-5, 2e-5, 5e-5), "vpt": (3e-3, 1e-2, 3e-2), "vpt_deep": (3e-3, 1e-2, 3e-2),
+    "pixel_prompt": (3e-3, 1e-2, 3e-2),
 }
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 
@@ -62,7 +65,9 @@ NAMES = {"zero_shot": "zero-shot (template only)", "few_shot": "few-shot ({k} ex
          "linear_probe": "linear probe (frozen features)", "prompt_tuning": "prompt tuning ({p} tokens)",
          "residual": "residual prompt tuning ({p} tokens)", "p_tuning": "P-tuning ({p} tokens)",
          "prefix_tuning": "prefix tuning ({p} tokens per layer)", "p_tuning_v2": "P-tuning v2 ({p} tokens per layer)",
-         "lora": "LoRA (r 8, q/v projections)", "fine_tune": "full fine-tuning (all weights)"}
+         "lora": "LoRA (r 8, q/v projections)", "fine_tune": "full fine-tuning (all weights)",
+         "vpt": "VPT-shallow ({p} tokens)", "vpt_deep": "VPT-deep ({p} tokens per layer)",
+         "pixel_prompt": "pixel prompt (border)"}
 SHARES = {"lora": "no: its own weights", "fine_tune": "no: its own model"}  # every other row: yes
 
 
@@ -103,7 +108,8 @@ class _Compare:
         self.task = load_task(cfg.task)
         self.precision, self.out, self.say = precision, out, say
         self.search_steps, self.lr_grids, self.overwrite = search_steps, lr_grids, overwrite
-        self.probe = TaskEncoder(self.task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id)
+        self.probe = task_encoder(self.task, bb, 0)
+        self.images = getattr(self.task, "modality", "text") == "image"
 
     def test_metrics(self, model, enc) -> dict:
         model.eval()
@@ -135,8 +141,10 @@ class _Compare:
     def prompt_method(self, key: str) -> dict:
         from .train.loop import fit
 
+        args = IMAGE_METHODS.get(key, {"name": key})
+
         def train(lr, steps, sub):
-            cfg = replace(self._cfg(f"{key}/{sub}", steps, lr=lr), method=replace(self.cfg.method, name=key))
+            cfg = replace(self._cfg(f"{key}/{sub}", steps, lr=lr), method=replace(self.cfg.method, **args))
             return fit(cfg, backbone=self.bb, splits=self.splits, overwrite=True, quiet=True)
 
         lr, chosen = self.choose_lr(key, train)
@@ -148,17 +156,17 @@ class _Compare:
             res = train(lr, self.cfg.train.steps, "final")
         return self.prompt_row(key, res.prompt_path, res.report, lr=lr, **chosen)
 
-    def prompt_row(self, key: str, prompt_path, report: dict | None = None, **extra) -> dict:
+    def prompt_row(self, key: str | None, prompt_path, report: dict | None = None, **extra) -> dict:
         pf = load_prompt(prompt_path, backbone=self.bb)
         method = from_file(pf, self.bb.device)
         info = report or pf.metadata.get("training") or {}
-        enc = TaskEncoder(self.task, self.bb.tokenizer, method.num_virtual_tokens, self.bb.max_positions,
-                          self.bb.pad_token_id)
+        enc = task_encoder(self.task, self.bb, method.num_virtual_tokens)
         m = self.test_metrics(PromptedModel(self.bb, method), enc)
-        name = NAMES.get(pf.method, pf.method).format(p=method.num_virtual_tokens)
+        key = key or pf.method
+        name = NAMES.get(key, key).format(p=method.num_virtual_tokens)
         trainable = info.get("trainable_params", sum(t.numel() for t in pf.tensors.values()))
         memory = {k: info[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in info}
-        return _row(pf.method, name, m, trainable, Path(prompt_path).stat().st_size, info.get("train_seconds", 0.0),
+        return _row(key, name, m, trainable, Path(prompt_path).stat().st_size, info.get("train_seconds", 0.0),
                     memory, prompt_file=str(prompt_path), **extra)
 
     def weights(self, key: str) -> dict:
@@ -177,7 +185,7 @@ class _Compare:
         lr = lr or getattr(self.cfg.train, field)
         self.say(f"{key}: training ({self.cfg.train.steps} steps x {self.cfg.train.batch_size}, lr {lr:g}) ...")
         res, fresh = train(lr, self.cfg.train.steps, "final")
-        m = self.test_metrics(PromptedModel(fresh, PromptTuning(torch.empty(0, fresh.hidden_size))), self.probe)
+        m = self.test_metrics(PromptedModel(fresh, res.method), self.probe)  # images: with the head it trained
         memory = {k: res.report[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in res.report}
         row = _row(key, NAMES[key], m, res.report["trainable_params"], res.report["bytes_per_task"],
                    res.report["train_seconds"], memory, lr=lr, best_step=res.best_step, **chosen)
@@ -191,7 +199,7 @@ class _Compare:
                 from peft import LoraConfig, inject_adapter_in_model
             except ImportError:
                 raise SoftPromptError("the lora row needs PEFT: pip install 'softprompt[peft]'") from None
-            inject_adapter_in_model(LoraConfig(**LORA), fresh.model)
+            inject_adapter_in_model(LoraConfig(**{**LORA, "target_modules": lora_targets(fresh.model)}), fresh.model)
             fresh.model.eval()
         return fresh
 
@@ -231,7 +239,15 @@ class _Compare:
 
     @torch.no_grad()
     def features(self, rows: list[dict], batch: int = 16) -> torch.Tensor:
-        """(N, H) float32 final hidden states at the answer position, the frozen model alone."""
+        """(N, H) float32 features of the frozen model alone: the final hidden state at the answer position (text),
+        the image model's features (images)."""
+        if self.images:
+            out = []
+            for i in range(0, len(rows), batch):
+                x = self.probe.batch(rows[i:i + batch], self.bb.device)["pixel_values"]
+                with autocast(self.precision, self.bb.device):
+                    out.append(self.bb.features(x).float().cpu())
+            return torch.cat(out)
         model = self.bare()
         bb = self.bb
         ids = [self.probe.encode_input(r) for r in rows]
@@ -246,6 +262,15 @@ class _Compare:
                 raise SoftPromptError("the linear probe needs hidden states; this backbone runs the plain path")
             out[idx] = states[:, -1].float().cpu()
         return out
+
+
+def lora_targets(model: Any) -> list[str]:
+    """The attention projections LoRA adapts: q/v under transformers 5 names, query/value under older ones."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for pair in (["q_proj", "v_proj"], ["query", "value"], ["q", "v"]):
+        if set(pair) <= names:
+            return pair
+    raise SoftPromptError(f"no q/v attention projections found in {type(model).__name__} for LoRA")
 
 
 def _fit_logistic(x: torch.Tensor, y: torch.Tensor, k: int, weight: torch.Tensor, l2: float) -> torch.nn.Linear:
@@ -289,8 +314,18 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
     if task.kind != "classification" and set(baselines) & {"few_shot", "linear_probe"}:
         raise SoftPromptError("few-shot and linear-probe rows need a classification task")
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
-    splits = splits or load_splits(task.data, seed=cfg.seed)
-    probe = TaskEncoder(task, bb.tokenizer, 0, bb.max_positions, bb.pad_token_id)
+    splits = splits or load_task_splits(task, seed=cfg.seed)
+    if getattr(task, "modality", "text") == "image":
+        if not task.labels:
+            task.labels = sorted({str(r[task.label_field]) for r in splits["train"]})
+        text_rows = sorted(set(baselines) & TEXT_ONLY)
+        if text_rows:
+            raise SoftPromptError(f"row(s) {', '.join(text_rows)} need a text task; image rows: linear_probe, "
+                                  f"{', '.join(IMAGE_METHODS)}, lora, fine_tune")
+        cfg = replace(cfg, task=task.to_dict())
+    elif set(baselines) & set(IMAGE_METHODS):
+        raise SoftPromptError(f"row(s) {', '.join(sorted(set(baselines) & set(IMAGE_METHODS)))} need an image task")
+    probe = task_encoder(task, bb, 0)
     test, _ = probe.check_rows(splits.get("test", []), "test", cfg.train.skip_bad_rows)
     if test_examples and len(test) > test_examples:
         test = random.Random(cfg.seed + 1).sample(test, test_examples)
@@ -329,7 +364,7 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
             row = run.linear_probe()
         elif key == "prompt_tuning" and prompt_file:
             row = run.prompt_row(key, prompt_file)
-        elif key in METHODS:
+        elif key in PROMPT_METHODS:
             row = run.prompt_method(key)
         else:
             row = run.weights(key)

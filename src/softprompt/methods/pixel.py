@@ -26,7 +26,7 @@ SHAPES = ("border", "patch")
 class PixelPromptConfig(MethodConfig):
     num_virtual_tokens: int = 0  # no tokens: the prompt is in the image
     shape: str = "border"  # border | patch
-    width: int = 16  # border width, or the patch's side, in pixels of the model's input
+    width: int = 0  # border width, or the patch's side, in pixels of the input; 0: 30/224 of the side (the paper's)
     num_classes: int = 0  # default: the task's labels (init_labels)
     image_size: int = 0  # the input's side in pixels; default: the task's (else the backbone's)
 
@@ -34,8 +34,8 @@ class PixelPromptConfig(MethodConfig):
         super().__post_init__()
         if self.shape not in SHAPES:
             raise SoftPromptError(f"pixel prompt shape must be one of {', '.join(SHAPES)} (got {self.shape!r})")
-        if int(self.width) < 1:
-            raise SoftPromptError(f"pixel prompt width must be >= 1 (got {self.width})")
+        if int(self.width) < 0:
+            raise SoftPromptError(f"pixel prompt width must be >= 1, or 0 for the default (got {self.width})")
 
 
 def prompt_mask(shape: str, width: int, size: int) -> torch.Tensor:
@@ -76,7 +76,8 @@ class PixelPrompting(Method):
                                   f"{backbone.kind!r} model")
         g = torch.Generator().manual_seed(int(config.seed))
         size, channels = int(config.image_size) or backbone.image_size, backbone.channels
-        mask = prompt_mask(config.shape, int(config.width), size)
+        width = int(config.width) or max(1, round(size * 30 / 224))  # Bahng et al.: a 30 px pad on 224 px
+        mask = prompt_mask(config.shape, width, size)
         return cls(torch.zeros(channels, size, size), mask, *new_head(backbone.hidden_size, num_classes(config), g),
                    config)
 

@@ -48,6 +48,7 @@ class RunResult:
     test: dict | None = None
     report: dict = field(default_factory=dict)
     stopped: str = "steps"  # steps | early_stopping | interrupted
+    method: Any = None  # what was trained (with weights="all"/"lora" on an image task: the head trained with them)
 
 
 def example_order(n: int, batch: int, seed: int, step: int, lengths: list[int] | None = None,
@@ -165,9 +166,17 @@ class Trainable:
     """What a run trains: a method's parameters (a prompt), or weights of the backbone itself (the full fine-tuning
     and LoRA baselines, which train a private copy). Keeps and restores their state by name."""
 
-    def __init__(self, method, named: dict[str, torch.nn.Parameter] | None = None):
+    def __init__(self, method, named: dict[str, torch.nn.Parameter] | None = None, head: tuple[str, ...] = ()):
         self.method = method
         self.named = named  # None: the method's own state (prompt runs)
+        self.head = head  # names in `named` of a task head that trains with the weights (image tasks)
+
+    def groups(self, weights_lr: float, head_lr: float) -> list[dict]:
+        """Optimizer groups: the weights at their lr; a head trained with them at a prompt's lr (it starts random)."""
+        if self.named is None or not self.head:
+            return [{"params": self.params}]
+        return [{"params": [p for k, p in self.named.items() if k not in self.head], "lr": weights_lr},
+                {"params": [self.named[k] for k in self.head], "lr": head_lr}]
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -322,7 +331,7 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
-    optimizer = make_optimizer(trainable.params, _weights_args(args, weights))
+    optimizer = make_optimizer(trainable.groups(_weights_args(args, weights).lr, args.lr), _weights_args(args, weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
@@ -361,18 +370,34 @@ def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None) -> Train
         method = get_method(cfg.method.name).create(
             bb, cfg.method.method_config(labels, cfg.seed, image_size=getattr(task, "image_size", None)))
         return Trainable(method)
-    empty = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device)  # no prompt: the weights change instead
+    empty, head = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device), {}  # no prompt: the weights change
+    if getattr(task, "modality", "text") == "image":  # an image task's head trains with the weights
+        labels = [ws[0] for ws in task.verbalizer.values()]
+        empty = _head_only(bb, labels, cfg.seed, getattr(task, "image_size", None))
+        head = {f"task_head.{k}": p for k, p in empty.named_parameters() if p.requires_grad}
     if weights == "all":
         bb.model.requires_grad_(True)
-        return Trainable(empty, dict(bb.model.named_parameters()))
+        return Trainable(empty, {**dict(bb.model.named_parameters()), **head}, tuple(head))
     if weights == "lora":  # the adapters PEFT injected into this (copied) backbone
         named = {n: p for n, p in bb.model.named_parameters() if "lora_" in n}
         if not named:
             raise SoftPromptError("weights='lora' needs a backbone with LoRA adapters injected (see compare)")
         for p in named.values():
             p.requires_grad_(True)
-        return Trainable(empty, named)
+        return Trainable(empty, {**named, **head}, tuple(head))
     raise SoftPromptError(f"weights must be None, 'all' or 'lora', not {weights!r}")
+
+
+def _head_only(bb: Any, labels: list[str], seed: int, image_size: int | None):
+    """A task head alone for an image backbone: VPT with no tokens (a ViT), a pixel prompt with no pixels (any)."""
+    from ..methods import VPT, PixelPrompting
+
+    if bb.kind == "vit":
+        return VPT.create(bb, num_virtual_tokens=0, init_labels=labels, seed=seed, dropout=0.0)
+    m = PixelPrompting.create(bb, init_labels=labels, seed=seed, image_size=image_size or 0, width=1)
+    m.mask.zero_()
+    m.pixels.requires_grad_(False)
+    return m
 
 
 def _finish(run: _Run, step: int, stopped: str) -> RunResult:
@@ -401,7 +426,7 @@ def _finish(run: _Run, step: int, stopped: str) -> RunResult:
         run.bb.model.eval()
     ddp.barrier()
     return RunResult(out_dir=out, prompt_path=prompt_path, final_step=step, best=state["best_metrics"],
-                     best_step=state["best_step"], report=report, stopped=stopped)
+                     best_step=state["best_step"], report=report, stopped=stopped, method=run.trainable.method)
 
 
 def _world() -> int:
