@@ -2,6 +2,7 @@
 by hand, mixed batches, files, training and resume, the CLI on a folder of images, and bad input."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -334,3 +335,75 @@ def test_compare_image_rows_side_by_side(tmp_path):
     assert "| pixel prompt (border) |" in markdown_table(result)
     with pytest.raises(SoftPromptError, match="need a text task"):
         compare(cfg, baselines=("zero_shot", "vpt"), backbone=bb, splits=splits, say=lambda *a: None)
+
+
+def test_serving_image_tasks_mixed_in_one_batch_over_http(tmp_path):
+    """POST /v1/classify with base64 images (JSON) and with uploads (multipart): each image's scores are its task's
+    log-probabilities computed alone; three image tasks (VPT-shallow, VPT-deep, pixel prompt) share a batch; bad
+    images and text generation on an image model get a 400 with one line."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+
+    bb = tiny_dinov2()
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    task = ImageTaskSpec(name="stripes", labels=LABELS, image_size=16).to_dict()
+    methods = {"shallow": VPT.create(bb, num_virtual_tokens=3, init_labels=LABELS, seed=1),
+               "deep": VPT.create(bb, num_virtual_tokens=3, deep=True, init_labels=LABELS, seed=2),
+               "pixels": PixelPrompting.create(bb, width=2, image_size=16, init_labels=LABELS, seed=3)}
+    with torch.no_grad():
+        methods["pixels"].pixels.normal_()
+    for name, m in methods.items():
+        save_prompt(folder / f"{name}.safetensors", m.eval(), bb, task=task, extra={"preprocessing": {
+            "image_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3}})
+    images = [r["image"] for r in stripes(6)]
+    pngs = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    enc = ImageEncoder(ImageTaskSpec(labels=LABELS, image_size=16), {"image_size": 16, "mean": [0.5] * 3,
+                                                                      "std": [0.25] * 3})
+    engine = Engine(PromptBank(bb, folder), max_batch=8, window_ms=200).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            results: dict = {}
+
+            def ask(name, i):
+                results[(name, i)] = client.post("/v1/classify", json={
+                    "model": name, "input": {"image": base64.b64encode(pngs[i]).decode()}})
+
+            threads = [threading.Thread(target=ask, args=(name, i)) for i in range(2) for name in methods]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert engine.metrics.snapshot()["batches"] < len(threads)  # the tasks shared batches
+            for (name, i), r in results.items():
+                assert r.status_code == 200, r.text
+                got = r.json()["data"][0]
+                with torch.no_grad():
+                    want = PromptedModel(bb, methods[name]).classify(enc.pixels([images[i]]))[0].log_softmax(-1)
+                assert got["label"] == LABELS[int(want.argmax())]
+                for k, label in enumerate(LABELS):
+                    assert abs(got["scores"][label] - float(want[k])) < 1e-4
+            r = client.post("/v1/classify", data={"model": "deep"},
+                            files=[("image", ("a.png", pngs[0], "image/png")), ("image", ("b.png", pngs[1], "image/png"))])
+            assert r.status_code == 200, r.text
+            assert [d["label"] for d in r.json()["data"]] == [results[("deep", i)].json()["data"][0]["label"]
+                                                              for i in range(2)]
+            bad = client.post("/v1/classify", json={"model": "deep", "input": {"image": base64.b64encode(b"no").decode()}})
+            assert bad.status_code == 400 and "not an image PIL can read" in bad.json()["error"]["message"]
+            text = client.post("/v1/classify", json={"model": "deep", "input": "hello"})
+            assert text.status_code == 400 and "classifies images" in text.json()["error"]["message"]
+            gen = client.post("/v1/completions", json={"model": "deep", "prompt": "hi"})
+            assert gen.status_code == 400 and "image model" in gen.json()["error"]["message"]
+    finally:
+        engine.stop()

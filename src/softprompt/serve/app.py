@@ -23,7 +23,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import SoftPromptError
@@ -304,8 +304,28 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
         return await run([job], True, req)
 
     @app.post("/v1/classify", dependencies=[Depends(authorize)])
-    async def classify(req: ClassifyRequest):
+    async def classify(request: Request):
+        """JSON {"model", "input"} (text, fields, or {"image": base64}); or a multipart upload: a `model` field
+        and one or more `image` files."""
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            files = form.getlist("image")
+            if not isinstance(form.get("model"), str) or not files:
+                raise RequestError("a multipart request needs a 'model' field and at least one 'image' file",
+                                   param="image")
+            req = ClassifyRequest(model=form["model"], input=[{"image": "upload"} for _ in files])
+            uploads = [await f.read() if hasattr(f, "read") else str(f).encode() for f in files]
+        else:
+            try:  # the same answers as a JSON body FastAPI validates itself
+                req = ClassifyRequest.model_validate(json.loads(await request.body()))
+            except json.JSONDecodeError as e:
+                raise RequestValidationError([{"type": "json_invalid", "msg": str(e), "loc": ("body",)}]) from None
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            uploads = None
         items = req.input if isinstance(req.input, list) else [req.input]
+        if uploads is not None:
+            items = [{"image": u} for u in uploads]
         if not items:
             raise RequestError("input is empty; send some text", param="input")
         if len(items) > engine.max_batch:
@@ -348,8 +368,8 @@ def build_server(model: str, prompts: str | None = None, *, dtype: str | None = 
     from .bank import PromptBank
 
     bb = load_backbone(model, dtype=dtype, device=device)
-    if bb.kind != "causal_lm":
-        raise SoftPromptError(f"serving needs a causal LM; {model!r} is a {bb.kind}")
+    if bb.kind not in ("causal_lm", "vit", "image"):
+        raise SoftPromptError(f"serving needs a causal LM or an image model; {model!r} is a {bb.kind}")
     bank = PromptBank(bb, prompts)
     return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache)
 

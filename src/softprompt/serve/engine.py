@@ -24,6 +24,7 @@ import torch
 
 from ..errors import SoftPromptError
 from ..generation import Decoding, Row, Sampling
+from ..model import MixedPromptedModel
 from ..tasks.encode import TaskEncoder, left_pad
 from ..tasks.spec import load_task
 from .bank import PromptBank, TaskEntry
@@ -59,6 +60,7 @@ class Job:
     emit: Callable[[str, Any], None]
     sampling: Sampling | None = None
     encoder: TaskEncoder | None = None
+    pixels: torch.Tensor | None = None  # an image task's request: (1, C, S, S) normalised
     row: Row | None = None
     sent: int = 0  # characters of text already streamed
     created: float = field(default_factory=time.perf_counter)
@@ -194,6 +196,9 @@ class Engine:
                        emit: Callable[[str, Any], None] = lambda kind, value: None,
                        default_max_tokens: int = 16) -> Job:
         entry = self.resolve(model)
+        if self.backbone.kind != "causal_lm":
+            raise RequestError(f"model {self.model_name!r} is an image model: it classifies (POST /v1/classify), it "
+                               "does not generate text", param="model")
         tok = self.backbone.tokenizer
         if messages is not None:
             if not messages:
@@ -249,12 +254,17 @@ class Engine:
         enc = self._encoders.get(key)
         if enc is None:
             spec = entry.task
-            if not spec or not spec.get("verbalizer"):
+            bb = self.backbone
+            if spec and spec.get("modality") == "image":
+                from ..tasks.images import ImageEncoder
+
+                enc = ImageEncoder(load_task(dict(spec)), entry.metadata.get("preprocessing") or bb.preprocessing)
+            elif not spec or not spec.get("verbalizer"):
                 raise RequestError(f"task {model!r} is not a classification task (its prompt file has no "
                                    "verbalizer); use /v1/completions", param="model")
-            bb = self.backbone
-            enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, bb.max_positions,
-                              bb.pad_token_id)
+            else:
+                enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, bb.max_positions,
+                                  bb.pad_token_id)
             self._encoders = {k: v for k, v in self._encoders.items() if k[0] != model} | {key: enc}
         return enc
 
@@ -263,6 +273,8 @@ class Engine:
         if entry is None:
             raise RequestError(f"{model!r} is the bare model; classification needs a task", param="model")
         enc = self.encoder(model, entry)
+        if getattr(enc.task, "modality", "text") == "image":
+            return self._image_job(model, entry, enc, item, emit)
         fields = enc.task.fields
         if isinstance(item, str):
             if len(fields) != 1:
@@ -278,6 +290,27 @@ class Engine:
         except SoftPromptError as e:
             raise RequestError(str(e), param="input") from None
         return Job("classify", model, entry, ids, emit, encoder=enc)
+
+    def _image_job(self, model: str, entry: TaskEntry, enc: Any, item: Any, emit) -> Job:
+        """An image task's request: {"image": base64 (or a data: URL)} in JSON, or the bytes of an upload."""
+        import base64
+        import binascii
+
+        image = item.get("image") if isinstance(item, dict) else None
+        if image is None:
+            raise RequestError(f"task {model!r} classifies images; send {{\"image\": \"<base64 PNG or JPEG>\"}} or a "
+                               "multipart upload", param="input")
+        if isinstance(image, str):
+            data = image.split(",", 1)[1] if image.startswith("data:") else image
+            try:
+                image = base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError("image is not valid base64", param="input") from None
+        try:
+            pixels = enc.pixels([bytes(image)], self.backbone.device)
+        except SoftPromptError as e:
+            raise RequestError(str(e), param="input") from None
+        return Job("classify", model, entry, [], emit, encoder=enc, pixels=pixels)
 
     def submit(self, job: Job) -> Job:
         if self._thread is None:
@@ -329,8 +362,19 @@ class Engine:
                         job.emit("error", f"internal error: {type(e).__name__}: {e}")
 
     def _classify(self, jobs: list[Job]) -> None:
-        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in jobs], self.reuse_prompt_cache)
-        for job, s in zip(jobs, scores, strict=True):
+        text = [j for j in jobs if j.pixels is None]
+        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in text],
+                             self.reuse_prompt_cache) if text else []
+        by_size: dict[tuple, list[Job]] = {}
+        for j in jobs:
+            if j.pixels is not None:
+                by_size.setdefault(tuple(j.pixels.shape), []).append(j)
+        images = [j for group in by_size.values() for j in group]
+        for group in by_size.values():  # each size in one forward, the tasks' prompts mixed
+            logits = MixedPromptedModel(self.backbone, [j.prompt for j in group]).classify(
+                torch.cat([j.pixels for j in group]))
+            scores += [x.float().log_softmax(-1) for x in logits]
+        for job, s in zip(text + images, scores, strict=True):
             labels = job.encoder.task.labels
             values = s.tolist()
             job.first_token = time.perf_counter()
