@@ -298,6 +298,39 @@ def test_train_and_eval_through_the_cli_on_a_folder_of_images(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run" / "prompt.safetensors"), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["n"] == 30 and m["accuracy"] > 0.6 and m["confusion"]["labels"] == LABELS
+    assert main(["eval", str(tmp_path / "run" / "prompt.safetensors"), "--png", str(tmp_path / "conf.png")]) == 0
+    assert Image.open(tmp_path / "conf.png").size[0] > 100 and "accuracy" in capsys.readouterr().out
+    files = sorted(str(f) for f in (tmp_path / "test").rglob("*.png"))[:4]
+    assert main(["predict", str(tmp_path / "run" / "prompt.safetensors"), *files, "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in pred] == files and all(set(r["scores"]) == set(LABELS) for r in pred)
+    with torch.no_grad():  # the same as the model on the same pixels
+        enc = ImageEncoder(ImageTaskSpec(labels=LABELS, image_size=16), bb.preprocessing)
+        model = PromptedModel(bb, load_method(tmp_path / "run" / "prompt.safetensors", bb))
+        want = model.classify(enc.pixels(files)).log_softmax(-1)
+    assert [r["label"] for r in pred] == [LABELS[int(i)] for i in want.argmax(-1)]
+    assert main(["predict", str(tmp_path / "run" / "prompt.safetensors"), str(tmp_path / "run.yaml")]) == 2
+    assert "is not an image PIL can read" in capsys.readouterr().err
+
+
+def test_inspect_draws_a_pixel_prompt(tmp_path, capsys):
+    from PIL import Image
+
+    from softprompt.cli import main
+
+    bb = ImageBackbone(TinyCNN(), name="tiny-cnn", image_size=16)
+    pp = PixelPrompting.create(bb, width=3, init_labels=LABELS)
+    with torch.no_grad():
+        pp.pixels.uniform_(-1, 1)
+    save_prompt(tmp_path / "p.safetensors", pp, bb, extra={"preprocessing": bb.preprocessing})
+    assert main(["inspect", str(tmp_path / "p.safetensors"), "--png", str(tmp_path / "p.png")]) == 0
+    img = np.asarray(Image.open(tmp_path / "p.png"))
+    assert img.shape == (64, 64, 3)
+    inner = img[16:48, 16:48]  # inside the 3 px border (x4): the checkerboard, two greys only
+    assert set(np.unique(inner)) <= {178, 217} and len(np.unique(img[:12].reshape(-1, 3), axis=0)) > 20
+    vpt_file = save_prompt(tmp_path / "v.safetensors", VPT.create(tiny_dinov2(), init_labels=LABELS), tiny_dinov2())
+    assert main(["inspect", str(vpt_file), "--png", str(tmp_path / "v.png")]) == 2
+    assert "has no pixels to draw" in capsys.readouterr().err
 
 
 def test_encoder_batches_are_normalised_pixels():

@@ -46,9 +46,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"backbone:  {bb_meta.get('name')} (fingerprint {bb_meta.get('fingerprint_id', 'unknown')})")
     for k, v in sorted(meta.items()):
         print(f"{k + ':':10} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    if args.png:
+        from .pictures import pixel_prompt_image
+
+        pixel_prompt_image(pf).save(args.png)
+        print(f"wrote {args.png}: the learned pixels where the prompt is added (checkerboard: the image shows through)")
     model = args.model or (bb_meta.get("name") if args.nearest else None)
     if args.nearest and "prompt" not in pf.tensors:
-        print("nearest tokens: a key/value prompt has no vectors in the vocabulary's space")
+        print(f"nearest tokens: a {pf.metadata.get('prompt_kind', pf.method)} prompt has no vectors in a vocabulary's "
+              "space")
     elif args.nearest and model:
         import torch
 
@@ -67,6 +73,45 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             print(f"  {i:3d}  {words}")
     elif args.nearest:
         print("nearest tokens: the file names no backbone; pass --model")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from .backbones import load_backbone
+    from .files import check_prompt, read_prompt
+    from .methods import from_file
+    from .model import PromptedModel
+    from .tasks.images import ImageEncoder
+    from .tasks.spec import load_task
+
+    pf = read_prompt(args.prompt)
+    task = pf.metadata.get("task") or {}
+    if task.get("modality") != "image":
+        raise SoftPromptError(f"{args.prompt} is not an image task's prompt; predict classifies images (for text "
+                              "use softprompt eval or serve)")
+    model = args.model or (pf.metadata.get("backbone") or {}).get("name")
+    if not model:
+        raise SoftPromptError(f"{args.prompt} names no backbone; pass --model")
+    bb = load_backbone(model)
+    check_prompt(pf, bb)
+    enc = ImageEncoder(load_task(task), pf.metadata.get("preprocessing") or bb.preprocessing)
+    prompted = PromptedModel(bb, from_file(pf, bb.device))
+    out = []
+    for start in range(0, len(args.images), 16):
+        files = args.images[start:start + 16]
+        with torch.no_grad():
+            logp = prompted.classify(enc.pixels(files, bb.device)).float().log_softmax(-1)
+        for f, row in zip(files, logp, strict=True):
+            order = row.argsort(descending=True).tolist()
+            out.append({"file": f, "label": enc.task.labels[order[0]],
+                        "scores": {enc.task.labels[k]: round(float(row[k]), 4) for k in order}})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for r in out:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in list(r["scores"].items())[:args.top])
+        print(f"{r['file']}: {r['label']}  (log-probabilities: {top})")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -178,6 +223,10 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
         rows = random.Random(cfg.seed + 1).sample(rows, args.limit)
     m = evaluate(PromptedModel(bb, method), enc, rows, resolve_precision(cfg.train.precision, bb.device))
+    if args.png and "confusion" in m:
+        from .pictures import confusion_png
+
+        confusion_png(m, args.png, f"{task.name} {args.split}: accuracy {m['accuracy']:.1%} (n={m['n']})")
     if args.json:
         print(json.dumps({**m, "skipped_rows": bad.skipped}, indent=2))
         return
@@ -270,7 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file", help="prompt file or PEFT adapter folder")
     i.add_argument("--model", help="backbone for nearest tokens (default: the one named in the file)")
     i.add_argument("--nearest", type=int, default=3, help="nearest tokens per vector (0 = skip)")
+    i.add_argument("--png", metavar="FILE", help="a pixel prompt: write a picture of the learned pixels")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("predict", help="classify image files with an image prompt",
+                       description="The label and scores of each image under an image task's prompt file (the "
+                                   "backbone named in the file unless --model is given).")
+    r.add_argument("prompt", help="prompt file of an image task")
+    r.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    r.add_argument("--model", help="backbone (default: the one named in the file)")
+    r.add_argument("--top", type=int, default=3, help="labels shown per image")
+    r.add_argument("--json", action="store_true", help="print one JSON document")
+    r.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("export", help="export a prompt file to a PEFT prompt-tuning folder",
                        description="Write adapter_config.json + adapter_model.safetensors that peft loads.")
@@ -310,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--k-shot", type=int, default=4)
     v.add_argument("--out", default=None, help="folder for compare.json / compare.md (with --baselines)")
     v.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    v.add_argument("--png", metavar="FILE", help="also draw the confusion matrix into this PNG")
     v.set_defaults(func=cmd_eval, extra=True)
 
     c = sub.add_parser("compare", help="every method and baseline side by side on one test split, one table",
