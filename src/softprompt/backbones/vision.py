@@ -123,11 +123,12 @@ def _find_layers(model: nn.Module, n: int) -> nn.ModuleList:
     raise SoftPromptError(f"could not find the {n} encoder layers of {type(model).__name__}")
 
 
-VISION_MODEL_TYPES = ("vit", "dinov2", "deit", "dinov2_with_registers", "vit_msn", "beit")
+VISION_MODEL_TYPES = ("vit", "dinov2", "deit", "dinov2_with_registers", "vit_msn", "beit", "efficientnet_lite")
 
 
-def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: torch.device) -> ViTBackbone:
-    """A ViT-family model (``AutoModel``) and its preprocessing (preprocessor_config.json when present)."""
+def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: torch.device) -> Backbone:
+    """A ViT-family model (``AutoModel``), or the built-in EfficientNet-Lite0, with its preprocessing
+    (preprocessor_config.json when present)."""
     import json
     from pathlib import Path
 
@@ -135,6 +136,17 @@ def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: tor
 
     from ..cache import quiet_progress_bars
 
+    folder = Path(str(source))
+    if (folder / "config.json").exists() and \
+            json.loads((folder / "config.json").read_text()).get("model_type") == "efficientnet_lite":
+        from safetensors.torch import load_file
+
+        from .efficientnet import MEAN, STD, EfficientNetLite0, Features
+
+        net = EfficientNetLite0()
+        net.load_state_dict(load_file(str(folder / "model.safetensors")))
+        return ImageBackbone(Features(net).to(device=device, dtype=dtype), name=name, image_size=224, mean=MEAN,
+                             std=STD)
     with quiet_progress_bars():
         model = AutoModel.from_pretrained(source, dtype=dtype)
     pre: dict = {}
