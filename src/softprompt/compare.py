@@ -43,7 +43,8 @@ from .train.config import RunConfig
 from .train.memory import peak_memory, reset_peak
 
 IMAGE_METHODS = {"vpt": {"name": "vpt"}, "vpt_deep": {"name": "vpt", "deep": True},
-                 "pixel_prompt": {"name": "pixel_prompt"}}  # row -> method args (image tasks)
+                 "pixel_prompt": {"name": "pixel_prompt"}, "coop": {"name": "coop"},
+                 "cocoop": {"name": "cocoop"}}  # row -> method args (image tasks; coop/cocoop: a CLIP backbone)
 PROMPT_METHODS = ("prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2", *IMAGE_METHODS)
 BASELINES = ("zero_shot", "few_shot", "linear_probe", *PROMPT_METHODS, "lora", "fine_tune")
 TEXT_ONLY = {"zero_shot", "few_shot", "prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2"}
@@ -57,7 +58,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "prompt_tuning": (3e-3, 1e-2, 3e-2), "residual": (3e-3, 1e-2, 3e-2), "p_tuning": (3e-4, 1e-3, 3e-3),
     "prefix_tuning": (3e-4, 1e-3, 3e-3), "p_tuning_v2": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3),
     "fine_tune": (1e-5, 2e-5, 5e-5), "vpt": (3e-3, 1e-2, 3e-2), "vpt_deep": (3e-3, 1e-2, 3e-2),
-    "pixel_prompt": (3e-3, 1e-2, 3e-2),
+    "pixel_prompt": (3e-3, 1e-2, 3e-2), "coop": (3e-4, 1e-3, 2e-3), "cocoop": (3e-4, 1e-3, 2e-3),
 }
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 
@@ -67,7 +68,8 @@ NAMES = {"zero_shot": "zero-shot (template only)", "few_shot": "few-shot ({k} ex
          "prefix_tuning": "prefix tuning ({p} tokens per layer)", "p_tuning_v2": "P-tuning v2 ({p} tokens per layer)",
          "lora": "LoRA (r 8, q/v projections)", "fine_tune": "full fine-tuning (all weights)",
          "vpt": "VPT-shallow ({p} tokens)", "vpt_deep": "VPT-deep ({p} tokens per layer)",
-         "pixel_prompt": "pixel prompt (border)"}
+         "pixel_prompt": "pixel prompt (border)", "coop": "CoOp ({p} context tokens)",
+         "cocoop": "CoCoOp ({p} context tokens)"}
 SHARES = {"lora": "no: its own weights", "fine_tune": "no: its own model"}  # every other row: yes
 
 

@@ -13,7 +13,8 @@ other's type. The kinds so far:
 - ``PixelPrompt``: a learned image (C, S, S) added to the normalised input where a mask (S, S) is on (a border or a
   patch: visual prompting in pixel space, for any image model); with the task's classification head.
 
-Kinds to come have the same shape of contract: context tokens inside CLIP's text encoder.
+- ``ContextPrompt``: context tokens (M, H), or (K, M, H) one set per class, that replace "a photo of a" in front of
+  each class name inside CLIP's text encoder (CoOp); with a meta-network, a per-image shift of them (CoCoOp).
 """
 
 from __future__ import annotations
@@ -100,8 +101,25 @@ class PixelPrompt:
         return (self.pixels, self.mask, self.head.weight, self.head.bias)
 
 
-Prompt = EmbeddingPrompt | KVPrompt | PatchPrompt | PixelPrompt
-PROMPT_KINDS = {cls.kind: cls for cls in (EmbeddingPrompt, KVPrompt, PatchPrompt, PixelPrompt)}
+@dataclass(frozen=True)
+class ContextPrompt:
+    kind: ClassVar[str] = "context"
+    ctx: torch.Tensor  # (M, H) shared by every class, or (K, M, H) one set per class
+    class_names: tuple[str, ...]
+    meta: tuple[torch.Tensor, ...] | None = None  # CoCoOp: (W1, b1, W2, b2) of image features -> a shift (H,)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.ctx.shape[-2]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        names = torch.tensor(list("\n".join(self.class_names).encode()), dtype=torch.uint8)
+        return (self.ctx, *(self.meta or ()), names)
+
+
+Prompt = EmbeddingPrompt | KVPrompt | PatchPrompt | PixelPrompt | ContextPrompt
+PROMPT_KINDS = {cls.kind: cls for cls in (EmbeddingPrompt, KVPrompt, PatchPrompt, PixelPrompt, ContextPrompt)}
 
 
 def content_hash(prompt: Prompt | torch.Tensor) -> str:

@@ -110,6 +110,12 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
     from ..cache import quiet_progress_bars
 
     model_type = _model_type(source, kwargs)
+    if model_type == "clip":
+        from .clip import load_clip_backbone
+
+        bb = load_clip_backbone(source, str(name_or_path), dt, dev)
+        bb.load_seconds = time.perf_counter() - start
+        return bb
     if model_type in VISION_MODEL_TYPES:
         bb = load_vision_backbone(source, str(name_or_path), dt, dev)
         bb.load_seconds = time.perf_counter() - start

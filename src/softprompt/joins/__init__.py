@@ -10,6 +10,7 @@ backbone.kind)`` and hands the work over. A new join is one class and one ``@reg
 | embeddings | module | ``EmbeddingsIntoModule`` | the prompt is concatenated in front of the input embeddings |
 | patch_tokens | vit | ``PatchTokensIntoViT`` | tokens after CLS (first layer, or every layer: VPT-deep); the prompt's head |
 | pixels | image, vit | ``PixelsIntoImage``, ``PixelsIntoViT`` | a learned image added to the input; the prompt's head |
+| context | clip | ``ContextIntoCLIP`` | context tokens before each class name in CLIP's text encoder (CoOp, CoCoOp) |
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from .causal import (
     stack_prefixes,
     truncate_to_fit,
 )
+from .clip import ContextIntoCLIP
 from .module import EmbeddingsIntoModule, prefix_join
 from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed
 
-__all__ = ["JOINS", "CausalJoin", "EmbeddingsIntoCausalLM", "EmbeddingsIntoModule", "ImageJoin", "Join",
+__all__ = ["JOINS", "CausalJoin", "ContextIntoCLIP", "EmbeddingsIntoCausalLM", "EmbeddingsIntoModule", "ImageJoin", "Join",
            "KVIntoCausalLM", "PatchTokensIntoViT", "PixelsIntoImage", "PixelsIntoViT", "Prefix", "check_mask",
            "classify_mixed", "get_join", "input_positions", "prefix_join", "register", "run_rows", "stack_prefixes",
            "truncate_to_fit"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import SoftPromptError
 from .base import Method, MethodConfig
+from .coop import CoCoOp, CoCoOpConfig, CoOp, CoOpConfig
 from .p_tuning import PTuning, PTuningConfig
 from .pixel import PixelPromptConfig, PixelPrompting
 from .prefix_tuning import DeepPrompt, PrefixTuning, PrefixTuningConfig
@@ -16,9 +17,9 @@ from .residual import ResidualConfig, ResidualPromptTuning
 from .vpt import VPT, VPTConfig
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, ResidualPromptTuning, PTuning, PrefixTuning,
-                                                         DeepPrompt, VPT, PixelPrompting)}
+                                                         DeepPrompt, VPT, PixelPrompting, CoOp, CoCoOp)}
 
-__all__ = ["METHODS", "DeepPrompt", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
+__all__ = ["METHODS", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DeepPrompt", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
            "PixelPromptConfig", "PixelPrompting", "PrefixTuningConfig", "PromptTuning", "PromptTuningConfig",
            "ResidualConfig", "ResidualPromptTuning", "VPT", "VPTConfig",
            "from_file", "get_method", "load_method"]

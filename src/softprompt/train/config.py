@@ -16,7 +16,7 @@ from ..errors import SoftPromptError, check_keys
 @dataclass
 class MethodArgs:
     """What trains (the method registered under `name`: prompt_tuning | residual | p_tuning | prefix_tuning |
-    p_tuning_v2 | vpt | pixel_prompt) and how it starts. Options a method does not have must stay unset."""
+    p_tuning_v2 | vpt | pixel_prompt | coop | cocoop) and how it starts. Options a method does not have must stay unset."""
 
     name: str = "prompt_tuning"
     num_virtual_tokens: int = 20  # Lester et al.: 20 gets most of the gain
@@ -32,6 +32,8 @@ class MethodArgs:
     dropout: float | None = None  # vpt: dropout on the tokens while training
     shape: str | None = None  # pixel_prompt: border | patch
     width: int | None = None  # pixel_prompt: border width / patch side in pixels
+    class_specific: bool | None = None  # coop / cocoop: a context per class
+    conditional: bool | None = None  # coop: the image-conditioned meta-network (cocoop has it on)
 
     def method_config(self, labels: list[str], seed: int, **context):
         """The registered method's config from these args (one-line error for an option it does not have);
@@ -43,7 +45,8 @@ class MethodArgs:
         values = {"num_virtual_tokens": self.num_virtual_tokens, "init": self.init, "init_text": self.init_text,
                   "init_labels": self.init_labels or labels, "init_file": self.init_file, "seed": seed}
         values.update({k: v for k, v in context.items() if k in known and v is not None})
-        for key in ("reparameterize", "encoder", "encoder_hidden", "bottleneck", "deep", "dropout", "shape", "width"):
+        for key in ("reparameterize", "encoder", "encoder_hidden", "bottleneck", "deep", "dropout", "shape", "width",
+                    "class_specific", "conditional"):
             value = getattr(self, key)
             if value is None:
                 continue
