@@ -26,6 +26,7 @@ from ..runtime import runtime
 from .base import Join, register
 
 _TOKENS: ContextVar[torch.Tensor | None] = ContextVar("softprompt_patch_tokens", default=None)  # (B|1, D, P, H)
+_DEEP: ContextVar[torch.Tensor | None] = ContextVar("softprompt_deep_rows", default=None)  # (B,) bool, or None: all
 
 
 def _after_embeddings(module, args, output):
@@ -44,6 +45,9 @@ def _before_layer(index: int, module, args, kwargs):
     hidden = args[0] if args else kwargs["hidden_states"]
     B, P = hidden.shape[0], tokens.shape[2]
     fresh = tokens[:, index].to(hidden.dtype).expand(B, -1, -1)
+    deep = _DEEP.get()
+    if deep is not None:  # shallow rows in the batch keep their prompt outputs
+        fresh = torch.where(deep[:, None, None], fresh, hidden[:, 1:1 + P])
     hidden = torch.cat([hidden[:, :1], fresh, hidden[:, 1 + P:]], dim=1)  # this layer's tokens replace the last's
     if args:
         return (hidden, *args[1:]), kwargs
@@ -69,8 +73,23 @@ def apply_head(head: Head, features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(features.to(head.weight.dtype), head.weight, head.bias)
 
 
-def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, H) final CLS states with tokens (D, P, H) for every row, or (B, D, P, H) a set per row."""
+def apply_heads(prompts: list, features: torch.Tensor) -> list[torch.Tensor]:
+    """Each row through its own prompt's head: one batched product when the heads have the same shape."""
+    if len(prompts) == 1:
+        return [apply_head(prompts[0].head, features)]
+    shapes = {tuple(p.head.weight.shape) for p in prompts}
+    if len(shapes) > 1:
+        return [apply_head(p.head, features[i:i + 1]) for i, p in enumerate(prompts)]
+    w = torch.stack([p.head.weight for p in prompts])  # (B, K, F)
+    b = torch.stack([p.head.bias for p in prompts])  # (B, K)
+    logits = torch.einsum("bf,bkf->bk", features.to(w.dtype), w) + b
+    return list(logits.unsqueeze(1).unbind(0))  # B x (1, K)
+
+
+def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor,
+                 deep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H) final CLS states with tokens (D, P, H) for every row, or (B, D, P, H) a set per row; `deep` (B,)
+    marks the rows whose later-layer tokens apply (the others are shallow prompts padded to D layers)."""
     tokens = tokens.unsqueeze(0) if tokens.ndim == 3 else tokens
     if tokens.shape[2] == 0:
         return backbone.features(pixel_values)
@@ -79,11 +98,12 @@ def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor
         raise SoftPromptError(f"a VPT prompt of depth {D} does not fit backbone {backbone.name!r} with "
                               f"{backbone.num_layers} layers")
     install_hooks(backbone)
-    reset = _TOKENS.set(tokens)
+    reset, reset_deep = _TOKENS.set(tokens), _DEEP.set(deep)
     try:
         return backbone.features(pixel_values)
     finally:
         _TOKENS.reset(reset)
+        _DEEP.reset(reset_deep)
 
 
 def check_images(backbone: Any, pixel_values: torch.Tensor, size: int | None = None) -> None:
@@ -117,15 +137,22 @@ class PatchTokensIntoViT(ImageJoin):
     backbone_kind = "vit"
 
     def group(self, prompt: PatchPrompt) -> tuple:
-        return (prompt.depth, prompt.num_virtual_tokens)
+        return (prompt.num_virtual_tokens,)  # shallow and deep prompts of one length share a forward
 
     def classify_rows(self, backbone, prompts: list[PatchPrompt], pixel_values):
         check_images(backbone, pixel_values)
-        tokens = prompts[0].tokens if len(prompts) == 1 else torch.stack([p.tokens for p in prompts])
-        feats = vit_features(backbone, tokens, pixel_values)
+        deep = None
         if len(prompts) == 1:
-            return [apply_head(prompts[0].head, feats)]
-        return [apply_head(p.head, feats[i:i + 1]) for i, p in enumerate(prompts)]
+            tokens = prompts[0].tokens
+        elif len({p.depth for p in prompts}) == 1:
+            tokens = torch.stack([p.tokens for p in prompts])
+        else:  # shallow rows padded to every layer (their later slots unused), deep rows marked
+            L = max(p.depth for p in prompts)
+            tokens = torch.stack([p.tokens if p.depth == L else
+                                  torch.cat([p.tokens, p.tokens.new_zeros(L - 1, *p.tokens.shape[1:])])
+                                  for p in prompts])
+            deep = torch.tensor([p.depth == L for p in prompts], device=pixel_values.device)
+        return apply_heads(prompts, vit_features(backbone, tokens, pixel_values, deep))
 
 
 @register
@@ -143,10 +170,7 @@ class PixelsIntoImage(ImageJoin):
         else:
             pixels = torch.stack([p.pixels for p in prompts])
         x = pixel_values + pixels.to(pixel_values.dtype)  # zero outside each mask
-        feats = backbone.features(x)
-        if len(prompts) == 1:
-            return [apply_head(prompts[0].head, feats)]
-        return [apply_head(p.head, feats[i:i + 1]) for i, p in enumerate(prompts)]
+        return apply_heads(prompts, backbone.features(x))
 
 
 @register
