@@ -26,14 +26,14 @@ def test_local_folder_loads_frozen_in_eval_mode_with_dtype(tiny_folder):
 
 
 def test_bad_names_and_paths(tmp_path):
-    with pytest.raises(sp.SoftPromptError, match=r"not a built-in name \(smollm2-135m\).*unreachable"):
+    with pytest.raises(sp.SoftPromptError, match=r"not a built-in name \(smollm2-135m, dinov2-small, efficientnet-lite0\).*unreachable"):
         sp.load_backbone("no-such-model")
     with pytest.raises(sp.SoftPromptError, match="no model at"):
         sp.load_backbone(str(tmp_path / "missing.gguf"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(sp.SoftPromptError, match="holds no config.json"):
         sp.load_backbone(str(tmp_path / "empty"))
-    with pytest.raises(sp.SoftPromptError, match="unknown built-in model 'gpt-9'; built-in names are: smollm2-135m"):
+    with pytest.raises(sp.SoftPromptError, match="unknown built-in model 'gpt-9'; built-in names are: smollm2-135m, dinov2-small"):
         cache.builtin_model_dir("gpt-9")
     with pytest.raises(sp.SoftPromptError, match="unknown dtype"):
         sp.load_backbone("smollm2-135m", dtype="float8")

@@ -74,6 +74,10 @@ def evaluate_generation(model: Any, enc: TaskEncoder, rows: list[dict], batch_si
 def evaluate(model: Any, enc: TaskEncoder, rows: list[dict], precision: str = "float32", batch_size: int = 16) -> dict:
     if enc.task.kind == "classification":
         return evaluate_classification(model, enc, rows, batch_size, precision)
+    if enc.task.kind == "detection":
+        from .tasks.detection import evaluate_detection
+
+        return evaluate_detection(model, enc, rows, precision, batch_size)
     return evaluate_generation(model, enc, rows, max(1, batch_size // 2), precision)
 
 
@@ -82,4 +86,4 @@ def headline(metrics: dict, select: str | None = None) -> float:
     classification and exact match for generation."""
     if select and select in metrics:
         return metrics[select]
-    return metrics.get("accuracy", metrics.get("exact_match", 0.0))
+    return metrics.get("accuracy", metrics.get("exact_match", metrics.get("map", 0.0)))

@@ -99,6 +99,13 @@ class PromptedModel(nn.Module):
         """(B, K) logits of the prompt's task for normalised images (B, C, S, S): image prompts, with their head."""
         return self.join.classify(self, pixel_values)
 
+    def detect(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A detector's (logits (B, N, K + 1), boxes (B, N, 4)) per detection token, the prompt's class head."""
+        if not hasattr(self.join, "detect"):
+            raise SoftPromptError(f"a {self.method.prompt_kind!r} prompt on a {self.backbone.kind!r} backbone does "
+                                  "not detect objects; load a detector (YOLOS)")
+        return self.join.detect(self, pixel_values)
+
     def target_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                     reduction: str = "sum") -> torch.Tensor:
         """Causal LM cross-entropy of labels (B, T) (-100: no loss), the LM head at the target positions only."""

@@ -71,11 +71,12 @@ class ViTBackbone(Backbone):
         super().__init__(model, name=name)
         cfg = model.config
         self.embeddings = _find_embeddings(model)
-        self.layers = _find_layers(model, int(cfg.num_hidden_layers))
+        self.layers = _find_layers(getattr(model, "vit", model), int(cfg.num_hidden_layers))
         self.patch_size = int(cfg.patch_size)
         self.channels = int(getattr(cfg, "num_channels", 3))
         pre = preprocessing or {}
-        self.image_size = int(pre.get("image_size") or cfg.image_size)
+        size = pre.get("image_size") or cfg.image_size
+        self.image_size = int(min(size) if isinstance(size, (list, tuple)) else size)
         self.mean = tuple(float(m) for m in pre.get("mean", IMAGENET_MEAN))
         self.std = tuple(float(s) for s in pre.get("std", IMAGENET_STD))
 
@@ -106,7 +107,7 @@ class ViTBackbone(Backbone):
 
 
 def _find_embeddings(model: nn.Module) -> nn.Module:
-    for path in ("embeddings", "vision_model.embeddings"):
+    for path in ("embeddings", "vision_model.embeddings", "vit.embeddings"):
         mod = model
         for part in path.split("."):
             mod = getattr(mod, part, None)
@@ -123,7 +124,31 @@ def _find_layers(model: nn.Module, n: int) -> nn.ModuleList:
     raise SoftPromptError(f"could not find the {n} encoder layers of {type(model).__name__}")
 
 
-VISION_MODEL_TYPES = ("vit", "dinov2", "deit", "dinov2_with_registers", "vit_msn", "beit", "efficientnet_lite")
+class DetectorBackbone(ViTBackbone):
+    """A ViT detector (transformers' ``YolosForObjectDetection``): [CLS][patches][detection tokens] through the ViT,
+    then per detection token a class head and a box head (normalised centre x, centre y, width, height). A task's
+    classes get their own class head (with a "no object" class: ``head_extra_classes``); the box head is the
+    model's own, frozen."""
+
+    kind = "detector"
+    head_extra_classes = 1  # "no object"
+
+    def __init__(self, model: nn.Module, name: str, preprocessing: dict | None = None):
+        super().__init__(model, name, preprocessing)
+        self.num_detection_tokens = int(model.config.num_detection_tokens)
+
+    def detection_states(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, H): the final states of the N detection tokens."""
+        return self.model.vit(pixel_values).last_hidden_state[:, -self.num_detection_tokens:]
+
+    def boxes(self, states: torch.Tensor) -> torch.Tensor:
+        return self.model.bbox_predictor(states).sigmoid()
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.vit(pixel_values).last_hidden_state[:, 0]
+
+
+VISION_MODEL_TYPES = ("vit", "dinov2", "deit", "dinov2_with_registers", "vit_msn", "beit", "efficientnet_lite", "yolos")
 
 
 def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: torch.device) -> Backbone:
@@ -147,8 +172,15 @@ def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: tor
         net.load_state_dict(load_file(str(folder / "model.safetensors")))
         return ImageBackbone(Features(net).to(device=device, dtype=dtype), name=name, image_size=224, mean=MEAN,
                              std=STD)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type") \
+        if (folder / "config.json").exists() else None
     with quiet_progress_bars():
-        model = AutoModel.from_pretrained(source, dtype=dtype)
+        if model_type == "yolos":
+            from transformers import YolosForObjectDetection
+
+            model = YolosForObjectDetection.from_pretrained(source, dtype=dtype)
+        else:
+            model = AutoModel.from_pretrained(source, dtype=dtype)
     pre: dict = {}
     cfg_file = Path(str(source)) / "preprocessor_config.json"
     if cfg_file.exists():
@@ -157,4 +189,5 @@ def load_vision_backbone(source: Any, name: str, dtype: torch.dtype, device: tor
         size = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
         pre = {"image_size": size, "mean": raw.get("image_mean", IMAGENET_MEAN),
                "std": raw.get("image_std", IMAGENET_STD)}
-    return ViTBackbone(model.to(device), name=name, preprocessing=pre)
+    cls = DetectorBackbone if model_type == "yolos" else ViTBackbone
+    return cls(model.to(device), name=name, preprocessing=pre)

@@ -196,3 +196,30 @@ def classify_mixed(backbone: Any, prompts: list, pixel_values: torch.Tensor) -> 
         for i, row in zip(rows, logits, strict=True):
             out[i] = row[0] if row.ndim == 2 and row.shape[0] == 1 else row
     return out
+
+
+@register
+class PatchTokensIntoDetector(ImageJoin):
+    """VPT tokens into a ViT detector (YOLOS): after CLS, before the patches and the detection tokens; each
+    detection token's state goes through the prompt's class head and the detector's own (frozen) box head."""
+
+    prompt_kind = "patch_tokens"
+    backbone_kind = "detector"
+
+    def detect(self, model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, N, K + 1), boxes (B, N, 4) normalised centre x, centre y, width, height)."""
+        bb = model.backbone
+        check_images(bb, pixel_values)
+        prompt = model.method()
+        if prompt.num_virtual_tokens and getattr(bb.model.config, "use_mid_position_embeddings", False):
+            raise SoftPromptError(f"{bb.name!r} adds position embeddings between its layers (YOLOS small/base): "
+                                  "tokens cannot be inserted there; use a YOLOS without them (yolos-tiny)")
+        tokens = prompt.tokens.unsqueeze(0) if prompt.tokens.ndim == 3 else prompt.tokens
+        if tokens.shape[2]:
+            install_hooks(bb)
+        reset = _TOKENS.set(tokens if tokens.shape[2] else None)
+        try:
+            states = bb.detection_states(pixel_values)
+        finally:
+            _TOKENS.reset(reset)
+        return apply_head(prompt.head, states), bb.boxes(states)

@@ -66,7 +66,7 @@ class VPT(Method):
 
     @classmethod
     def build(cls, backbone: Any, config: VPTConfig) -> VPT:
-        if backbone.kind != "vit":
+        if backbone.kind not in ("vit", "detector"):
             raise SoftPromptError(f"vpt puts tokens into a vision transformer; backbone {backbone.name!r} is a "
                                   f"{backbone.kind!r} model (use pixel_prompt for any image model)")
         g = torch.Generator().manual_seed(int(config.seed))
@@ -74,7 +74,8 @@ class VPT(Method):
         H, p = backbone.hidden_size, backbone.patch_size
         bound = math.sqrt(6.0 / (3 * p * p + H))  # the paper's uniform Xavier over a patch's inputs
         tokens = torch.empty(depth, int(config.num_virtual_tokens), H).uniform_(-bound, bound, generator=g)
-        return cls(tokens, *new_head(H, num_classes(config), g), config)
+        classes = num_classes(config) + getattr(backbone, "head_extra_classes", 0)  # a detector's "no object"
+        return cls(tokens, *new_head(H, classes, g), config)
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], config: dict | None = None) -> VPT:

@@ -68,10 +68,11 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
 def load_task(task: Any) -> Any:
     """A built-in task name, a YAML/JSON file, a dict, a TaskSpec or an ImageTaskSpec (``softprompt.tasks.images``;
     a dict with ``modality: image``, or a built-in image task)."""
+    from .detection import DetectionTaskSpec
     from .images import BUILTIN_IMAGE_TASKS, ImageTaskSpec
 
-    builtins = {**BUILTIN_TASKS, **BUILTIN_IMAGE_TASKS}
-    if isinstance(task, (TaskSpec, ImageTaskSpec)):
+    builtins = {**BUILTIN_TASKS, **BUILTIN_IMAGE_TASKS, "shapes_detection": DetectionTaskSpec()}
+    if isinstance(task, (TaskSpec, ImageTaskSpec, DetectionTaskSpec)):
         return task
     if isinstance(task, str) and task in builtins:
         return type(builtins[task])(**builtins[task].to_dict())
@@ -89,7 +90,7 @@ def load_task(task: Any) -> Any:
                 raise SoftPromptError(f"unknown built-in task {task['builtin']!r}; known: {', '.join(builtins)}")
             base = builtins[task["builtin"]].to_dict()
             task = {k: v for k, v in task.items() if k != "builtin"}
-        spec = ImageTaskSpec if {**base, **task}.get("modality") == "image" else TaskSpec
+        spec = {"image": ImageTaskSpec, "detection": DetectionTaskSpec}.get({**base, **task}.get("modality"), TaskSpec)
         check_keys(task, spec, "task")
         return spec(**{**base, **task})
     raise SoftPromptError(f"a task is a name, a file or a mapping, not {type(task).__name__}")
@@ -101,6 +102,10 @@ def load_task_splits(task: Any, seed: int = 0) -> dict[str, list[dict]]:
         from .images import load_image_splits
 
         return load_image_splits(task, seed)
+    if getattr(task, "modality", "text") == "detection":
+        from .detection import load_detection_splits
+
+        return load_detection_splits(task, seed)
     from .datasets import load_splits
 
     return load_splits(task.data, seed=seed)
@@ -108,6 +113,13 @@ def load_task_splits(task: Any, seed: int = 0) -> dict[str, list[dict]]:
 
 def task_encoder(task: Any, backbone: Any, num_virtual_tokens: int = 0) -> Any:
     """The encoder that turns the task's rows into batches for this backbone (tokens, or pixels)."""
+    if getattr(task, "modality", "text") == "detection":
+        from .detection import DetectionEncoder
+
+        if backbone.kind != "detector":
+            raise SoftPromptError(f"detection task {task.name!r} needs a detector (YOLOS); backbone "
+                                  f"{backbone.name!r} is a {backbone.kind!r} model")
+        return DetectionEncoder(task, backbone.preprocessing)
     if getattr(task, "modality", "text") == "image":
         from .images import ImageEncoder
 

@@ -248,6 +248,8 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
             with autocast(run.precision, device):
                 if run.task.kind == "classification":
                     loss = classification_loss(enc, run.model, batch, args.loss, run.class_weights)
+                elif run.task.kind == "detection":
+                    loss = enc.loss(run.model, batch)
                 else:
                     loss = generation_loss(run.model, batch)
             (loss / count).backward()
@@ -356,7 +358,7 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
             class_weights = torch.tensor([len(train_rows) / (len(counts) * max(c, 1)) for c in counts],
                                          dtype=torch.float32, device=bb.device)
     else:
-        select = "exact_match"
+        select = "map" if task.kind == "detection" else "exact_match"
     reset_peak()
     return _Run(cfg=cfg, ddp=ddp, out=out, task=task, bb=bb, trainable=trainable, model=model, enc=enc,
                 train_rows=train_rows, val_rows=val_rows, lengths=lengths, precision=precision, select=select,
@@ -453,7 +455,7 @@ def _ck_step(out: Path) -> int | str:
 
 
 def _small(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in ("confusion", "recall")}
+    return {k: v for k, v in metrics.items() if k not in ("confusion", "recall", "ap_per_class")}
 
 
 def _report(trainable: int, state: dict, bb: Any, weights: bool, skipped: int) -> dict:
@@ -552,7 +554,7 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r.get("val_accuracy", r.get("val_exact_match"))) for r in rows if "val_loss" in r]
+    val = [(r["step"], r.get("val_accuracy", r.get("val_exact_match", r.get("val_map")))) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train, strict=True)
@@ -564,7 +566,7 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
     ax.set_ylabel("train loss", color="tab:blue")
     if val:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label="validation accuracy")
+        ax2.plot(*zip(*val, strict=True), "o-", color="tab:red", label="validation score")
         ax2.set_ylabel("validation accuracy", color="tab:red")
     ax.set_title("softprompt training")
     fig.tight_layout()
