@@ -368,7 +368,7 @@ def build_server(model: str, prompts: str | None = None, *, dtype: str | None = 
     from .bank import PromptBank
 
     bb = load_backbone(model, dtype=dtype, device=device)
-    if bb.kind not in ("causal_lm", "vit", "image"):
+    if bb.kind not in ("causal_lm", "vit", "image", "clip"):
         raise SoftPromptError(f"serving needs a causal LM or an image model; {model!r} is a {bb.kind}")
     bank = PromptBank(bb, prompts)
     return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache)
