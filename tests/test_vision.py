@@ -215,6 +215,10 @@ def test_image_prompts_and_text_models_refuse_each_other(tmp_path):
 def test_images_in_every_form_and_bad_ones(tmp_path, capsys):
     from PIL import Image
 
+    import softprompt.tasks.images as images
+
+    images._SAID.clear()  # said once per process: an earlier test may have said it
+
     grey = (np.arange(64).reshape(8, 8) * 3).astype(np.uint8)
     Image.fromarray(grey).save(tmp_path / "g.png")
     rgba = Image.fromarray(np.zeros((8, 8, 4), np.uint8), "RGBA")
