@@ -1,0 +1,51 @@
+"""Every image row (linear probe, VPT-shallow, VPT-deep, pixel prompt, LoRA, full fine-tuning) on Fashion-MNIST
+with DINOv2 ViT-S/14, at k training images per class and on the whole training set, through `softprompt compare`
+as a user runs it; each setting resumable (a stopped setting keeps its finished rows).
+
+    python benchmarks/run_vision_compare.py [--shots 1,4,16,full] [--full-steps 600]
+        -> benchmarks/results/compare_fashion_mnist.json (one entry per setting, merged as they finish)
+
+Every setting tests on the full test split (10,000 images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from run_demo import PROBE
+
+ROWS = "linear_probe,vpt,vpt_deep,pixel_prompt,lora,fine_tune"
+CONFIG = "configs/compare_fashion_mnist.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shots", default="1,4,16,full")
+    ap.add_argument("--full-steps", type=int, default=600, help="step budget on the whole training set")
+    ap.add_argument("--out", default="benchmarks/results/compare_fashion_mnist.json")
+    args = ap.parse_args()
+    out = Path(args.out)
+    merged = json.loads(out.read_text()) if out.exists() else {"settings": {}}
+    merged["machine"] = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                                                  check=True).stdout.strip().splitlines()[-1])
+    cli = Path(sys.executable).with_name("softprompt")
+    for shots in args.shots.split(","):
+        folder = Path("runs") / f"compare_fashion_{shots}"
+        extra = ["--task.shots", "null", "--train.steps", str(args.full_steps)] if shots == "full" else \
+            ["--task.shots", shots]
+        cmd = ["softprompt", "compare", CONFIG, "--baselines", ROWS, "--out", str(folder), "--resume",
+               "--out_dir", str(folder / "runs"), *extra]
+        subprocess.run([str(cli), *cmd[1:]], check=True)
+        result = json.loads((folder / "compare.json").read_text())
+        result["command"] = " ".join(cmd)
+        merged["settings"][shots] = result
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"wrote {out} ({shots})")
+
+
+if __name__ == "__main__":
+    main()
