@@ -137,17 +137,18 @@ class DetectionEncoder:
     def preprocessing(self) -> dict:
         return {"image_size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
 
-    def check_rows(self, rows: list[dict], split: str, skip_bad_rows: bool = False):
-        from .encode import BadRows
+    def row_problem(self, row: dict) -> str | None:
+        if row.get(self.task.image_field) is None:
+            return f"missing field {self.task.image_field!r}"
+        for o in row.get(self.task.label_field) or []:
+            if o.get("label") not in self.task.labels:
+                return f"object label {o.get('label')!r} is not one of {', '.join(self.task.labels)}"
+        return None
 
-        for i, r in enumerate(rows):
-            for o in r.get("objects") or []:
-                if o.get("label") not in self.task.labels:
-                    raise SoftPromptError(f"{split} row {i}: object label {o.get('label')!r} is not one of "
-                                          f"{', '.join(self.task.labels)}")
-        if not rows:
-            raise SoftPromptError(f"the {split} split is empty")
-        return rows, BadRows()
+    def check_rows(self, rows: list[dict], split: str, skip_bad_rows: bool = False):
+        from .encode import check_rows
+
+        return check_rows(rows, split, self.row_problem, skip_bad_rows)
 
     def target(self, row: dict) -> dict:
         h, w = np.asarray(row["image"]).shape[:2]

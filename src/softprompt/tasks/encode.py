@@ -60,6 +60,24 @@ class BadRows:
     first: str = ""
 
 
+def check_rows(rows: list[dict], split: str, problem_of, skip_bad_rows: bool = False) -> tuple[list[dict], BadRows]:
+    """The rows without a problem (``problem_of(row)``: None or what is wrong); the first bad row is a one-line error
+    unless skip_bad_rows (then counted). Every task's encoder checks its rows through here."""
+    good, bad = [], BadRows()
+    for i, row in enumerate(rows):
+        problem = problem_of(row)
+        if problem is None:
+            good.append(row)
+            continue
+        if not skip_bad_rows:
+            raise SoftPromptError(f"{split} row {i}: {problem}; fix the data or pass --skip-bad-rows")
+        bad.skipped += 1
+        bad.first = bad.first or f"{split} row {i}: {problem}"
+    if not good:
+        raise SoftPromptError(f"the {split} split is empty" + (f" after skipping {bad.skipped} bad rows" if bad.skipped else ""))
+    return good, bad
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None):
     T = max(map(len, seqs))
     ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=device)
@@ -124,19 +142,7 @@ class TaskEncoder:
         return None
 
     def check_rows(self, rows: list[dict], split: str, skip_bad_rows: bool = False) -> tuple[list[dict], BadRows]:
-        good, bad = [], BadRows()
-        for i, row in enumerate(rows):
-            problem = self.row_problem(row)
-            if problem is None:
-                good.append(row)
-                continue
-            if not skip_bad_rows:
-                raise SoftPromptError(f"{split} row {i}: {problem}; fix the data or pass --skip-bad-rows")
-            bad.skipped += 1
-            bad.first = bad.first or f"{split} row {i}: {problem}"
-        if not good:
-            raise SoftPromptError(f"the {split} split is empty" + (f" after skipping {bad.skipped} bad rows" if bad.skipped else ""))
-        return good, bad
+        return check_rows(rows, split, self.row_problem, skip_bad_rows)
 
     # --- encoding ---------------------------------------------------------------------------------------
     def _fill(self, row: dict, field_text: str | None = None) -> list[int]:

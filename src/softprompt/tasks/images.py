@@ -292,21 +292,9 @@ class ImageEncoder:
         return None
 
     def check_rows(self, rows: list[dict], split: str, skip_bad_rows: bool = False):
-        from .encode import BadRows
+        from .encode import check_rows
 
-        good, bad = [], BadRows()
-        for i, row in enumerate(rows):
-            problem = self.row_problem(row)
-            if problem is None:
-                good.append(row)
-                continue
-            if not skip_bad_rows:
-                raise SoftPromptError(f"{split} row {i}: {problem}; fix the data or pass --skip-bad-rows")
-            bad.skipped += 1
-            bad.first = bad.first or f"{split} row {i}: {problem}"
-        if not good:
-            raise SoftPromptError(f"the {split} split is empty")
-        return good, bad
+        return check_rows(rows, split, self.row_problem, skip_bad_rows)
 
     def label_index(self, row: dict) -> int:
         return self.task.labels.index(str(row[self.task.label_field]))
