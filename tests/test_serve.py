@@ -28,6 +28,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . 
 
 @pytest.fixture
 def bank(tmp_path):
+    return make_bank(tmp_path)
+
+
+def make_bank(tmp_path):
+    """Three generation tasks (2, 5 and 8 virtual tokens), a classifier, and a foreign prompt outside the folder."""
     bb = make_backbone("llama")
     bb.tokenizer.chat_template = CHAT_TEMPLATE
     folder = tmp_path / "prompts"
@@ -288,7 +293,8 @@ def test_api_key_is_required_when_set(engine):
 def test_health_and_metrics(client):
     client.post("/v1/completions", json={"model": "alpha", "prompt": "the", "max_tokens": 3})
     client.post("/v1/completions", json={"model": "alpha", "prompt": "a film", "max_tokens": 3})
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny-llama-0", "tasks": 4, "queue_depth": 0}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny-llama-0", "tasks": 4, "queue_depth": 0,
+                                            "worker_alive": True}
     m = client.get("/metrics", params={"format": "json"}).json()
     assert m["requests"]["generate"] == 2 and m["generated_tokens"] == 6 and m["batches"] == 2
     assert m["prompt_kv_hits"] >= 1 and m["latency_p50_s"] > 0

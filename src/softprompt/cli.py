@@ -269,8 +269,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     api_key = args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
     check_port_free(args.host, args.port)
+    for flag, value in (("--max-batch", args.max_batch), ("--step-tokens", args.step_tokens),
+                        ("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
+                        ("--max-body-mb", args.max_body_mb)):
+        if value <= 0:
+            raise SoftPromptError(f"{flag} must be positive (got {value})")
     engine = build_server(args.model, args.prompts, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
-                          window_ms=args.window_ms, reuse_prompt_cache=not args.no_prompt_cache)
+                          window_ms=args.window_ms, reuse_prompt_cache=not args.no_prompt_cache,
+                          continuous=not args.no_continuous, step_tokens=args.step_tokens, max_queue=args.max_queue)
     bank = engine.bank
     print(f"softprompt serve: {engine.model_name} with {len(bank)} task(s): {', '.join(bank.names()) or 'none'}",
           file=sys.stderr)
@@ -281,8 +287,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     engine.start()
     logging.basicConfig(level=logging.INFO)
     try:
-        uvicorn.run(create_app(engine, api_key=api_key, prompts_dir=args.prompts), host=args.host, port=args.port,
-                    log_level=args.log_level)
+        app = create_app(engine, api_key=api_key, prompts_dir=args.prompts, request_timeout=args.request_timeout,
+                         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.drain_s)
+        # SIGTERM: uvicorn stops listening, waits for open requests (at most drain_s), then the app's shutdown stops
+        # the engine (failing what is left) and the process exits 0
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=max(1, int(args.drain_s)))
     finally:
         engine.stop()
 
@@ -402,8 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SOFTPROMPT_API_KEY)")
-    s.add_argument("--max-batch", type=int, default=32, help="most requests in one batch")
-    s.add_argument("--window-ms", type=float, default=5.0, help="how long the first request waits for others")
+    s.add_argument("--max-batch", type=int, default=32, help="most rows decoding at once")
+    s.add_argument("--window-ms", type=float, default=5.0, help="how long a first request waits for others when idle")
+    s.add_argument("--step-tokens", type=int, default=2048,
+                   help="a decode step's token budget: new prompts' tokens + running rows (default 2048)")
+    s.add_argument("--max-queue", type=int, default=256,
+                   help="most requests waiting; past it, 503 with Retry-After (default 256)")
+    s.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its answer; 504 after (default 600)")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (default 16 MB)")
+    s.add_argument("--drain-s", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are failed (default 30)")
+    s.add_argument("--no-continuous", action="store_true",
+                   help="run each batch to its end before taking new requests (the older policy; benchmarking)")
     s.add_argument("--no-prompt-cache", action="store_true", help="recompute each prompt per batch (benchmarking)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)

@@ -68,10 +68,38 @@ class Row:
     text: str = ""  # decoded, cut before the first stop string
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled"
     cancelled: bool = False  # set by another thread (a client went away): the row is dropped at the next step
+    _prefix: int = field(default=0, repr=False)  # incremental detokenisation: tokens[_prefix:_read] were decoded
+    _read: int = field(default=0, repr=False)
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    def add_token(self, token: int, tokenizer: Any) -> None:
+        """Append a token and extend `text` by what it adds. Only the last few tokens are decoded (the
+        incremental detokenisation of TGI and vLLM), so a row of n tokens costs O(n), not O(n^2); a token that
+        ends in the middle of a multi-byte character adds nothing until the character completes."""
+        self.tokens.append(token)
+        if tokenizer is None:
+            return
+        before = tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+            look = max(0, start - max((len(s) for s in self.sampling.stop), default=1) + 1)
+            hits = [self.text.index(s, look) for s in self.sampling.stop if s in self.text[look:]]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+
+    def settle(self, tokenizer: Any) -> None:
+        """A row that ends with tokens not yet in `text` (an unfinished multi-byte character): its text becomes the
+        whole decode, as a one-shot decode of the same tokens gives it."""
+        if tokenizer is not None and self._read < len(self.tokens) and self.finish_reason != "stop":
+            self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            self._prefix = self._read = len(self.tokens)
 
 
 @dataclass
@@ -164,48 +192,49 @@ class Decoding:
         self.position = positions[:, -1:]  # (B, 1)
         self.running = list(range(B))  # batch position -> row index
         self.steps = 0
+        self._feed: list[int] = []  # the tokens pick() chose, for advance()
 
     def __iter__(self):
-        tok = self.backbone.tokenizer
         while self.running:
-            changed, nxt = [], {}  # batch position -> picked token
-            greedy = self.logits.argmax(-1).tolist()  # one op for every greedy row
-            for b, i in enumerate(self.running):
-                row = self.rows[i]
-                if row.cancelled:
-                    row.finish_reason = "cancelled"
-                    changed.append(i)
-                    continue
-                t = greedy[b] if row.sampling.temperature == 0 else _pick(self.logits[b], row.sampling, row.generator)
-                nxt[b] = t
-                changed.append(i)
-                if t in self.eos and not row.sampling.ignore_eos:
-                    row.finish_reason = "stop"
-                    continue
-                row.tokens.append(t)
-                if tok is not None:
-                    row.text = tok.decode(row.tokens, skip_special_tokens=True)
-                    hits = [row.text.index(s) for s in row.sampling.stop if s in row.text]
-                    if hits:
-                        row.text = row.text[: min(hits)]
-                        row.finish_reason = "stop"
-                        continue
-                if len(row.tokens) >= row.sampling.max_new_tokens:
-                    row.finish_reason = "length"
-            self.steps += 1
-            keep = [b for b, i in enumerate(self.running) if not self.rows[i].done]
-            if keep and len(keep) < len(self.running):  # drop finished rows from the batch and the cache
-                idx = torch.tensor(keep, device=self.mask.device)
-                self.cache.batch_select_indices(idx)
-                self.mask, self.position = self.mask[idx], self.position[idx]
-            feed = [nxt[b] for b in keep]
-            self.running = [self.running[b] for b in keep]
+            changed = self.pick()
             yield changed
             if not self.running:
                 break
-            self._step(feed)
+            self.advance()
 
-    def _step(self, tokens: list[int]) -> None:
+    def pick(self) -> list[int]:
+        """Pick each running row's next token from the current logits; rows that finish leave the batch and its
+        cache. Returns the indices of the rows that got a token or finished. `advance()` then runs the step."""
+        tok = self.backbone.tokenizer
+        changed, nxt = [], {}  # batch position -> picked token
+        greedy = self.logits.argmax(-1).tolist()  # one op for every greedy row
+        for b, i in enumerate(self.running):
+            row = self.rows[i]
+            changed.append(i)
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+                continue
+            t = greedy[b] if row.sampling.temperature == 0 else _pick(self.logits[b], row.sampling, row.generator)
+            nxt[b] = t
+            if t in self.eos and not row.sampling.ignore_eos:
+                row.finish_reason = "stop"
+            else:
+                row.add_token(t, tok)
+                if not row.done and len(row.tokens) >= row.sampling.max_new_tokens:
+                    row.finish_reason = "length"
+            if row.done:
+                row.settle(tok)
+        self.steps += 1
+        keep = [b for b, i in enumerate(self.running) if not self.rows[i].done]
+        if keep and len(keep) < len(self.running):  # drop finished rows from the batch and the cache
+            self._select(keep)
+        self._feed = [nxt[b] for b in keep]
+        self.running = [self.running[b] for b in keep]
+        return changed
+
+    def advance(self) -> None:
+        """One forward over the running rows with the tokens `pick()` chose: the next logits."""
+        tokens = self._feed
         dev = self.mask.device
         B = len(tokens)
         self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
@@ -216,6 +245,60 @@ class Decoding:
                                         position_ids=self.position, cache=self.cache, use_cache=True)
         self.cache = out.cache
         self.logits = out.logits[:, -1].float()
+        self._feed = []
+
+    def merge(self, other: Decoding) -> None:
+        """Take in another batch that was just prefilled (continuous batching): its rows join this one and decode
+        with it from the next `pick()`. Both must hold fresh logits (after a prefill or `advance()`, before
+        `pick()`). The shorter side's cache and mask are padded on the left (masked), so every row attends to what
+        it attended to alone; positions stay per row."""
+        if self._feed or other._feed:
+            raise SoftPromptError("merge batches between advance() and pick(), when both hold fresh logits")
+        if not other.running:
+            return
+        if not self.running:
+            self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "steps"})
+            return
+        L = max(self.mask.shape[1], other.mask.shape[1])
+        layers = []
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if getattr(mine, "is_sliding", False):
+                raise SoftPromptError("continuous batching does not merge sliding-window caches")
+            k = torch.cat([_pad_left(mine.keys, L), _pad_left(theirs.keys, L)])
+            v = torch.cat([_pad_left(mine.values, L), _pad_left(theirs.values, L)])
+            layers.append((k, v))
+        self.cache = self.backbone.new_cache(layers)
+        self.mask = torch.cat([_pad_left(self.mask, L, dim=1), _pad_left(other.mask, L, dim=1)])
+        self.position = torch.cat([self.position, other.position])
+        self.logits = torch.cat([self.logits, other.logits])
+        offset = len(self.rows)
+        self.rows = self.rows + other.rows
+        self.running = self.running + [offset + i for i in other.running]
+
+    @property
+    def width(self) -> int:
+        """Key/value positions each step attends to (padding included)."""
+        return self.mask.shape[1]
+
+    def _select(self, keep: list[int]) -> None:
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(idx)
+        self.mask, self.position, self.logits = self.mask[idx], self.position[idx], self.logits[idx]
+        lead = int((self.mask.sum(0) > 0).to(torch.int8).argmax())  # columns every remaining row masks out
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+
+
+def _pad_left(x: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
+    """Zeros on the left of `dim` up to `length` (cache keys/values: dim -2; masks: dim 1)."""
+    short = length - x.shape[dim]
+    if short <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = short
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def check_prompt_tensor(backbone: CausalLMBackbone, prompt: Prompt | None) -> None:

@@ -9,7 +9,9 @@
     DELETE /admin/tasks/{name}  remove a task
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with 400 (bad request), 401 (API
-key), 404 (unknown task) or 500; the server keeps serving after any of them.
+key), 404 (unknown task), 413 (body too large), 503 with Retry-After (queue full, or shutting down: OpenAI's clients
+retry), 504 (no answer within the request timeout) or 500; the server keeps serving after any of them. Requests are
+tokenised off the event loop; a client that goes away (streaming or not) frees its row.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SoftPromptError
 from ..runtime import runtime
 from .bank import UnknownTask
-from .engine import Engine, Job, RequestError, Result
+from .engine import Engine, Job, Overloaded, RequestError, Result
 
 # --- request schemas ----------------------------------------------------------------------------------
 
@@ -111,12 +113,90 @@ def _message_text(content: str | list[dict] | None) -> str:
 # --- the app ----------------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | None = None) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before the app sees it (by its Content-Length, or
+    while a chunked body is read), so an oversized upload never fills memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        size = headers.get(b"content-length")
+        if size is not None:
+            if not size.isdigit() or int(size) > self.limit:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, total = [], 0
+        while True:  # no length given: read it here, at most `limit` bytes, then hand it on
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error(413, f"request body over the server's limit of {self.limit} bytes; send less per request",
+                         code="request_too_large")
+        await response(scope, receive, send)
+
+
+def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | None = None, *,
+               request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20, drain_s: float = 30.0) -> FastAPI:
     """The FastAPI app around a running engine. `api_key`: when set, /v1 and /admin need `Authorization:
-    Bearer <key>`."""
-    app = FastAPI(title="softprompt", version="0.1.0",
+    Bearer <key>`. `request_timeout`: seconds a request may wait for its answer (504 after, its row freed).
+    `max_body_bytes`: larger bodies are refused (413) before they are read. `drain_s`: at shutdown, how long
+    requests in flight may take to finish before they are failed."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(engine.stop, drain_s)  # SIGTERM: uvicorn stops accepting, then this
+
+    app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan,
                   description="Many prompt-tuned tasks on one frozen backbone; `model` names a task.")
     app.state.engine = engine
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    async def prepare(fn, *args, **kwargs):
+        """Build jobs (tokenising, chat templates, image decoding) on the engine's preparation thread."""
+        return await asyncio.get_running_loop().run_in_executor(engine.prep, lambda: fn(*args, **kwargs))
+
+    async def answers(jobs: list[Job], events: asyncio.Queue, request: Request | None):
+        """(index, kind, value) events of the jobs until each is answered; a client that went away, or the request
+        timeout, cancels them (their rows leave the batch)."""
+        deadline = time.monotonic() + request_timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                yield await asyncio.wait_for(events.get(), timeout=min(left, 1.0))
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    for job in jobs:
+                        job.cancel()
+                    return
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -148,14 +228,27 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
     async def _bad(request: Request, exc: RequestError) -> JSONResponse:
         return error(400, str(exc), param=exc.param, code=exc.code)
 
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        response = error(503, str(exc), type_="server_error", code="server_overloaded")
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return response
+
     @app.exception_handler(SoftPromptError)
     async def _soft(request: Request, exc: SoftPromptError) -> JSONResponse:
         return error(400, str(exc))
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": engine.model_name, "tasks": len(engine.bank),
-                "queue_depth": engine.queue_depth()}
+    async def health():
+        """200 when the worker runs and the queue has room; 503 (not ready) otherwise, with the reason."""
+        body = {"status": "ok", "model": engine.model_name, "tasks": len(engine.bank),
+                "queue_depth": engine.queue_depth(), "worker_alive": engine.alive}
+        if not engine.alive:
+            return JSONResponse(body | {"status": "unavailable", "reason": "the serving worker is not running"}, 503)
+        if engine.saturated:
+            return JSONResponse(body | {"status": "unavailable", "reason": "the request queue is full"}, 503,
+                                headers={"Retry-After": "1"})
+        return body
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
@@ -194,13 +287,21 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                              "num_virtual_tokens": entry.num_virtual_tokens}})
         return {"object": "list", "data": data}
 
-    async def run(jobs: list[Job], chat: bool, req: _Request):
-        """Submit the (validated) jobs and answer: JSON when done, or server-sent events as tokens come."""
+    def listen(jobs: list[Job]) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         for i, job in enumerate(jobs):
             job.emit = lambda kind, value, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
-            engine.submit(job)
+        return events
+
+    def timed_out() -> JSONResponse:
+        return error(504, f"no answer within the server's request timeout of {request_timeout:g} s; retry with less "
+                     "work (fewer max_tokens)", type_="server_error", code="timeout")
+
+    async def run(jobs: list[Job], chat: bool, req: _Request, request: Request):
+        """Submit the (validated) jobs and answer: JSON when done, or server-sent events as tokens come."""
+        events = listen(jobs)
+        engine.submit_all(jobs)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -213,12 +314,17 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
         if not req.stream:
             results: dict[int, Result] = {}
             try:
-                while len(results) < len(jobs):
-                    i, kind, value = await events.get()
+                async for i, kind, value in answers(jobs, events, request):
                     if kind == "error":
                         return error(500, value, type_="server_error")
                     if kind == "done":
                         results[i] = value
+                        if len(results) == len(jobs):
+                            break
+                else:
+                    return error(499, "the client closed the request", type_="server_error", code="cancelled")
+            except TimeoutError:
+                return timed_out()
             finally:
                 for job in jobs:
                     job.cancel()
@@ -250,8 +356,7 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                 if chat:
                     for i in range(len(jobs)):
                         yield chunk(i, None, None, first=True)
-                while len(results) < len(jobs):
-                    i, kind, value = await events.get()
+                async for i, kind, value in answers(jobs, events, None):  # a gone client: the stream ends
                     if kind == "delta":
                         yield chunk(i, value, None)
                     elif kind == "done":
@@ -261,11 +366,17 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                         err = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
                         yield f"data: {json.dumps(err)}\n\n"
                         return
+                    if len(results) == len(jobs):
+                        break
                 if include_usage:
                     body = {"id": rid, "object": obj + (".chunk" if chat else ""), "created": created,
                             "model": req.model, "choices": [], "usage": usage(results)}
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
+            except TimeoutError:
+                err = {"error": {"message": f"no answer within the server's request timeout of {request_timeout:g} s",
+                                 "type": "server_error", "param": None, "code": "timeout"}}
+                yield f"data: {json.dumps(err)}\n\n"
             finally:  # the client went away (or we are done): unfinished rows leave their batch
                 for job in jobs:
                     job.cancel()
@@ -278,7 +389,7 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
                 "stop": req.stop, "ignore_eos": req.ignore_eos}
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         _check_supported(req)
         p = req.prompt
         if isinstance(p, str) or (isinstance(p, list) and p and all(isinstance(t, int) for t in p)):
@@ -290,18 +401,18 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
         if len(items) > engine.max_batch:
             raise RequestError(f"at most {engine.max_batch} prompts per request", param="prompt")
         args = sampling_args(req, req.max_tokens)
-        jobs = [engine.generation_job(req.model, item, **args) for item in items]  # validate all first
-        return await run(jobs, False, req)
+        jobs = await prepare(lambda: [engine.generation_job(req.model, item, **args) for item in items])
+        return await run(jobs, False, req, request)  # every prompt validated before any is queued
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         _check_supported(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m.content)}
                     for m in req.messages]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        job = engine.generation_job(req.model, messages=messages, default_max_tokens=engine.chat_max_tokens,
-                                    **sampling_args(req, max_tokens))
-        return await run([job], True, req)
+        job = await prepare(engine.generation_job, req.model, messages=messages,
+                            default_max_tokens=engine.chat_max_tokens, **sampling_args(req, max_tokens))
+        return await run([job], True, req, request)
 
     @app.post("/v1/classify", dependencies=[Depends(authorize)])
     async def classify(request: Request):
@@ -330,18 +441,24 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
             raise RequestError("input is empty; send some text", param="input")
         if len(items) > engine.max_batch:
             raise RequestError(f"at most {engine.max_batch} inputs per request", param="input")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        jobs = [engine.classify_job(req.model, item, lambda kind, value, i=i: loop.call_soon_threadsafe(
-            events.put_nowait, (i, kind, value))) for i, item in enumerate(items)]
-        for job in jobs:
-            engine.submit(job)
+        jobs = await prepare(lambda: [engine.classify_job(req.model, item) for item in items])
+        events = listen(jobs)
+        engine.submit_all(jobs)
         results: dict[int, Result] = {}
-        while len(results) < len(jobs):
-            i, kind, value = await events.get()
-            if kind == "error":
-                return error(500, value, type_="server_error")
-            results[i] = value
+        try:
+            async for i, kind, value in answers(jobs, events, request):
+                if kind == "error":
+                    return error(500, value, type_="server_error")
+                results[i] = value
+                if len(results) == len(jobs):
+                    break
+            else:
+                return error(499, "the client closed the request", type_="server_error", code="cancelled")
+        except TimeoutError:
+            return timed_out()
+        finally:
+            for job in jobs:
+                job.cancel()
         data = [{"index": i, "label": results[i].label, "scores": results[i].scores} for i in range(len(jobs))]
         return {"object": "list", "model": req.model, "data": data,
                 "usage": {"prompt_tokens": sum(r.prompt_tokens for r in results.values())}}
@@ -362,7 +479,8 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
 
 
 def build_server(model: str, prompts: str | None = None, *, dtype: str | None = None, device: str | None = None,
-                 max_batch: int = 32, window_ms: float = 5.0, reuse_prompt_cache: bool = True) -> Engine:
+                 max_batch: int = 32, window_ms: float = 5.0, reuse_prompt_cache: bool = True,
+                 **engine_args: Any) -> Engine:
     """Load the backbone and the prompt folder; an engine ready to start (refused files in engine.bank.refused)."""
     from ..backbones import load_backbone
     from .bank import PromptBank
@@ -371,7 +489,8 @@ def build_server(model: str, prompts: str | None = None, *, dtype: str | None = 
     if bb.kind not in ("causal_lm", "vit", "image", "clip"):
         raise SoftPromptError(f"serving needs a causal LM or an image model; {model!r} is a {bb.kind}")
     bank = PromptBank(bb, prompts)
-    return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache)
+    return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache,
+                  **engine_args)
 
 
 def check_port_free(host: str, port: int) -> None:

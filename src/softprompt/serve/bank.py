@@ -1,6 +1,7 @@
 """The prompt bank: many prompt files on one loaded backbone, addressable by task name.
 
-Entries are immutable; add/replace/remove swap them under a lock, so a request in flight keeps the entry it
+Entries are immutable and the table of them is copy-on-write: add/replace/remove build a new table under a lock and
+swap it in, so readers (any thread, no lock) always see a whole table, and a request in flight keeps the entry it
 started with. Each prompt is checked against the backbone's fingerprint when added. The prompt key/value cache
 (the backbone runtime's prompt cache) is keyed by content hash, so a replaced prompt can never be served stale key/values; the
 old prompt's key/values are dropped from the cache when nothing else uses them.
@@ -118,7 +119,7 @@ class PromptBank:
             old = self._entries.get(name)
             if old is not None and not replace:
                 raise SoftPromptError(f"task {name!r} already exists; replace it explicitly")
-            self._entries[name] = entry
+            self._entries = {**self._entries, name: entry}
             if isinstance(source, (str, Path)):
                 st = Path(source).stat()
                 self._stamps[name] = (st.st_mtime_ns, st.st_size)
@@ -128,16 +129,18 @@ class PromptBank:
 
     def remove(self, name: str) -> None:
         with self._lock:
-            old = self._entries.pop(name, None)
+            old = self._entries.get(name)
+            self._entries = {k: v for k, v in self._entries.items() if k != name}
             self._stamps.pop(name, None)
         if old is None:
             raise UnknownTask(f"unknown task {name!r}")
         self._forget(old)
 
     def get(self, name: str) -> TaskEntry:
-        entry = self._entries.get(name)
+        entries = self._entries  # one snapshot: the table is replaced, never changed in place
+        entry = entries.get(name)
         if entry is None:
-            raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(sorted(self._entries)) or 'none'}")
+            raise UnknownTask(f"unknown task {name!r}; known tasks: {', '.join(sorted(entries)) or 'none'}")
         return entry
 
     def names(self) -> list[str]:
@@ -147,7 +150,6 @@ class PromptBank:
         return len(self._entries)
 
     def _forget(self, old: TaskEntry) -> None:
-        with self._lock:
-            in_use = any(e.digest == old.digest for e in self._entries.values())
+        in_use = any(e.digest == old.digest for e in self._entries.values())
         if not in_use:
             runtime(self.backbone).cache.forget(old.digest)

@@ -1,0 +1,377 @@
+"""Serving under load and faults: continuous batching (requests join a running batch and answer as alone),
+backpressure (503 + Retry-After), a supervised worker, timeouts, body limits, shutdown, incremental detokenisation
+and the copy-on-write prompt bank. Tiny random models; nothing downloaded."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import make_backbone
+from fastapi.testclient import TestClient
+from test_serve import TEXTS, alone, error_of, make_bank, submit_all
+
+import softprompt as sp
+from softprompt.generation import Decoding, Row, Sampling
+from softprompt.serve.app import create_app
+from softprompt.serve.engine import Engine
+from softprompt.tasks.encode import left_pad
+
+
+@pytest.fixture
+def bank(tmp_path):
+    return make_bank(tmp_path)
+
+
+class Gate:
+    """Holds the engine's worker inside its next prefill until opened (deterministic queue states)."""
+
+    def __init__(self, engine: Engine):
+        self.entered, self.open = threading.Event(), threading.Event()
+        real = engine._prefill
+
+        def held(jobs):
+            self.entered.set()
+            assert self.open.wait(30)
+            return real(jobs)
+
+        engine._prefill = held
+
+
+# --- continuous batching ------------------------------------------------------------------------------------
+
+
+def test_decoding_merge_gives_every_row_its_solo_tokens():
+    """Rows prefilled later join a batch mid-decode (prompts of both kinds, different lengths) and each gets the
+    greedy tokens it gets alone; the running rows keep theirs."""
+    bb = make_backbone("llama")
+    tok = bb.tokenizer
+    prompts = [sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1)(), None,
+               sp.PrefixTuning.create(bb, num_virtual_tokens=5, seed=2)(), sp.PromptTuning.create(bb, num_virtual_tokens=7, seed=3)()]
+    texts = ["the movie was", "hello world", "what is the capital of france ?", "a"]
+    lengths = [12, 5, 9, 6]
+    rows = [Row(Sampling(max_new_tokens=n, ignore_eos=True)) for n in lengths]
+
+    def batch(idx):
+        ids, mask = left_pad([tok(texts[i])["input_ids"] for i in idx], bb.pad_token_id, bb.device)
+        return Decoding(bb, [prompts[i] for i in idx], ids, mask, [rows[i] for i in idx])
+
+    with torch.no_grad():
+        first = batch([0, 1])
+        for _ in range(3):
+            first.pick()
+            first.advance()
+        first.merge(batch([2, 3]))
+        while first.running:
+            first.pick()
+            if first.running:
+                first.advance()
+        for i in range(4):
+            want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
+            assert rows[i].tokens[:len(want)] == want, i
+            assert len(rows[i].tokens) == lengths[i]
+
+
+def test_requests_arriving_mid_decode_join_the_batch_and_answer_as_alone(bank):
+    engine = Engine(bank, max_batch=8, window_ms=0).start()
+    forward = bank.backbone.forward
+
+    def slow(*a, **k):  # each step takes a while, so the late requests arrive while the long one decodes
+        time.sleep(0.01)
+        return forward(*a, **k)
+
+    bank.backbone.forward = slow
+    try:
+        order, started = [], threading.Event()
+
+        def emit_for(name):
+            def emit(kind, value):
+                if kind == "delta":
+                    started.set()
+                if kind in ("done", "error"):
+                    order.append((name, kind, value))
+            return emit
+
+        long = engine.generation_job("alpha", TEXTS[0], max_tokens=40, temperature=0, ignore_eos=True,
+                                     emit=emit_for("long"))
+        engine.submit(long)
+        assert started.wait(30)
+        late = [("beta", TEXTS[1], 3), ("gamma", TEXTS[2], 4), ("tiny-llama-0", TEXTS[3], 2)]
+        for task, text, n in late:
+            engine.submit(engine.generation_job(task, text, max_tokens=n, temperature=0, emit=emit_for(task)))
+        deadline = time.time() + 60
+        while len(order) < 4 and time.time() < deadline:
+            time.sleep(0.02)
+        assert [o[0] for o in order][-1] == "long"  # the late, short requests did not wait for the long one
+        got = {name: value for name, kind, value in order if kind == "done"}
+        assert len(got) == 4
+        bank.backbone.forward = forward
+        want = alone(bank, "alpha", TEXTS[0], 40)  # alone it may stop at EOS; the long request ignores EOS
+        assert got["long"].tokens[:len(want)] == want
+        for task, text, n in late:
+            assert got[task].tokens == alone(bank, None if task == "tiny-llama-0" else task, text, n), task
+        assert engine.metrics.snapshot()["max_batch_rows"] == 3  # the late ones were prefilled together
+    finally:
+        bank.backbone.forward = forward
+        engine.stop()
+
+
+def test_classification_does_not_wait_for_generations(bank):
+    engine = Engine(bank, max_batch=8, window_ms=0).start()
+    forward = bank.backbone.forward
+    bank.backbone.forward = lambda *a, **k: (time.sleep(0.01), forward(*a, **k))[1]
+    try:
+        done, started = {}, threading.Event()
+
+        def emit_for(name):
+            def emit(kind, value):
+                if kind == "delta":
+                    started.set()
+                if kind == "done":
+                    done[name] = time.perf_counter()
+            return emit
+
+        engine.submit(engine.generation_job("alpha", "the movie", max_tokens=60, temperature=0, ignore_eos=True,
+                                            emit=emit_for("gen")))
+        assert started.wait(30)
+        engine.submit(engine.classify_job("sentiment", "the movie was great fun", emit_for("cls")))
+        deadline = time.time() + 60
+        while len(done) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        assert done["cls"] < done["gen"]
+    finally:
+        bank.backbone.forward = forward
+        engine.stop()
+
+
+def test_the_step_token_budget_keeps_a_long_prompt_for_a_later_step(bank):
+    """A prompt whose prefill does not fit the step budget beside the running rows waits; alone it still runs."""
+    engine = Engine(bank, max_batch=8, window_ms=50, step_tokens=8).start()
+    try:
+        jobs = [engine.generation_job("alpha", "the movie was very really fun", max_tokens=3, temperature=0),
+                engine.generation_job("beta", "hello", max_tokens=3, temperature=0)]
+        results = submit_all(engine, jobs)  # each over the budget with the other: two prefills
+        assert [k for k, _ in results] == ["done", "done"]
+        assert engine.metrics.snapshot()["batches"] == 2
+        assert results[0][1].tokens == alone(bank, "alpha", "the movie was very really fun", 3)
+    finally:
+        engine.stop()
+
+
+# --- backpressure, liveness ---------------------------------------------------------------------------------
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_recovers(bank):
+    engine = Engine(bank, max_batch=1, window_ms=0, max_queue=2).start()
+    gate = Gate(engine)
+    try:
+        with TestClient(create_app(engine)) as client:
+            results = []
+
+            def post():
+                results.append(client.post("/v1/completions", json={"model": "alpha", "prompt": "the movie",
+                                                                     "max_tokens": 2, "temperature": 0}))
+
+            threads = [threading.Thread(target=post) for _ in range(3)]
+            threads[0].start()
+            assert gate.entered.wait(30)  # the first is in the worker, held
+            for t in threads[1:]:
+                t.start()
+            deadline = time.time() + 30
+            while engine.queue_depth() < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            assert engine.saturated
+            r = client.post("/v1/completions", json={"model": "beta", "prompt": "a film", "max_tokens": 2})
+            err = error_of(r, 503)
+            assert err["code"] == "server_overloaded" and int(r.headers["retry-after"]) >= 1
+            assert client.get("/health").status_code == 503
+            gate.open.set()
+            for t in threads:
+                t.join(60)
+            assert [x.status_code for x in results] == [200, 200, 200]
+            assert client.get("/health").status_code == 200
+            assert engine.metrics.snapshot()["rejected"] == 1
+    finally:
+        gate.open.set()
+        engine.stop()
+
+
+def test_the_worker_survives_errors_and_health_reports_a_dead_worker(bank, monkeypatch):
+    engine = Engine(bank, max_batch=4, window_ms=0).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            real = Decoding.pick
+            calls = {"n": 0}
+
+            def broken(self):
+                calls["n"] += 1
+                if calls["n"] == 1:
+                    raise RuntimeError("boom")
+                return real(self)
+
+            monkeypatch.setattr(Decoding, "pick", broken)
+            err = error_of(client.post("/v1/completions", json={"model": "alpha", "prompt": "the", "max_tokens": 3}),
+                           500)
+            assert "boom" in err["message"]
+            ok = client.post("/v1/completions", json={"model": "alpha", "prompt": "the", "max_tokens": 3,
+                                                       "temperature": 0})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+            assert engine.metrics.snapshot()["worker_errors"] == 1
+            # an emit that raises (the client's event loop is gone) is dropped; the worker goes on
+            job = engine.generation_job("beta", "a film", max_tokens=2, temperature=0)
+            job.emit = lambda kind, value: (_ for _ in ()).throw(RuntimeError("event loop is closed"))
+            engine.submit(job)
+            assert client.post("/v1/completions", json={"model": "beta", "prompt": "a", "max_tokens": 2}).status_code == 200
+            assert client.get("/health").json()["worker_alive"] is True
+            engine.stop()
+            health = client.get("/health")
+            assert health.status_code == 503 and "not running" in health.json()["reason"]
+            err = error_of(client.post("/v1/completions", json={"model": "alpha", "prompt": "the"}), 503)
+            assert "not running" in err["message"]
+    finally:
+        engine.stop()
+
+
+def test_stop_fails_waiting_requests_and_drains_running_ones(bank):
+    engine = Engine(bank, max_batch=1, window_ms=0).start()
+    gate = Gate(engine)
+    got = {}
+
+    def emit_for(i):
+        return lambda kind, value: got.setdefault(i, (kind, value)) if kind in ("done", "error") else None
+
+    jobs = [engine.generation_job("alpha", "the movie", max_tokens=2, temperature=0, emit=emit_for(i))
+            for i in range(3)]
+    for job in jobs:
+        engine.submit(job)
+    assert gate.entered.wait(30)
+    stopper = threading.Thread(target=engine.stop, kwargs={"drain_s": 0})
+    stopper.start()
+    time.sleep(0.2)
+    gate.open.set()
+    stopper.join(60)
+    assert not engine.alive
+    assert got[1][0] == got[2][0] == "error" and "shutting down" in got[1][1]
+    assert got[0][0] in ("done", "error")  # the held one: finished or failed, never left unanswered
+    with pytest.raises(sp.SoftPromptError):
+        engine.submit(engine.generation_job("alpha", "the", max_tokens=1))
+
+
+def test_a_request_past_its_timeout_gets_504_and_leaves_the_queue(bank):
+    engine = Engine(bank, max_batch=1, window_ms=0).start()
+    gate = Gate(engine)
+    try:
+        with TestClient(create_app(engine, request_timeout=0.5)) as client:
+            first = threading.Thread(target=client.post, args=("/v1/completions",),
+                                     kwargs={"json": {"model": "alpha", "prompt": "the", "max_tokens": 2}})
+            first.start()
+            assert gate.entered.wait(30)
+            err = error_of(client.post("/v1/completions", json={"model": "beta", "prompt": "a", "max_tokens": 2}),
+                           504)
+            assert err["code"] == "timeout"
+            gate.open.set()
+            first.join(30)
+            deadline = time.time() + 10
+            while engine.metrics.snapshot()["cancelled"] < 2 and time.time() < deadline:
+                time.sleep(0.02)
+            assert engine.metrics.snapshot()["cancelled"] == 2  # both timed out: the held row left, the other never ran
+    finally:
+        gate.open.set()
+        engine.stop()
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(bank):
+    engine = Engine(bank).start()
+    try:
+        with TestClient(create_app(engine, max_body_bytes=1000)) as client:
+            big = {"model": "alpha", "prompt": "the " * 400}
+            assert error_of(client.post("/v1/completions", json=big), 413)["code"] == "request_too_large"
+
+            def chunks():  # no Content-Length: a chunked body
+                yield b'{"model": "alpha", "prompt": "'
+                for _ in range(100):
+                    yield b"the " * 10
+                yield b'"}'
+
+            r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+            assert error_of(r, 413)["code"] == "request_too_large"
+            small = client.post("/v1/completions", content=iter([b'{"model": "alpha", "prompt": "the", ',
+                                                                 b'"max_tokens": 2}']),
+                                headers={"content-type": "application/json"})
+            assert small.status_code == 200, small.text
+    finally:
+        engine.stop()
+
+
+# --- text, bank ---------------------------------------------------------------------------------------------
+
+
+def test_incremental_detokenisation_equals_decoding_the_whole_row():
+    """A byte-level BPE (as SmolLM2, GPT-2) over text with multi-byte characters: after every token, the row's text
+    is the whole decode (minus an unfinished character at the end); the final text equals it exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["naïve café crème brûlée — 日本語のテキスト 🙂 emoji 🚀 and plain words " * 3,
+              "Über straße façade Ελληνικά русский текст ✓ ✗ → ←"] * 20
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        ids = torch.randint(0, tok.vocab_size, (40,), generator=gen).tolist() if trial % 2 else \
+            tok(corpus[trial % 2][trial:trial + 60])["input_ids"]
+        row = Row(Sampling(max_new_tokens=100))
+        for n, t in enumerate(ids, 1):
+            row.add_token(t, tok)
+            whole = tok.decode(ids[:n], skip_special_tokens=True)
+            assert whole.startswith(row.text) and "\ufffd" not in whole[len(row.text):].rstrip("\ufffd")[:0]
+            if not whole.endswith("\ufffd"):
+                assert row.text == whole, (trial, n)
+        row.finish_reason = "length"
+        row.settle(tok)
+        assert row.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_strings_are_found_across_token_boundaries():
+    tok = make_backbone("llama").tokenizer
+    row = Row(Sampling(max_new_tokens=50, stop=("capital of",)))
+    for t in tok("what is the capital of france")["input_ids"]:
+        row.add_token(t, tok)
+        if row.done:
+            break
+    assert row.finish_reason == "stop" and row.text == "what is the "
+
+
+def test_the_bank_is_safe_to_read_while_it_changes(bank, tmp_path):
+    bb = bank.backbone
+    src = tmp_path / "extra.safetensors"
+    sp.save_prompt(src, sp.PromptTuning.create(bb, num_virtual_tokens=2, seed=4), bb)
+    stop, errors = threading.Event(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                for name in bank.names():
+                    try:
+                        bank.get(name)
+                    except sp.SoftPromptError:
+                        pass  # removed meanwhile: a clean 404
+            except Exception as e:  # a half-changed table would show here
+                errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(200):
+        bank.add(f"extra{i % 5}", src, replace=True)
+        if i % 3 == 0:
+            bank.remove(f"extra{i % 5}")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors
