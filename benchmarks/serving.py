@@ -10,8 +10,14 @@ do not change the cost). Task mixes: uniform, or skewed (half the requests to on
 
 Modes: (a) one request at a time (max_batch 1); (b) batched, but a batch holds one task's requests (the
 adapter-at-a-time baseline); (c) mixed-task batches, each prompt's key/values recomputed in every batch (prompts
-prepended); (d) mixed-task batches reusing each prompt's cached key/values (the default); (e) the bare backbone,
-no prompt, batched. Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
+prepended); (d) mixed-task batches reusing each prompt's cached key/values, continuously batched (the default);
+(e) the bare backbone, no prompt, batched; (f) as (d), but a batch runs until its last row finishes before new
+requests start (the engine before continuous batching). `--modes` picks some; `--max-tokens 8-64` gives each
+request its own length (seeded, the same list in every mode): where continuous batching matters.
+
+The continuous-batching comparison in the docs:
+    python benchmarks/serving.py --tasks 16 --mixes uniform --concurrency 32 --modes d_mixed_kv_reuse,f_batch_to_end \
+        --max-tokens 8-64 --requests 128 --repeats 2 --out benchmarks/results/serving_continuous.json Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
 Each cell runs --repeats times with the modes alternated (so a slow moment of the machine hits all modes alike)
 and the median run (by requests/s) is kept. Writes benchmarks/results/serving.json and prints a markdown table.
 """
@@ -40,6 +46,7 @@ MODES = {
     "c_mixed_no_kv_reuse": dict(reuse_prompt_cache=False),
     "d_mixed_kv_reuse": dict(),
     "e_bare_backbone": dict(),
+    "f_batch_to_end": dict(continuous=False),
 }
 
 
@@ -75,7 +82,7 @@ def task_mix(names: list[str], n: int, mix: str, seed: int = 0) -> list[str]:
     return [names[0] if rng.random() < 0.5 else rng.choice(names[1:]) for _ in range(n)]  # skewed
 
 
-def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
+def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max_tokens: int | list[int]) -> dict:
     """Closed loop: `concurrency` clients, each sending its next request when the last one is done."""
     lock = threading.Lock()
     todo = list(enumerate(requests))
@@ -86,7 +93,8 @@ def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max
             with lock:
                 if not todo:
                     return
-                _, (task, text) = todo.pop(0)
+                i, (task, text) = todo.pop(0)
+            n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
             done, out = threading.Event(), {}
 
             def emit(kind, value, out=out, done=done):
@@ -94,7 +102,7 @@ def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max
                     out[kind] = value
                     done.set()
 
-            job = engine.generation_job(task, text, max_tokens=max_tokens, temperature=0, ignore_eos=True, emit=emit)
+            job = engine.generation_job(task, text, max_tokens=n, temperature=0, ignore_eos=True, emit=emit)
             engine.submit(job)
             done.wait()
             assert "done" in out, out
@@ -123,7 +131,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--requests", type=int, default=64, help="requests per cell")
     ap.add_argument("--one-at-a-time-requests", type=int, default=16, help="requests per cell in mode (a)")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", default="16", help="new tokens per request: N, or LO-HI (each request its own)")
+    ap.add_argument("--modes", default=",".join(MODES), help="which modes to run (default: all)")
     ap.add_argument("--concurrency", default="8,32")
     ap.add_argument("--tasks", default="1,4,16")
     ap.add_argument("--mixes", default="uniform,skewed", help="skewed: half the requests to one task")
@@ -134,6 +143,15 @@ def main() -> None:
     torch.manual_seed(0)
     bb = sp.load_backbone(args.model, dtype=args.dtype)
     texts = review_prompts(bb, args.requests)
+    if "-" in args.max_tokens:
+        lo, hi = (int(x) for x in args.max_tokens.split("-"))
+        lengths: int | list[int] = [random.Random(1).randint(lo, hi) for _ in range(args.requests)]
+    else:
+        lengths = int(args.max_tokens)
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; known: {', '.join(MODES)}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -147,7 +165,7 @@ def main() -> None:
                   if int(t) > 1 or mix == "uniform"]
         for n_tasks, mix in groups:
             tasks = task_mix(names[:n_tasks], args.requests, mix)
-            cells = [(mode, conc) for mode in MODES
+            cells = [(mode, conc) for mode in modes
                      for conc in ([1] if mode.startswith("a_") else [int(c) for c in args.concurrency.split(",")])]
             runs: dict = {cell: [] for cell in cells}
             for _ in range(args.repeats):  # modes alternate, so a slow moment of the machine hits them all
@@ -156,7 +174,7 @@ def main() -> None:
                     if mode.startswith("a_"):
                         reqs = reqs[: args.one_at_a_time_requests]
                     engine = Engine(bank, **({"max_batch": args.max_batch} | MODES[mode])).start()
-                    r = drive(engine, reqs, conc, args.max_tokens)
+                    r = drive(engine, reqs, conc, lengths)
                     r["mean_batch_rows"] = engine.metrics.snapshot()["mean_batch_rows"]
                     engine.stop()
                     runs[(mode, conc)].append(r)

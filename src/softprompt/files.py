@@ -110,6 +110,9 @@ def read_prompt(path: str | os.PathLike) -> PromptFile:
     """Read a prompt file without checking it against a backbone."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():
+            raise SoftPromptError(f"{path} is a broken symbolic link (to {os.readlink(path)}); point it at a prompt "
+                                  "file or replace it with one")
         raise SoftPromptError(f"no prompt file at {path}")
     if path.is_dir():
         if (path / "adapter_config.json").exists():
@@ -129,10 +132,44 @@ def read_prompt(path: str | os.PathLike) -> PromptFile:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError:
         raise SoftPromptError(f"{path} has corrupt softprompt metadata (not JSON)") from None
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    _check_meta(meta, tensors, path)
+    return PromptFile(method=meta.get("method", "prompt_tuning"), tensors=tensors, metadata=meta, path=path)
+
+
+# what each metadata field may be (files come from anywhere: a wrong type is a one-line refusal, never a crash)
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "format_version": (int,), "method": (str,), "num_virtual_tokens": (int,), "hidden_size": (int, type(None)),
+    "prompt_kind": (str, type(None)), "method_config": (dict, type(None)), "backbone": (dict, type(None)),
+    "task": (dict, type(None)), "layers": (int, type(None)), "kv_heads": (int, type(None)),
+    "head_dim": (int, type(None)), "dtype": (str, type(None)), "preprocessing": (dict, type(None)),
+    "labels": (list, type(None)),
+}
+
+
+def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if not isinstance(meta, dict):
+        raise SoftPromptError(f"{path} has corrupt softprompt metadata (a JSON {type(meta).__name__}, not an object)")
+    for key, types in _META_TYPES.items():
+        if key in meta and (not isinstance(meta[key], types) or isinstance(meta[key], bool) and bool not in types):
+            want = " or ".join("null" if t is type(None) else {"dict": "object", "list": "array", "str": "string"}
+                               .get(t.__name__, t.__name__) for t in types)
+            raise SoftPromptError(f"{path} has corrupt softprompt metadata: {key!r} is {type(meta[key]).__name__}, "
+                                  f"not {want}")
+    for key in ("format_version", "num_virtual_tokens", "hidden_size", "layers", "kv_heads", "head_dim"):
+        if isinstance(meta.get(key), int) and not 0 <= meta[key] < 2**31:
+            raise SoftPromptError(f"{path} has corrupt softprompt metadata: {key!r} is {meta[key]}")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
         raise SoftPromptError(f"{path} uses prompt format v{meta['format_version']}, newer than this softprompt "
                               f"(v{FORMAT_VERSION}); upgrade softprompt")
-    return PromptFile(method=meta.get("method", "prompt_tuning"), tensors=tensors, metadata=meta, path=path)
+    if not tensors:
+        raise SoftPromptError(f"{path} holds no tensors; the file is damaged")
+    for key, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise SoftPromptError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not float32, "
+                                  "float16, bfloat16 or float64; the file is damaged or not a prompt")
+        want = {"prompt": 2, "kv": 5}.get(key)
+        if t.ndim == 0 or 0 in t.shape or (want is not None and t.ndim != want):
+            raise SoftPromptError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}; the file is damaged")
 
 
 def check_prompt(pf: PromptFile, backbone: Any = None, check_backbone: bool = True) -> None:
@@ -257,10 +294,12 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
         raise SoftPromptError(f"{folder} has no adapter_config.json; it is not a PEFT adapter folder")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SoftPromptError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SoftPromptError(f"{cfg_path} is not valid JSON ({getattr(e, 'msg', 'not UTF-8')})") from None
+    if not isinstance(cfg, dict):
+        raise SoftPromptError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; it is not a PEFT config")
     peft_type = cfg.get("peft_type")
-    if peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+    if not isinstance(peft_type, str) or peft_type not in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         raise SoftPromptError(f"{folder} holds a {peft_type!r} adapter; softprompt imports PROMPT_TUNING, P_TUNING "
                               "and PREFIX_TUNING")
     weights = folder / "adapter_model.safetensors"
@@ -276,20 +315,36 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
         raise SoftPromptError(f"{weights} has no 'prompt_embeddings' tensor (found: {', '.join(tensors)}); a folder "
                               "saved mid-training holds the encoder, not the prompt: save it with PEFT's "
                               "save_pretrained after training")
-    weight = tensors["prompt_embeddings"].float()
-    subs = int(cfg.get("num_transformer_submodules") or 1)
+    weight = tensors["prompt_embeddings"]
+    if not weight.is_floating_point() or weight.ndim != 2 or 0 in weight.shape:
+        raise SoftPromptError(f"{weights}: prompt_embeddings is {str(weight.dtype).removeprefix('torch.')} of shape "
+                              f"{tuple(weight.shape)}; a prompt is a 2-D floating-point matrix")
+    weight = weight.float()
+
+    def number(key: str, default: int | None = None) -> int:
+        value = cfg.get(key, default)
+        if value is None and default is not None:
+            value = default
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+            raise SoftPromptError(f"{cfg_path}: {key!r} is {value!r}, not a positive integer")
+        return value
+
+    subs = number("num_transformer_submodules", 1)
     if subs != 1:
         raise SoftPromptError(f"{folder} is a {subs}-submodule (seq2seq) prompt; only causal-LM prompts import so far")
-    P = int(cfg.get("num_virtual_tokens") or weight.shape[0])
+    P = number("num_virtual_tokens", weight.shape[0])
+    if P > weight.shape[0]:
+        raise SoftPromptError(f"{cfg_path}: num_virtual_tokens {P} but prompt_embeddings has {weight.shape[0]} rows")
     weight = weight[:P]
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "num_virtual_tokens": P, "dtype": "float32",
-                            "backbone": {"name": cfg.get("base_model_name_or_path")},
+                            "backbone": {"name": str(cfg.get("base_model_name_or_path"))},
                             "imported_from": {"peft": str(folder), "peft_type": peft_type,
-                                              "peft_version": cfg.get("peft_version"), "task_type": cfg.get("task_type")}}
+                                              "peft_version": str(cfg.get("peft_version")),
+                                              "task_type": str(cfg.get("task_type"))}}
     if peft_type == "PREFIX_TUNING":
-        L, h = int(cfg["num_layers"]), int(cfg["num_attention_heads"])
-        d = int(cfg["token_dim"]) // h
-        if weight.shape[1] != L * 2 * h * d:
+        L, h = number("num_layers"), number("num_attention_heads")
+        d = number("token_dim") // h
+        if d == 0 or weight.shape[1] != L * 2 * h * d:
             raise SoftPromptError(f"{weights}: prompt_embeddings of width {weight.shape[1]} is not num_layers x 2 x "
                                   f"token_dim = {L * 2 * h * d}")
         kv = weight.view(P, L, 2, h, d).permute(1, 2, 3, 0, 4).contiguous()  # (L, 2, h, P, d)
@@ -300,9 +355,11 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
     method = "prompt_tuning" if peft_type == "PROMPT_TUNING" else "p_tuning"
     method_config: dict[str, Any] = {"num_virtual_tokens": P}
     if peft_type == "PROMPT_TUNING":
-        init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(cfg.get("prompt_tuning_init"), "random")
-        method_config.update(init=init, init_text=cfg.get("prompt_tuning_init_text"))
+        init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(str(cfg.get("prompt_tuning_init")), "random")
+        text = cfg.get("prompt_tuning_init_text")
+        method_config.update(init=init, init_text=text if isinstance(text, str) else None)
     else:
-        method_config.update(encoder=str(cfg.get("encoder_reparameterization_type", "MLP")).lower())
+        encoder = str(cfg.get("encoder_reparameterization_type", "MLP")).lower()
+        method_config.update(encoder=encoder if encoder in ("mlp", "lstm") else "mlp")
     meta.update(method=method, prompt_kind="embeddings", hidden_size=weight.shape[1], method_config=method_config)
     return PromptFile(method=method, tensors={"prompt": weight}, metadata=meta, path=folder)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..errors import SoftPromptError
 from .base import Method, MethodConfig
 from .coop import CoCoOp, CoCoOpConfig, CoOp, CoOpConfig
@@ -33,8 +35,20 @@ def get_method(name: str) -> type[Method]:
 
 def from_file(pf: Any, device: Any = None) -> Method:
     """The method a prompt file holds (a PromptFile from ``load_prompt``), inference-ready (eval mode: no dropout)."""
-    module = get_method(pf.method).from_tensors(pf.tensors, pf.metadata.get("method_config")).eval()
-    return module.to(device) if device is not None else module
+    cls = get_method(pf.method)
+    try:  # a file's tensors and config come from anywhere: what does not fit is a one-line refusal
+        module = cls.from_tensors(pf.tensors, pf.metadata.get("method_config")).eval()
+        module = module.to(device) if device is not None else module
+        with torch.no_grad():
+            module()  # the prompt it makes: shapes that do not fit fail here, not in a request
+    except SoftPromptError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        where = getattr(pf, "path", None) or "the prompt file"
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise SoftPromptError(f"{where}: its tensors and config do not make a {pf.method} prompt ({first}); the "
+                              "file is damaged or was written by another tool") from None
+    return module
 
 
 def load_method(path: Any, backbone: Any = None, check_backbone: bool = True) -> Method:

@@ -47,6 +47,13 @@ class TaskEntry:
         return self.prompt.num_virtual_tokens
 
 
+def _no_link(path: Path) -> None:
+    """A served folder holds files, not links: a link could point anywhere on the machine (and a reload would
+    follow it)."""
+    if path.is_symlink():
+        raise SoftPromptError(f"{path.name} is a symbolic link; copy the prompt file into the folder instead")
+
+
 def check_task_name(name: str) -> str:
     if not isinstance(name, str) or not TASK_NAME.match(name) or ".." in name:
         raise SoftPromptError(f"invalid task name {name!r}: use letters, digits, '.', '_' or '-' (no path "
@@ -73,6 +80,7 @@ class PromptBank:
         loaded, self.refused, self.folder = [], {}, folder
         for path in sorted(folder.glob("*.safetensors")):
             try:
+                _no_link(path)
                 loaded.append(self.add(path.stem, path, replace=True).name)
             except SoftPromptError as e:
                 self.refused[path.name] = str(e)
@@ -87,8 +95,14 @@ class PromptBank:
         report: dict = {"added": [], "replaced": [], "removed": [], "refused": {}}
         present = set()
         for path in sorted(folder.glob("*.safetensors")):
-            name, st = path.stem, path.stat()
+            name = path.stem
             present.add(name)
+            try:
+                _no_link(path)
+                st = path.stat()
+            except (SoftPromptError, OSError) as e:
+                report["refused"][path.name] = str(e) if isinstance(e, SoftPromptError) else f"unreadable: {e}"
+                continue
             stamp = (st.st_mtime_ns, st.st_size)
             if self._stamps.get(name) == stamp and name in self._entries:
                 continue

@@ -86,6 +86,7 @@ class TrainArgs:
     eval_examples: int | None = 400  # validation rows used (seeded sample; None = all)
     patience: int | None = None  # early stopping: evaluations without improvement before stopping
     save_every: int = 50  # steps between checkpoints
+    save_every_seconds: float = 120.0  # and at least this often (0 = off): a killed run loses at most this much work
     log_every: int = 10  # without a progress bar (a pipe, a log file): a progress line every this many steps or 30 s
     # > 0: each epoch's shuffled examples are cut into pools of this many batches, sorted by length inside a pool,
     # and the batches shuffled: rows of a batch have similar lengths, so little padding is computed (measured in

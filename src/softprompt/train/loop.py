@@ -115,7 +115,9 @@ def generation_loss(model, batch: dict) -> torch.Tensor:
     return model.target_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
 
 
-RESUMABLE_CHANGES = {"train.steps", "train.patience"}  # a resumed run may be extended or given more patience
+# a resumed run may be extended, given more patience, or checkpointed at another pace
+RESUMABLE_CHANGES = {"train.steps", "train.patience", "train.save_every", "train.save_every_seconds",
+                     "train.log_every"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -155,7 +157,9 @@ def prepare_out_dir(out: Path, cfg: RunConfig, resume: bool) -> None:
         for name in (CHECKPOINT, PROMPT_FILE, "metrics.jsonl", "summary.json", "plot.png"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(_config_json(cfg) + "\n")
+    tmp = out / ".config.json.tmp"  # whole or not at all: a run killed here still resumes
+    tmp.write_text(_config_json(cfg) + "\n")
+    tmp.replace(out / "config.json")
 
 
 def _config_json(cfg: RunConfig) -> str:
@@ -235,6 +239,7 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     stopped = "steps"
     t_start = time.perf_counter() - state["train_seconds"]
     step = state["step"]
+    saved_at = time.monotonic()
     while step < args.steps:
         rows = [run.train_rows[i] for i in example_order(len(run.train_rows), args.batch_size, cfg.seed, step,
                                                          run.lengths, args.length_buckets)]
@@ -289,7 +294,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
                 state["bad_evals"] += 1
             if args.patience and state["bad_evals"] >= args.patience:
                 stopped = "early_stopping"
-        if run.writes and (step % args.save_every == 0 or last or stopped != "steps"):
+        due = args.save_every_seconds and time.monotonic() - saved_at >= args.save_every_seconds
+        if run.writes and (step % args.save_every == 0 or due or last or stopped != "steps"):
+            saved_at = time.monotonic()
             save_checkpoint(run.out / CHECKPOINT, {
                 "method": run.trainable.state(), "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(), "state": state,
@@ -337,7 +344,10 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
-    if resume:
+    if resume and not (out / CHECKPOINT).exists():  # killed before its first checkpoint: nothing was lost
+        if not quiet and ddp.main:
+            print(f"softprompt: {out} holds no checkpoint yet; starting the run from step 0", file=sys.stderr)
+    elif resume:
         ck = load_checkpoint(out / CHECKPOINT)
         trainable.load(ck["method"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -487,12 +497,29 @@ class _Logger:
         self.quiet = quiet
         self.tb = None
         if write:
+            self._trim()
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out / "tensorboard"))
             except Exception:  # tensorboard not installed: the JSONL file is the record
                 self.tb = None
+
+    def _trim(self) -> None:
+        """A resumed run: drop the rows a killed run wrote after its checkpoint (and a line cut by the kill), so each
+        step is in metrics.jsonl once."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.start:
+                kept.append(line)
+        path.write_text("".join(k + "\n" for k in kept))
 
     def _append(self, row: dict) -> None:
         if self.write:
