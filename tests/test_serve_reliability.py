@@ -375,3 +375,56 @@ def test_the_bank_is_safe_to_read_while_it_changes(bank, tmp_path):
     for t in threads:
         t.join(10)
     assert not errors
+
+
+def test_sigterm_lets_the_running_request_finish_and_exits_0(tmp_path):
+    """`softprompt serve` in its own process: SIGTERM mid-stream; the stream still ends with [DONE], new
+    connections are refused, and the process exits 0."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    bb = make_backbone("llama")
+    bb.model.save_pretrained(tmp_path / "model")
+    bb.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts").mkdir()
+    sp.save_prompt(tmp_path / "prompts" / "alpha.safetensors", sp.PromptTuning.create(bb, num_virtual_tokens=3), bb)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "softprompt.cli", "serve", "--model", str(tmp_path / "model"),
+                             "--prompts", str(tmp_path / "prompts"), "--port", str(port), "--drain-s", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError(proc.stderr.read() if proc.poll() is not None else "server did not start")
+        req = {"model": "alpha", "prompt": "the movie", "max_tokens": 100, "temperature": 0, "ignore_eos": True,
+               "stream": True}
+        pieces, signalled = [], False
+        with httpx.stream("POST", base + "/v1/completions", json=req, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and not signalled:
+                    proc.send_signal(signal.SIGTERM)
+                    signalled = True
+                pieces.append(line)
+        assert pieces[-2:] == ["data: [DONE]", ""] or pieces[-1] == "data: [DONE]", pieces[-3:]
+        chunks = [json.loads(p[6:]) for p in pieces if p.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

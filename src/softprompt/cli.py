@@ -288,13 +288,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
     try:
         app = create_app(engine, api_key=api_key, prompts_dir=args.prompts, request_timeout=args.request_timeout,
-                         max_body_bytes=int(args.max_body_mb * 2**20), drain_s=args.drain_s)
-        # SIGTERM: uvicorn stops listening, waits for open requests (at most drain_s), then the app's shutdown stops
-        # the engine (failing what is left) and the process exits 0
+                         max_body_bytes=int(args.max_body_mb * 2**20))
+        # SIGTERM: uvicorn stops listening and waits for open requests (at most drain_s); then the engine stops,
+        # failing what is left, and the process exits 0. uvicorn hands the signal back to the handler that was
+        # there before it once it is done: ours notes it instead of killing the process before the clean-up.
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=max(1, int(args.drain_s)))
     finally:
-        engine.stop()
+        engine.stop(drain_s=1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -160,19 +160,12 @@ class BodyLimit:
 
 
 def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | None = None, *,
-               request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20, drain_s: float = 30.0) -> FastAPI:
+               request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20) -> FastAPI:
     """The FastAPI app around a running engine. `api_key`: when set, /v1 and /admin need `Authorization:
     Bearer <key>`. `request_timeout`: seconds a request may wait for its answer (504 after, its row freed).
-    `max_body_bytes`: larger bodies are refused (413) before they are read. `drain_s`: at shutdown, how long
-    requests in flight may take to finish before they are failed."""
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        await asyncio.to_thread(engine.stop, drain_s)  # SIGTERM: uvicorn stops accepting, then this
-
-    app = FastAPI(title="softprompt", version="0.1.0", lifespan=lifespan,
+    `max_body_bytes`: larger bodies are refused (413) before they are read. The app never stops the engine: its
+    owner does (`softprompt serve` after uvicorn's graceful shutdown)."""
+    app = FastAPI(title="softprompt", version="0.1.0",
                   description="Many prompt-tuned tasks on one frozen backbone; `model` names a task.")
     app.state.engine = engine
 
