@@ -139,15 +139,23 @@ def comparison(res: dict) -> str:
              f"{res.get('batch_size')} for every trained row, {res.get('precision')}.", "",
              "| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory | lr "
              "(chosen on validation) | shares a batch |", "|---|---|---|---|---|---|---|---|---|"]
+    time_notes = []
     for r in res["rows"]:
         acc = "-" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
         f1 = "-" if r.get("macro_f1") is None else f"{r['macro_f1']:.3f}"
         mem = f"{r['peak_rss_mb']:.0f} MB" if r.get("peak_rss_mb") else "-"
+        mark = ""
+        if r.get("time_note"):
+            if r["time_note"] not in time_notes:
+                time_notes.append(r["time_note"])
+            mark = " " + "†" * (time_notes.index(r["time_note"]) + 1)
         lr = "-" if r.get("lr") is None else f"{r['lr']:g}"
         if r.get("lr_grid"):
             lr += f" of {', '.join(f'{x:g}' for x in r['lr_grid'])}"
         lines.append(f"| {r['method']} | {acc} | {f1} | {r['trainable_params']:,} | {_size(r['bytes_per_task'])} | "
-                     f"{r['train_seconds']:.0f} s | {mem} | {lr} | {r.get('shares_batch', 'yes')} |")
+                     f"{r['train_seconds']:.0f} s{mark} | {mem} | {lr} | {r.get('shares_batch', 'yes')} |")
+    for i, note in enumerate(time_notes):
+        lines += ["", f"{'†' * (i + 1)} {note}"]
     for note in res.get("notes") or []:
         lines += ["", f"{note[0].upper()}{note[1:]}."]
     cmd = res.get("command")
@@ -210,6 +218,29 @@ def serving(res: dict) -> str:
     return "\n".join(lines)
 
 
+def serving_continuous(res: dict) -> str:
+    """benchmarks/serving.py with --modes d_mixed_kv_reuse,f_batch_to_end: continuous batching against the engine
+    before it, same requests, same run."""
+    meta = res["meta"]
+    names = {"d_mixed_kv_reuse": "continuous batching (the default)",
+             "f_batch_to_end": "a batch runs to its end (before)"}
+    rows = [r for r in res["results"] if r["mode"] in names]
+    top = rows[0]
+    lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}): {meta['requests']} completion requests over {top['tasks']} tasks, "
+             f"{meta['max_tokens']} new tokens each (per request, seeded), {top['concurrency']} closed-loop clients, "
+             f"median of {meta['repeats']} runs with the two engines alternated.", "",
+             "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {names[r['mode']]} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
+                     f"{r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s | "
+                     f"{r['latency_p99_s'] / r['latency_p50_s']:.1f} |")
+    lines += ["", f"Command: `{meta.get('command', 'python benchmarks/serving.py')}` -> "
+              "`benchmarks/results/serving_continuous.json`."]
+    return "\n".join(lines)
+
+
 def loadtest(res: dict) -> str:
     """benchmarks/loadtest.py: a softprompt serve subprocess under mixed load, every answer checked."""
     kinds = ", ".join(f"{v} {k}" for k, v in res["kinds"].items()) if isinstance(res.get("kinds"), dict) else ""
@@ -250,6 +281,7 @@ RENDERERS = {
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),
+    "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "speedups": (speedups, "speedups.json"),
 }

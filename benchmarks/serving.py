@@ -28,6 +28,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -186,7 +187,7 @@ def main() -> None:
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(table(results))
