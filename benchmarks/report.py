@@ -222,14 +222,15 @@ def serving_continuous(res: dict) -> str:
     """benchmarks/serving.py with --modes d_mixed_kv_reuse,f_batch_to_end: continuous batching against the engine
     before it, same requests, same run."""
     meta = res["meta"]
-    names = {"d_mixed_kv_reuse": "continuous batching (the default)",
+    names = {"d_mixed_kv_reuse": "continuous batching (the default; CPU step budget 512 tokens)",
+             "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
              "f_batch_to_end": "a batch runs to its end (before)"}
     rows = [r for r in res["results"] if r["mode"] in names]
     top = rows[0]
     lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
              f"torch {meta['torch']}): {meta['requests']} completion requests over {top['tasks']} tasks, "
              f"{meta['max_tokens']} new tokens each (per request, seeded), {top['concurrency']} closed-loop clients, "
-             f"median of {meta['repeats']} runs with the two engines alternated.", "",
+             f"median of {meta['repeats']} runs with the engines alternated.", "",
              "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

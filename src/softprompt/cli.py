@@ -269,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     api_key = args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
     check_port_free(args.host, args.port)
-    for flag, value in (("--max-batch", args.max_batch), ("--step-tokens", args.step_tokens),
+    for flag, value in (("--max-batch", args.max_batch), ("--step-tokens", 1 if args.step_tokens is None else args.step_tokens),
                         ("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
                         ("--max-body-mb", args.max_body_mb)):
         if value <= 0:
@@ -418,8 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SOFTPROMPT_API_KEY)")
     s.add_argument("--max-batch", type=int, default=32, help="most rows decoding at once")
     s.add_argument("--window-ms", type=float, default=5.0, help="how long a first request waits for others when idle")
-    s.add_argument("--step-tokens", type=int, default=2048,
-                   help="a decode step's token budget: new prompts' tokens + running rows (default 2048)")
+    s.add_argument("--step-tokens", type=int, default=None,
+                   help="a decode step's token budget: new prompts' tokens + running rows (default 512 on CPU, 2048 "
+                        "on GPU)")
     s.add_argument("--max-queue", type=int, default=256,
                    help="most requests waiting; past it, 503 with Retry-After (default 256)")
     s.add_argument("--request-timeout", type=float, default=600.0,

@@ -189,14 +189,18 @@ class Engine:
     """One worker thread running requests on the bank's backbone, continuously batched.
 
     max_batch: most rows decoding at once. step_tokens: a step's token budget (new prefill tokens + running rows);
-    a request whose prefill alone exceeds it still runs, by itself. max_queue / max_queued_tokens: most requests,
+    a request whose prefill alone exceeds it still runs, by itself. Default: 512 on a CPU, where a 2,048-token
+    prefill stalls the running rows for seconds (benchmarks/serving.py could not separate the two on 2 cores:
+    their requests/s differ less than runs of one cell do), 2,048 on an accelerator. max_queue / max_queued_tokens: most requests,
     and most tokens (inputs + max_tokens), waiting; past either, `submit` raises `Overloaded`.
     """
 
     def __init__(self, bank: PromptBank, max_batch: int = 32, window_ms: float = 5.0,
                  reuse_prompt_cache: bool = True, mix_tasks: bool = True, max_tokens_limit: int = 2048,
-                 chat_max_tokens: int = 512, continuous: bool = True, step_tokens: int = 2048,
+                 chat_max_tokens: int = 512, continuous: bool = True, step_tokens: int | None = None,
                  max_queue: int = 256, max_queued_tokens: int = 1_000_000):
+        if step_tokens is None:
+            step_tokens = 512 if bank.backbone.device.type == "cpu" else 2048
         for name, value in (("max_batch", max_batch), ("step_tokens", step_tokens), ("max_queue", max_queue),
                             ("max_queued_tokens", max_queued_tokens)):
             if value < 1:
