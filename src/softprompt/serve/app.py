@@ -291,6 +291,25 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
         return error(504, f"no answer within the server's request timeout of {request_timeout:g} s; retry with less "
                      "work (fewer max_tokens)", type_="server_error", code="timeout")
 
+    async def collect(jobs: list[Job], events: asyncio.Queue, request: Request) -> dict[int, Result] | JSONResponse:
+        """Every job's result (index -> Result), or the error response: a failed job (500), the client gone (499),
+        the request timeout (504). Unfinished jobs are cancelled either way."""
+        results: dict[int, Result] = {}
+        try:
+            async for i, kind, value in answers(jobs, events, request):
+                if kind == "error":
+                    return error(500, value, type_="server_error")
+                if kind == "done":
+                    results[i] = value
+                    if len(results) == len(jobs):
+                        return results
+            return error(499, "the client closed the request", type_="server_error", code="cancelled")
+        except TimeoutError:
+            return timed_out()
+        finally:
+            for job in jobs:
+                job.cancel()
+
     async def run(jobs: list[Job], chat: bool, req: _Request, request: Request):
         """Submit the (validated) jobs and answer: JSON when done, or server-sent events as tokens come."""
         events = listen(jobs)
@@ -305,22 +324,9 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
             return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
         if not req.stream:
-            results: dict[int, Result] = {}
-            try:
-                async for i, kind, value in answers(jobs, events, request):
-                    if kind == "error":
-                        return error(500, value, type_="server_error")
-                    if kind == "done":
-                        results[i] = value
-                        if len(results) == len(jobs):
-                            break
-                else:
-                    return error(499, "the client closed the request", type_="server_error", code="cancelled")
-            except TimeoutError:
-                return timed_out()
-            finally:
-                for job in jobs:
-                    job.cancel()
+            results = await collect(jobs, events, request)
+            if isinstance(results, JSONResponse):
+                return results
             choices = []
             for i in range(len(jobs)):
                 r = results[i]
@@ -437,21 +443,9 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
         jobs = await prepare(lambda: [engine.classify_job(req.model, item) for item in items])
         events = listen(jobs)
         engine.submit_all(jobs)
-        results: dict[int, Result] = {}
-        try:
-            async for i, kind, value in answers(jobs, events, request):
-                if kind == "error":
-                    return error(500, value, type_="server_error")
-                results[i] = value
-                if len(results) == len(jobs):
-                    break
-            else:
-                return error(499, "the client closed the request", type_="server_error", code="cancelled")
-        except TimeoutError:
-            return timed_out()
-        finally:
-            for job in jobs:
-                job.cancel()
+        results = await collect(jobs, events, request)
+        if isinstance(results, JSONResponse):
+            return results
         data = [{"index": i, "label": results[i].label, "scores": results[i].scores} for i in range(len(jobs))]
         return {"object": "list", "model": req.model, "data": data,
                 "usage": {"prompt_tokens": sum(r.prompt_tokens for r in results.values())}}
