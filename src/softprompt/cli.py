@@ -262,6 +262,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
     import os
+    import shlex
 
     import uvicorn
 
@@ -276,7 +277,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise SoftPromptError(f"{flag} must be positive (got {value})")
     engine = build_server(args.model, args.prompts, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                           window_ms=args.window_ms, reuse_prompt_cache=not args.no_prompt_cache,
-                          continuous=not args.no_continuous, step_tokens=args.step_tokens, max_queue=args.max_queue)
+                          continuous=not args.no_continuous, step_tokens=args.step_tokens, max_queue=args.max_queue,
+                          engine=args.engine, vllm_python=args.vllm_python, vllm_url=args.vllm_url,
+                          vllm_args=tuple(shlex.split(args.vllm_args or "")))
     bank = engine.bank
     print(f"softprompt serve: {engine.model_name} with {len(bank)} task(s): {', '.join(bank.names()) or 'none'}",
           file=sys.stderr)
@@ -284,6 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"softprompt serve: refused {name}: {why}", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print("softprompt serve: warning: listening beyond loopback without --api-key", file=sys.stderr)
+    if args.engine == "vllm" and args.vllm_url is None:
+        print("softprompt serve: starting the vLLM server (a minute or more)...", file=sys.stderr)
     engine.start()
     logging.basicConfig(level=logging.INFO)
     try:
@@ -431,6 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-continuous", action="store_true",
                    help="run each batch to its end before taking new requests (the older policy; benchmarking)")
     s.add_argument("--no-prompt-cache", action="store_true", help="recompute each prompt per batch (benchmarking)")
+    s.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
+                   help="what runs the model: the built-in engine, or a vLLM server fed prompt embeddings (input-"
+                        "embedding prompts only; see docs/serving.md)")
+    s.add_argument("--vllm-python", default=None, metavar="PATH",
+                   help="--engine vllm: start a vLLM server with this Python (default: $SOFTPROMPT_VLLM_PYTHON, or "
+                        ".venv-vllm/bin/python)")
+    s.add_argument("--vllm-url", default=None, metavar="URL",
+                   help="--engine vllm: use the vLLM server running at URL (started with --enable-prompt-embeds)")
+    s.add_argument("--vllm-args", default=None, metavar="ARGS",
+                   help="--engine vllm: more flags for the vLLM server it starts, e.g. '--tensor-parallel-size 2'")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
 

@@ -139,5 +139,6 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
         model.hf_quantizer = None  # weights are de-quantised floats now
     model.to(dev)
     bb = CausalLMBackbone(model, tokenizer, name=str(name_or_path))
+    bb.source, bb.gguf_file = str(source), kwargs.get("gguf_file")  # what another engine (vLLM) would load
     bb.load_seconds = time.perf_counter() - start
     return bb

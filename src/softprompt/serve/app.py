@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import SoftPromptError
 from ..runtime import runtime
 from .bank import UnknownTask
-from .engine import Engine, Job, Overloaded, RequestError, Result
+from .engine import Engine
+from .jobs import Frontend, Job, Overloaded, RequestError, Result
 
 # --- request schemas ----------------------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | None = None, *,
+def create_app(engine: Frontend, api_key: str | None = None, prompts_dir: str | None = None, *,
                request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20) -> FastAPI:
     """The FastAPI app around a running engine. `api_key`: when set, /v1 and /admin need `Authorization:
     Bearer <key>`. `request_timeout`: seconds a request may wait for its answer (504 after, its row freed).
@@ -467,17 +468,37 @@ def create_app(engine: Engine, api_key: str | None = None, prompts_dir: str | No
 
 def build_server(model: str, prompts: str | None = None, *, dtype: str | None = None, device: str | None = None,
                  max_batch: int = 32, window_ms: float = 5.0, reuse_prompt_cache: bool = True,
-                 **engine_args: Any) -> Engine:
-    """Load the backbone and the prompt folder; an engine ready to start (refused files in engine.bank.refused)."""
+                 engine: str = "builtin", vllm_python: str | None = None, vllm_url: str | None = None,
+                 vllm_args: tuple[str, ...] = (), **engine_args: Any) -> Frontend:
+    """Load the backbone and the prompt folder; an engine ready to start (refused files in engine.bank.refused).
+    engine="vllm": a vLLM server runs the model, at `vllm_url`, or started from `vllm_python` on the backbone's
+    folder when `start()` is called."""
     from ..backbones import load_backbone
     from .bank import PromptBank
 
+    if engine not in ("builtin", "vllm"):
+        raise SoftPromptError(f"unknown engine {engine!r}; use builtin or vllm")
     bb = load_backbone(model, dtype=dtype, device=device)
     if bb.kind not in ("causal_lm", "vit", "image", "clip"):
         raise SoftPromptError(f"serving needs a causal LM or an image model; {model!r} is a {bb.kind}")
     bank = PromptBank(bb, prompts)
-    return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache,
-                  **engine_args)
+    if engine == "builtin":
+        return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache,
+                      **engine_args)
+    from .vllm import VLLMEngine, VLLMServer, default_vllm_python, vllm_model_source
+
+    server = None
+    if vllm_url is None:
+        python = vllm_python or default_vllm_python()
+        if python is None:
+            raise SoftPromptError("--engine vllm needs a vLLM server: --vllm-url URL of a running one, or "
+                                  "--vllm-python PATH of a Python with vLLM installed (or SOFTPROMPT_VLLM_PYTHON)")
+        server = VLLMServer(python, vllm_model_source(bb), bb.name, dtype=str(bb.dtype).removeprefix("torch."),
+                            args=tuple(vllm_args))
+        vllm_url = server.url
+    allowed = {"max_queue", "max_tokens_limit", "chat_max_tokens"}
+    return VLLMEngine(bank, vllm_url, server=server, max_batch=max_batch,
+                      **{k: v for k, v in engine_args.items() if k in allowed})
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -185,6 +185,7 @@ class Frontend:
         self.max_batch = max_batch
         self.max_tokens_limit = max_tokens_limit
         self.chat_max_tokens = chat_max_tokens  # chat requests without max_tokens: at most this many (and what fits)
+        self.max_positions = self.backbone.max_positions  # an engine may allow fewer (vLLM's max_model_len)
         self.metrics = Metrics()
         self._encoders: dict[tuple[str, str], TaskEncoder] = {}
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="softprompt-prep")  # tokenising, off the event loop
@@ -229,7 +230,7 @@ class Frontend:
         if not ids:
             raise RequestError("prompt is empty; send some text", param="prompt")
         P = 0 if entry is None else entry.num_virtual_tokens
-        limit = self.backbone.max_positions or 10**9
+        limit = self.max_positions or 10**9
         room = limit - P - len(ids)
         if room < 1:
             raise RequestError(f"prompt of {len(ids)} tokens + {P} virtual tokens of task {model!r} leaves no room "
@@ -273,7 +274,7 @@ class Frontend:
                 raise RequestError(f"task {model!r} is not a classification task (its prompt file has no "
                                    "verbalizer); use /v1/completions", param="model")
             else:
-                enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, bb.max_positions,
+                enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, self.max_positions,
                                   bb.pad_token_id)
             self._encoders = {k: v for k, v in self._encoders.items() if k[0] != model} | {key: enc}
         return enc
