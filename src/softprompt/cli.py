@@ -272,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_port_free(args.host, args.port)
     for flag, value in (("--max-batch", args.max_batch), ("--step-tokens", 1 if args.step_tokens is None else args.step_tokens),
                         ("--max-queue", args.max_queue), ("--request-timeout", args.request_timeout),
-                        ("--max-body-mb", args.max_body_mb)):
+                        ("--max-body-mb", args.max_body_mb), ("--body-timeout", args.body_timeout)):
         if value <= 0:
             raise SoftPromptError(f"{flag} must be positive (got {value})")
     engine = build_server(args.model, args.prompts, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
@@ -293,7 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO)
     try:
         app = create_app(engine, api_key=api_key, prompts_dir=args.prompts, request_timeout=args.request_timeout,
-                         max_body_bytes=int(args.max_body_mb * 2**20))
+                         max_body_bytes=int(args.max_body_mb * 2**20), body_timeout=args.body_timeout)
         # SIGTERM: uvicorn stops listening and waits for open requests (at most drain_s); then the engine stops,
         # failing what is left, and the process exits 0. uvicorn hands the signal back to the handler that was
         # there before it once it is done: ours notes it instead of killing the process before the clean-up.
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may wait for its answer; 504 after (default 600)")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (default 16 MB)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; 408 after (default 30)")
     s.add_argument("--drain-s", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are failed (default 30)")
     s.add_argument("--no-continuous", action="store_true",

@@ -116,25 +116,28 @@ def _message_text(content: str | list[dict] | None) -> str:
 
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before the app sees it (by its Content-Length, or
-    while a chunked body is read), so an oversized upload never fills memory."""
+    while a chunked body is read), so an oversized upload never fills memory; a body that has not fully arrived
+    `timeout` seconds after its headers gets 408 (a slow client holds its connection, never the worker)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float = 30.0):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         size = headers.get(b"content-length")
-        if size is not None:
-            if not size.isdigit() or int(size) > self.limit:
-                return await self._refuse(scope, receive, send)
-            return await self.app(scope, receive, send)
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
+        if size is not None and (not size.isdigit() or int(size) > self.limit):
+            return await self._refuse(scope, receive, send)
         chunks, total = [], 0
-        while True:  # no length given: read it here, at most `limit` bytes, then hand it on
-            message = await receive()
+        deadline = time.monotonic() + self.timeout
+        while True:  # read the body here, at most `limit` bytes within `timeout`, then hand it on
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                response = error(408, f"the request body did not arrive within {self.timeout:g} s; send it "
+                                 "at once", code="request_timeout")
+                return await response(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -161,16 +164,18 @@ class BodyLimit:
 
 
 def create_app(engine: Frontend, api_key: str | None = None, prompts_dir: str | None = None, *,
-               request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20) -> FastAPI:
+               request_timeout: float = 600.0, max_body_bytes: int = 16 * 2**20,
+               body_timeout: float = 30.0) -> FastAPI:
     """The FastAPI app around a running engine. `api_key`: when set, /v1 and /admin need `Authorization:
     Bearer <key>`. `request_timeout`: seconds a request may wait for its answer (504 after, its row freed).
-    `max_body_bytes`: larger bodies are refused (413) before they are read. The app never stops the engine: its
+    `max_body_bytes`: larger bodies are refused (413) before they are read; `body_timeout`: seconds a body may take
+    to arrive (408 after). The app never stops the engine: its
     owner does (`softprompt serve` after uvicorn's graceful shutdown)."""
     app = FastAPI(title="softprompt", version="0.1.0",
                   description="Many prompt-tuned tasks on one frozen backbone; `model` names a task.")
     app.state.engine = engine
 
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes, timeout=body_timeout)
 
     async def prepare(fn, *args, **kwargs):
         """Build jobs (tokenising, chat templates, image decoding) on the engine's preparation thread."""
