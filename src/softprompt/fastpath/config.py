@@ -21,6 +21,9 @@ class FastPathConfig:
     # bf16 training on CPU: SDPA's math kernel, whose backward is faster there than the flash kernel's (measured
     # 6.1 vs 10.8 ms per layer, batch 8 x 72 tokens); as close to float32 as the default kernel (tests)
     bf16_math_attention: bool = True
+    # float32 inference on CPU: decode steps (3-32 rows, one token each) through Linear weights packed once for
+    # MKL's small-batch GEMM, rows padded to 8, 16 or 32 (fastpath/packed.py); a packed copy per bucket used
+    packed_decode: bool = True
 
     @classmethod
     def off(cls) -> FastPathConfig:
