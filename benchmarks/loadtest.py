@@ -1,6 +1,11 @@
 """Load test of `softprompt serve` on loopback: many clients, many tasks, every answer checked.
 
     python benchmarks/loadtest.py [--requests 2000] [--clients 32] [--tasks 16]
+    python benchmarks/loadtest.py --soak-minutes 30 [--reload-every 10]     # soak: bounded by time
+
+Soak mode: the clients draw from the pool until the time is up; every --reload-every seconds a prompt file is
+rewritten in place (same tensors, a new file) and the server told to reload (`POST /admin/reload`), under load.
+Reported per minute: requests, latency p50/p99 and the server's RSS, and the drift (last minute against the first).
 
 Starts `softprompt serve --model smollm2-135m` as a subprocess on a free loopback port with a folder of --tasks
 prompt files (a quarter of them Rotten Tomatoes classifiers), then --clients concurrent clients send --requests
@@ -87,16 +92,33 @@ async def one(client: httpx.AsyncClient, item: dict, max_tokens: int) -> str:
     return "".join(pieces)
 
 
-async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, pid: int, warmup: int) -> dict:
+async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, pid: int, warmup: int,
+                   soak_s: float = 0.0, pool: list[dict] | None = None, folder: Path | None = None,
+                   reload_every: float = 0.0) -> dict:
     queue = list(enumerate(todo))
     latencies, errors, mismatches, rss = [], [], [], []
+    stamped: list[tuple[float, float]] = []  # (seconds since start, latency)
+    rss_stamped: list[tuple[float, float]] = []
     finished = 0
+    reloads = 0
     rss_at_warmup = None
+    start = time.perf_counter()
+    rng = random.Random(2)
+
+    def next_item():
+        if soak_s:
+            if time.perf_counter() - start >= soak_s:
+                return None
+            return finished + len(errors), dict(rng.choice(pool))
+        return queue.pop(0) if queue else None
 
     async def worker(client):
         nonlocal finished, rss_at_warmup
-        while queue:
-            i, item = queue.pop(0)
+        while True:
+            got_item = next_item()
+            if got_item is None:
+                return
+            i, item = got_item
             t0 = time.perf_counter()
             try:
                 got = await one(client, item, max_tokens)
@@ -104,6 +126,7 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
                 errors.append(f"request {i} ({item['kind']} {item['task']}): {type(e).__name__}: {e}")
                 continue
             latencies.append(time.perf_counter() - t0)
+            stamped.append((t0 - start, latencies[-1]))
             if got != item["want"]:
                 mismatches.append({"i": i, "kind": item["kind"], "task": item["task"], "text": item["text"],
                                    "got": got, "want": item["want"]})
@@ -112,22 +135,49 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
                 rss_at_warmup = rss_mb(pid)
 
     async def sample_rss():
-        while queue or finished + len(errors) < len(todo):
+        while True:
             rss.append(rss_mb(pid))
+            rss_stamped.append((time.perf_counter() - start, rss[-1]))
             await asyncio.sleep(1.0)
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async def reloader(client):
+        """Rewrite a prompt file in place (the same tensors, a new file) and reload, while requests run."""
+        nonlocal reloads
+        files = sorted(folder.glob("*.safetensors"))
+        while True:
+            await asyncio.sleep(reload_every)
+            path = rng.choice(files)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(path.read_bytes())
+            os.replace(tmp, path)
+            r = await client.post("/admin/reload")
+            if r.status_code != 200:
+                errors.append(f"reload: {r.status_code} {r.text[:200]}")
+            reloads += 1
+
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        sampler = asyncio.create_task(sample_rss())
+        helpers = [asyncio.create_task(sample_rss())]
+        if reload_every and folder is not None:
+            helpers.append(asyncio.create_task(reloader(client)))
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         wall = time.perf_counter() - start
-        sampler.cancel()
+        for h in helpers:
+            h.cancel()
         metrics = (await client.get("/metrics", params={"format": "json"})).json()
     latencies.sort()
     end = rss_mb(pid)
-    return {"requests": len(todo), "errors": len(errors), "first_errors": errors[:5], "mismatches": len(mismatches),
-            "first_mismatches": mismatches[:5], "wall_s": wall, "requests_per_s": len(todo) / wall,
+    minutes = []
+    for m in range(int(wall // 60) + (wall % 60 > 1)):
+        lat = sorted(x for t, x in stamped if m * 60 <= t < (m + 1) * 60)
+        mem = [x for t, x in rss_stamped if m * 60 <= t < (m + 1) * 60]
+        if lat:
+            minutes.append({"minute": m, "requests": len(lat), "latency_p50_s": statistics.median(lat),
+                            "latency_p99_s": lat[int(0.99 * (len(lat) - 1))], "rss_mb": max(mem) if mem else None})
+    n = finished + len(errors)
+    return {"requests": n if soak_s else len(todo), "reloads": reloads, "minutes": minutes, "errors": len(errors), "first_errors": errors[:5], "mismatches": len(mismatches),
+            "first_mismatches": mismatches[:5], "wall_s": wall, "requests_per_s": (n if soak_s else len(todo)) / wall,
             "latency_p50_s": statistics.median(latencies) if latencies else None,
             "latency_p99_s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
             "rss_after_warmup_mb": rss_at_warmup, "rss_end_mb": end, "rss_max_mb": max(rss or [end]),
@@ -144,8 +194,11 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=160, help="distinct requests in the pool")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=200, help="requests before the RSS baseline is taken")
-    ap.add_argument("--out", default="benchmarks/results/loadtest.json")
+    ap.add_argument("--soak-minutes", type=float, default=0.0, help="soak: run this long instead of --requests")
+    ap.add_argument("--reload-every", type=float, default=0.0, help="soak: seconds between hot reloads (0: none)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or ("benchmarks/results/soak.json" if args.soak_minutes else "benchmarks/results/loadtest.json")
     bb = sp.load_backbone(args.model)
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,13 +234,22 @@ def main() -> None:
                 if server.poll() is not None or time.time() > deadline:
                     raise SystemExit("the server did not start")
                 time.sleep(0.5)
-            result = asyncio.run(run_load(base, todo, args.clients, args.max_tokens, server.pid, args.warmup))
+            result = asyncio.run(run_load(base, todo, args.clients, args.max_tokens, server.pid, args.warmup,
+                                          soak_s=60 * args.soak_minutes, pool=pool, folder=folder,
+                                          reload_every=args.reload_every))
         finally:
             server.terminate()
             server.wait(30)
     result |= {"clients": args.clients, "tasks": args.tasks, "distinct": args.distinct, "max_tokens": args.max_tokens,
                "kinds": {k: sum(t["kind"] == k for t in todo) for k in ("completion", "stream", "classify")},
-               "offline_reference_s": offline_s, "passed": None}
+               "offline_reference_s": offline_s, "soak_minutes": args.soak_minutes,
+               "reload_every_s": args.reload_every, "passed": None,
+               "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:])}
+    if args.soak_minutes:
+        result["kinds"] = None
+        mins = result["minutes"]
+        if len(mins) >= 2:
+            result["latency_p50_drift"] = mins[-1]["latency_p50_s"] / mins[0]["latency_p50_s"]
     growth = result["rss_growth_after_warmup_mb"]
     result["passed"] = (result["errors"] == 0 and result["mismatches"] == 0 and growth is not None
                         and growth < 0.05 * result["rss_after_warmup_mb"])

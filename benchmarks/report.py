@@ -245,6 +245,42 @@ def serving_continuous(res: dict) -> str:
     return "\n".join(lines)
 
 
+def soak(res: dict) -> str:
+    """benchmarks/loadtest.py --soak-minutes: a served process under load for a bounded time, with hot reloads."""
+    mins = res["minutes"]
+    lines = [f"{res['clients']} clients, {res['tasks']} tasks, completions, streams and classifications drawn from "
+             f"{res['distinct']} distinct requests (answers checked against offline ones), {res['soak_minutes']:g} "
+             f"minutes, a prompt file rewritten and hot-reloaded every {res['reload_every_s']:g} s "
+             f"({res['reloads']} reloads). Requests {res['requests']:,}, errors {res['errors']}, answers different "
+             f"from offline {res['mismatches']}.", "",
+             "| minute | requests | latency p50 | latency p99 | server RSS |", "|---|---|---|---|---|"]
+    for m in mins:
+        rss = "-" if m["rss_mb"] is None else f"{m['rss_mb']:.0f} MB"
+        lines.append(f"| {m['minute'] + 1} | {m['requests']} | {m['latency_p50_s']:.2f} s | "
+                     f"{m['latency_p99_s']:.2f} s | {rss} |")
+    drift = res.get("latency_p50_drift")
+    lines += ["", (f"Latency p50, last minute / first: {drift:.2f}; " if drift else "")
+              + f"RSS after warm-up {res['rss_after_warmup_mb']:.0f} MB, at the end {res['rss_end_mb']:.0f} MB. "
+              f"Command: `{res['command']}` -> `benchmarks/results/soak.json`."]
+    return "\n".join(lines)
+
+
+def decode_speed(res: dict) -> str:
+    """benchmarks/generation.py --decode: one decode step's cost against the time to read the weights once."""
+    lines = [f"{res['model']} ({res['dtype']}, {res['threads']} threads, torch {res['torch']}), batch {res['batch']}, "
+             f"a {res['prompt_len']}-token soft prompt, {res['new_tokens']} new tokens, median of {res['repeats']} "
+             f"runs, engines alternated. Floor: reading the {res['weights_mb']:.0f} MB of weights once took "
+             f"{res['floor_ms']:.1f} ms." + (f" CPU flags: {', '.join(res['cpu_flags'])}." if res.get("cpu_flags")
+                                           else ""), "",
+             "| engine | decode step | new tokens/s | floor / step | greedy rows equal to the plain path |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['engine']} | {r['step_ms']:.1f} ms | {r['new_tokens_per_s']:.1f} | "
+                     f"{100 * r['floor_share']:.0f}% | {r['rows_equal_to_plain']} |")
+    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/decode_speed.json`."]
+    return "\n".join(lines)
+
+
 def loadtest(res: dict) -> str:
     """benchmarks/loadtest.py: a softprompt serve subprocess under mixed load, every answer checked."""
     kinds = ", ".join(f"{v} {k}" for k, v in res["kinds"].items()) if isinstance(res.get("kinds"), dict) else ""
@@ -288,6 +324,8 @@ RENDERERS = {
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
+    "decode_speed": (decode_speed, "decode_speed.json"),
+    "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)

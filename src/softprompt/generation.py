@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
@@ -185,7 +186,7 @@ class Decoding:
             out = backbone.forward(backbone.embed(input_ids), attention_mask=full_mask, position_ids=positions,
                                    cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
                                    logits_to_keep=1)
-        self.cache = out.cache
+        self.cache = _growing(out.cache)
         self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each running row
         self.prefill_logits = self.logits
         self.mask = full_mask
@@ -267,7 +268,7 @@ class Decoding:
             k = torch.cat([_pad_left(mine.keys, L), _pad_left(theirs.keys, L)])
             v = torch.cat([_pad_left(mine.values, L), _pad_left(theirs.values, L)])
             layers.append((k, v))
-        self.cache = self.backbone.new_cache(layers)
+        self.cache = _growing(self.backbone.new_cache(layers))
         self.mask = torch.cat([_pad_left(self.mask, L, dim=1), _pad_left(other.mask, L, dim=1)])
         self.position = torch.cat([self.position, other.position])
         self.logits = torch.cat([self.logits, other.logits])
@@ -289,6 +290,41 @@ class Decoding:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values live in a buffer with room to grow: a decode step writes its token into
+    the buffer instead of copying the whole cache (``torch.cat`` at every step and layer). ``keys``/``values`` are
+    views of the filled part; code that replaces them (row selection, trimming, merging) makes the next update
+    start a new buffer from them. Inference only (decoding)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        n, add = self.keys.shape[-2], key_states.shape[-2]
+        buf = getattr(self, "_buffer", None)
+        if buf is None or buf[2] is not self.keys or buf[3] is not self.values or buf[0].shape[-2] < n + add \
+                or buf[0].shape[:2] != key_states.shape[:2]:
+            cap = max(2 * (n + add), n + add + 64)
+            k = self.keys.new_empty(*self.keys.shape[:-2], cap, self.keys.shape[-1])
+            v = self.values.new_empty(*self.values.shape[:-2], cap, self.values.shape[-1])
+            k[..., :n, :] = self.keys
+            v[..., :n, :] = self.values
+            buf = (k, v)
+        k, v = buf[0], buf[1]
+        k[..., n:n + add, :] = key_states
+        v[..., n:n + add, :] = value_states
+        self.keys, self.values = k[..., :n + add, :], v[..., :n + add, :]
+        self._buffer = (k, v, self.keys, self.values)
+        return self.keys, self.values
+
+
+def _growing(cache):
+    """The cache's plain dynamic layers made growing (same state, another update)."""
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GrowingLayer
+    return cache
 
 
 def _pad_left(x: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:
