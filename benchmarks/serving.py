@@ -15,7 +15,7 @@ prepended); (d) mixed-task batches reusing each prompt's cached key/values, cont
 requests start (the engine before continuous batching); (g) as (d) with a step budget of 2,048 tokens (the default on
 an accelerator) instead of the CPU default, 512; (h) the vLLM engine (`softprompt serve --engine vllm`): the same
 requests as prompt embeddings to a vLLM server on the same machine (started once, from --vllm-python, in the
-backbone's dtype; idle while the other modes run). `--modes` picks some; `--max-tokens 8-64` gives each
+backbone's dtype; paused with SIGSTOP while the other modes run, since an idle vLLM's threads still spin). `--modes` picks some; `--max-tokens 8-64` gives each
 request its own length (seeded, the same list in every mode): where continuous batching matters.
 
 The continuous-batching comparison in the docs:
@@ -206,6 +206,9 @@ def main() -> None:
                     reqs = [(bb.name if mode.startswith("e_") else t, x) for t, x in zip(tasks, texts, strict=True)]
                     if mode.startswith("a_"):
                         reqs = reqs[: args.one_at_a_time_requests]
+                    if server is not None:  # idle, vLLM's threads still spin: it runs only in its turn
+                        server.resume() if mode == "h_vllm" else server.pause()
+                        time.sleep(0.5)
                     if mode == "h_vllm":
                         engine = VLLMEngine(bank, server.url, max_batch=args.max_batch).start()
                     else:

@@ -114,11 +114,22 @@ class VLLMServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def pause(self) -> None:
+        """SIGSTOP the server's processes (benchmarks: an idle vLLM still spins its threads, which would slow what
+        runs beside it); `resume()` before sending it requests."""
+        if self.alive:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to the server's process group (vLLM starts workers), SIGKILL if it lingers."""
         p = self.process
         if p is not None and p.poll() is None:
             try:
+                self.resume()
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
