@@ -250,6 +250,13 @@ def main() -> None:
         mins = result["minutes"]
         if len(mins) >= 2:
             result["latency_p50_drift"] = mins[-1]["latency_p50_s"] / mins[0]["latency_p50_s"]
+            first, last = mins[0]["rss_mb"], mins[-1]["rss_mb"]
+            # soak: memory must not creep while the load runs (first minute against the last; packed decode weights
+            # are made lazily, per batch-size bucket, so the sample after warm-up is not the baseline here)
+            result["passed"] = (result["errors"] == 0 and result["mismatches"] == 0 and first and last
+                                and last < 1.05 * first)
+            Path(args.out).write_text(json.dumps(result, indent=2))
+            sys.exit(0 if result["passed"] else 1)
     growth = result["rss_growth_after_warmup_mb"]
     result["passed"] = (result["errors"] == 0 and result["mismatches"] == 0 and growth is not None
                         and growth < 0.05 * result["rss_after_warmup_mb"])

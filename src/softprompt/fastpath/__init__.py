@@ -36,6 +36,7 @@ from .checkpointing import checkpointed_layers, decoder_layers
 from .config import SWITCHES, FastPathConfig
 from .mlp import MLPPlan, gated_parts, planned_mlp
 from .packed import AVAILABLE as PACKING_AVAILABLE
+from .packed import BUCKETS as PACKING_BUCKETS
 from .packed import MAX_BYTES as PACKING_MAX_BYTES
 from .packed import PackedWeights, bucket
 
@@ -282,7 +283,7 @@ class FastPath:
             return None
         if any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in self.linears):
             return None
-        if sum(m.weight.numel() for m in self.linears) * 4 > PACKING_MAX_BYTES:
+        if sum(m.weight.numel() for m in self.linears) * 4 * len(PACKING_BUCKETS) > PACKING_MAX_BYTES:
             return None  # a packed copy per bucket would cost too much memory
         return self.packed
 
