@@ -124,3 +124,19 @@ def test_prompt_for_another_backbone_is_refused_by_generate(setup, capsys, tmp_p
     other.tokenizer.save_pretrained(tmp / "other")
     assert main(["generate", "--model", str(tmp / "other"), "--prompt", str(tmp / "p.safetensors"), "hi"]) == 2
     assert "trained on backbone 'tiny-llama-0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vllm-python", "/no/such/python"], "no Python at /no/such/python"),
+    (["--vllm-url", "http://127.0.0.1:9"], "no vLLM server answers at http://127.0.0.1:9"),
+])
+def test_serve_with_the_vllm_engine_and_no_vllm_prints_one_line(setup, extra, message, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = setup[0]
+    assert main(["serve", "--model", str(tmp / "model"), "--engine", "vllm", "--port", str(port), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not any("Traceback" in line for line in err)
