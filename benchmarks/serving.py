@@ -20,9 +20,12 @@ request its own length (seeded, the same list in every mode): where continuous b
 
 The continuous-batching comparison in the docs:
     python benchmarks/serving.py --tasks 16 --mixes uniform --concurrency 32 --modes d_mixed_kv_reuse,f_batch_to_end \
-        --max-tokens 8-64 --requests 128 --repeats 2 --out benchmarks/results/serving_continuous.json Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
-Each cell runs --repeats times with the modes alternated (so a slow moment of the machine hits all modes alike)
-and the median run (by requests/s) is kept. Writes benchmarks/results/serving.json and prints a markdown table.
+        --max-tokens 8-64 --requests 128 --repeats 4 --out benchmarks/results/serving_continuous.json
+
+Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
+Each cell runs --repeats times with the modes alternated, in reversed order every other repeat (so a slow
+moment of the machine, or a mode's position in the order, hits all modes alike), and the median run (by
+requests/s) is kept. Writes benchmarks/results/serving.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -201,8 +204,8 @@ def main() -> None:
             cells = [(mode, conc) for mode in modes
                      for conc in ([1] if mode.startswith("a_") else [int(c) for c in args.concurrency.split(",")])]
             runs: dict = {cell: [] for cell in cells}
-            for _ in range(args.repeats):  # modes alternate, so a slow moment of the machine hits them all
-                for mode, conc in cells:
+            for rep in range(args.repeats):  # modes alternate, so a slow moment of the machine hits them all,
+                for mode, conc in (cells if rep % 2 == 0 else cells[::-1]):  # in reversed order every other run
                     reqs = [(bb.name if mode.startswith("e_") else t, x) for t, x in zip(tasks, texts, strict=True)]
                     if mode.startswith("a_"):
                         reqs = reqs[: args.one_at_a_time_requests]

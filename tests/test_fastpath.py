@@ -363,7 +363,13 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     assert packed.tokens == plain.tokens
     buckets = {b for (_, b) in fp.packed.store}
     assert buckets == {8}  # 5 rows -> the 8-row bucket; the prefill (many positions per row) stayed plain
-    assert len(fp.packed.store) == len(fp.linears)  # every Linear of the decoder and the LM head
+    # the lean decode step: q/k/v and gate/up packed side by side, o and down alone, and the LM head
+    assert len(fp.packed.store) == 4 * bb.config.num_hidden_layers + 1
+    switched(bb, FastPathConfig().without("lean_decode"))
+    fp.packed.clear()
+    assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
+    assert len(fp.packed.store) == len(fp.linears)  # the model's forward: every Linear of the decoder, the LM head
+    switched(bb, FastPathConfig())
     fp.packed.clear()
     generate(bb, None, texts[:2], max_new_tokens=4)  # 2 rows: the plain GEMM
     assert not fp.packed.store
@@ -377,3 +383,68 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     with fp.engaged():  # gradients on: training is never packed
         lin(x.requires_grad_())
     assert not fp.packed.store
+
+
+def _tiny_mistral(sliding_window=None):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        sliding_window=sliding_window, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.config._name_or_path = "tiny-mistral"
+    return sp.CausalLMBackbone(model, make_tokenizer())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_lean_decode_steps_give_the_models_own_logits(arch, switched):
+    """The lean decode step (Llama, Qwen2 with its q/k/v biases, Mistral) gives each step the logits of the
+    model's forward, for rows of different lengths (left padding) with embedding and key/value prompts mixed, at
+    2 rows (plain products) and 5 rows (packed products); generation's tokens are the same."""
+    from softprompt.generation import Decoding, Row, Sampling, encode, prompt_of
+
+    bb = _tiny_mistral() if arch == "mistral" else make_backbone(arch)
+    rt = sp.runtime(bb)
+    texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
+    prompts = [sp.get_method("prompt_tuning").create(bb, num_virtual_tokens=3, init="random", seed=1),
+               sp.get_method("prefix_tuning").create(bb, num_virtual_tokens=2, seed=2), None]
+    for n, grad in ((2, False), (5, False), (5, True)):  # with gradients on: never packed
+        with torch.set_grad_enabled(grad):
+            ids, mask = encode(bb, texts[:n])
+            softs = [prompt_of(prompts[i % 3]) for i in range(n)]
+            decodings = {}
+            for lean in (False, True):
+                switched(bb, FastPathConfig() if lean else FastPathConfig().without("lean_decode"))
+                dec = Decoding(bb, softs, ids, mask, [Row(Sampling(max_new_tokens=5, ignore_eos=True)) for _ in softs])
+                dec.pick()
+                decodings[lean] = dec
+            for _ in range(4):
+                for lean, dec in decodings.items():
+                    switched(bb, FastPathConfig() if lean else FastPathConfig().without("lean_decode"))
+                    dec.advance()
+                plain, lean = decodings[False].logits, decodings[True].logits
+                assert (plain - lean).abs().max() < 1e-4 * max(1.0, float(plain.abs().max()))
+                for dec in decodings.values():
+                    dec.pick()
+            assert [r.tokens for r in decodings[True].rows] == [r.tokens for r in decodings[False].rows]
+    assert rt.fastpath.decode_step() is not None  # taken: the layout is known and passed its self-check
+
+
+def test_lean_decode_is_not_taken_where_it_does_not_apply_or_fails_its_check(switched, capsys):
+    """GPT-2 and sliding-window Mistral decode through the model's forward; a Llama whose MLP does not do what its
+    config says (the step's self-check fails) too, with a one-line notice, and generates what the plain path does."""
+    from softprompt.generation import generate
+
+    assert sp.runtime(make_backbone("gpt2")).fastpath.decode_step() is None
+    assert sp.runtime(_tiny_mistral(sliding_window=16)).fastpath.decode_step() is None
+    bb = make_backbone("llama")
+    for layer in bb.model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()  # the config still says silu: the lean step would compute SiLU
+    switched(bb, FastPathConfig().without("lean_decode"))
+    plain = generate(bb, None, TEXTS, max_new_tokens=5).tokens
+    switched(bb, FastPathConfig())
+    capsys.readouterr()
+    assert sp.runtime(bb).fastpath.decode_step() is None
+    assert "lean decode step differs" in capsys.readouterr().err
+    assert generate(bb, None, TEXTS, max_new_tokens=5).tokens == plain

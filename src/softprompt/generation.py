@@ -242,10 +242,14 @@ class Decoding:
         self.position = self.position + 1
         ids = torch.tensor(tokens, device=dev).unsqueeze(1)
         with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
-            out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask,
-                                        position_ids=self.position, cache=self.cache, use_cache=True)
-        self.cache = out.cache
-        self.logits = out.logits[:, -1].float()
+            lean = self.rt.decode_step()
+            if lean is not None:
+                self.logits = lean(ids, self.mask, self.position, self.cache).float()
+            else:
+                out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask,
+                                            position_ids=self.position, cache=self.cache, use_cache=True)
+                self.cache = out.cache
+                self.logits = out.logits[:, -1].float()
         self._feed = []
 
     def merge(self, other: Decoding) -> None:

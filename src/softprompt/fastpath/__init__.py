@@ -34,6 +34,8 @@ from .architectures import ARCHITECTURES, Architecture, architecture
 from .casts import WeightCasts
 from .checkpointing import checkpointed_layers, decoder_layers
 from .config import SWITCHES, FastPathConfig
+from .decode import LeanDecode
+from .decode import unsupported as decode_unsupported
 from .mlp import MLPPlan, gated_parts, planned_mlp
 from .packed import AVAILABLE as PACKING_AVAILABLE
 from .packed import BUCKETS as PACKING_BUCKETS
@@ -138,6 +140,7 @@ class FastPath:
         self._attention_before: str | None = None
         self.casts: dict[torch.dtype, WeightCasts] = {}  # autocast dtype -> the weights cast once
         self.packed = PackedWeights()
+        self._decode: LeanDecode | bool | None = None  # the lean decode step: None before its self-check
 
     # --- install / uninstall ---------------------------------------------------------------------------------
     def install(self) -> bool:
@@ -198,6 +201,7 @@ class FastPath:
             self.backbone.model.set_attn_implementation(self._attention_before)
             self._attention_before = None
         self.mlps, self.linears, self.gated = [], [], {}
+        self._decode = None
         self.casts.clear()
         self.packed.clear()
         self.installed = self.head_ok = False
@@ -223,7 +227,59 @@ class FastPath:
             return "a forward with the speed-ups differs from the plain one"
         return None
 
+    def _check_decode(self) -> LeanDecode | None:
+        """The lean decode step if the model has that layout and its step gives the model's own next-token logits
+        on a probe batch (left padding, a cache from the model's own prefill), else None (with a notice if the
+        check failed: a layout in the table that does not behave as listed)."""
+        bb = self.backbone
+        if decode_unsupported(bb.model) is not None:
+            return None
+        lean = LeanDecode(bb)
+        dev = bb.device
+        ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13], [14, 15, 16, 17, 18], [0, 19, 20, 21, 22]],
+                           device=dev) % bb.config.vocab_size
+        mask = (ids != 0).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        nxt = torch.tensor([[23], [24], [25], [26]], device=dev) % bb.config.vocab_size
+        step_mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        step_pos = positions[:, -1:] + 1
+        logits = []
+        with torch.no_grad():
+            for run_lean in (False, True):
+                cache = bb.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=bb.new_cache(),
+                                 use_cache=True).cache
+                if run_lean:
+                    with self.engaged():
+                        logits.append(lean.step(nxt, step_mask, step_pos, cache, _ACTIVE.get().packed).float())
+                else:
+                    logits.append(bb.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos,
+                                           cache=cache, use_cache=True).logits[:, -1].float())
+        tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(logits[0].abs().max()))
+        if (logits[1] - logits[0]).abs().max() > tol:
+            model_type = getattr(bb.model.config.get_text_config(), "model_type", "?")
+            print(f"softprompt: model type {model_type!r}: the lean decode step differs from the model's own; "
+                  "decoding through the model's forward", file=sys.stderr, flush=True)
+            return None
+        return lean
+
     # --- what callers use ------------------------------------------------------------------------------------
+    def decode_step(self):
+        """``step(ids, mask, positions, cache)`` -> next-token logits (B, V) through the lean decode step
+        (fastpath/decode.py), or None where it is off, does not apply, or failed its self-check. Call inside
+        ``engaged()``."""
+        if not (self.installed and self.config.lean_decode):
+            return None
+        if self._decode is None:
+            self._decode = self._check_decode() or False
+        if not self._decode:
+            return None
+        lean = self._decode
+
+        def step(ids, mask, positions, cache):
+            plan = _ACTIVE.get()
+            return lean.step(ids, mask, positions, cache, plan.packed if plan is not None else None)
+        return step
+
     @property
     def lean(self) -> bool:
         return self.installed and self.config.enabled and self.config.lean_head and self.head_ok

@@ -29,25 +29,44 @@ def bucket(rows: int) -> int | None:
 
 
 class PackedWeights:
-    """Packed copies of Linear weights, per (module, bucket), made on first use and remade if a weight changes."""
+    """Packed copies of Linear weights, per (module or group of modules, bucket), made on first use and remade if
+    a weight changes."""
 
     def __init__(self):
-        self.store: dict[tuple[nn.Module, int], tuple[tuple, torch.Tensor]] = {}
+        self.store: dict[tuple, tuple] = {}
 
     def linear(self, module: nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
         """x (rows, 1, in) or (rows, in) float32 -> module(x), through the packed weight of rows' bucket."""
+        return self.product((module,), x, rows)
+
+    def product(self, modules: tuple[nn.Linear, ...], x: torch.Tensor, rows: int) -> torch.Tensor:
+        """x (rows, ..., in) -> the outputs of `modules` (Linears on the same input) side by side, one product
+        through their weights concatenated and packed once per bucket (a decode step's q/k/v, gate/up)."""
         b = bucket(rows)
-        w = module.weight
-        stamp = (w.data_ptr(), w._version)
-        got = self.store.get((module, b))
+        stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
+        got = self.store.get((modules, b))
         if got is None or got[0] != stamp:
-            got = (stamp, torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), b))
-            self.store[(module, b)] = got
+            got = (stamp, *self._pack(modules, b))
+            self.store[(modules, b)] = got
+        _, packed, shape, bias = got
         flat = x.reshape(rows, x.shape[-1])
         if rows < b:
             flat = torch.cat([flat, flat.new_zeros(b - rows, flat.shape[1])])
-        out = torch.ops.mkl._mkl_linear(flat, got[1], w.detach(), module.bias, b)[:rows]
+        out = torch.ops.mkl._mkl_linear(flat, packed, shape, bias, b)[:rows]
         return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _pack(modules: tuple[nn.Linear, ...], b: int):
+        ws = [m.weight.detach() for m in modules]
+        if len(ws) == 1:
+            return torch.ops.mkl._mkl_reorder_linear_weight(ws[0], b), ws[0], modules[0].bias
+        w = torch.cat(ws)
+        biases = [m.bias for m in modules]
+        bias = None if all(t is None for t in biases) else torch.cat(
+            [t.detach() if t is not None else w.new_zeros(m.out_features) for t, m in zip(biases, modules, strict=True)])
+        # the op reads only the (out, in) sizes of its plain weight when the rows equal the packed row count,
+        # which they always do here (padded to the bucket): a stand-in of that shape, not a second copy
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, b), w.new_empty(1).expand(w.shape), bias
 
     def clear(self) -> None:
         self.store.clear()

@@ -46,6 +46,10 @@ class Runtime:
 
         return self.fastpath.engaged(mask, last_only) if self.fastpath is not None else contextlib.nullcontext()
 
+    def decode_step(self):
+        """The fast path's lean decode step (see FastPath.decode_step), or None: run the model's forward."""
+        return self.fastpath.decode_step() if self.fastpath is not None else None
+
     def configure(self, config: FastPathConfig) -> None:
         """Switch speed-ups on or off (public: benchmarks and tests compare paths through this)."""
         fp = self.fastpath
