@@ -8,6 +8,7 @@ there is none they are skipped, unless SOFTPROMPT_REQUIRE_VLLM=1 (CI sets it), w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -131,9 +132,19 @@ def test_classification_scores_equal_the_builtin_scorer(setup, task):
             assert got.scores[label] == pytest.approx(score, abs=1e-4), (task, text, label)
 
 
-def test_key_value_prompts_and_image_tasks_are_refused_with_the_way_out(setup):
+def test_key_value_prompts_and_image_tasks_are_refused_with_the_way_out(setup, monkeypatch):
+    eng = setup["vllm"]
     with pytest.raises(RequestError, match="built-in engine"):
-        setup["vllm"].generation_job("deep", TEXTS[0], max_tokens=4)
+        eng.generation_job("deep", TEXTS[0], max_tokens=4)
+    with pytest.raises(RequestError, match="built-in engine"):
+        eng.classify_job("deep", TEXTS[0])
+    # an image classifier in the bank (a ViT task's file): its entry as the bank would resolve it
+    text_entry = eng.resolve("sentiment")
+    image_entry = dataclasses.replace(text_entry, name="pictures", metadata=dict(
+        text_entry.metadata, task=dict(text_entry.task, modality="image")))
+    monkeypatch.setattr(eng, "resolve", lambda name: image_entry if name == "pictures" else text_entry)
+    with pytest.raises(RequestError, match="classifies images.*built-in engine"):
+        eng.classify_job("pictures", TEXTS[0])
 
 
 def test_the_http_api_streams_and_classifies_through_vllm(setup):

@@ -269,10 +269,11 @@ class Decoding:
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             if getattr(mine, "is_sliding", False):
                 raise SoftPromptError("continuous batching does not merge sliding-window caches")
-            k = torch.cat([_pad_left(mine.keys, L), _pad_left(theirs.keys, L)])
-            v = torch.cat([_pad_left(mine.values, L), _pad_left(theirs.values, L)])
-            layers.append((k, v))
-        self.cache = _growing(self.backbone.new_cache(layers))
+            # both sides written once into a buffer with room to grow (no padded copies, no cat, no re-buffering
+            # at the next step): a merge happens at most steps of a busy server
+            layers.append(GrowingLayer.holding([(mine.keys, mine.values), (theirs.keys, theirs.values)], L))
+        self.cache = self.backbone.new_cache()
+        self.cache.layers = layers
         self.mask = torch.cat([_pad_left(self.mask, L, dim=1), _pad_left(other.mask, L, dim=1)])
         self.position = torch.cat([self.position, other.position])
         self.logits = torch.cat([self.logits, other.logits])
@@ -287,11 +288,15 @@ class Decoding:
 
     def _select(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(idx)
         self.mask, self.position, self.logits = self.mask[idx], self.position[idx], self.logits[idx]
         lead = int((self.mask.sum(0) > 0).to(torch.int8).argmax())  # columns every remaining row masks out
+        self.mask = self.mask[:, lead:]
+        if all(type(layer) is GrowingLayer for layer in self.cache.layers):
+            # the kept rows, from the first column any of them attends to, gathered once into buffers with room
+            self.cache.layers = [GrowingLayer.selected(layer, idx, lead) for layer in self.cache.layers]
+            return
+        self.cache.batch_select_indices(idx)
         if lead:
-            self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
 
@@ -301,6 +306,43 @@ class GrowingLayer(DynamicLayer):
     the buffer instead of copying the whole cache (``torch.cat`` at every step and layer). ``keys``/``values`` are
     views of the filled part; code that replaces them (row selection, trimming, merging) makes the next update
     start a new buffer from them. Inference only (decoding)."""
+
+    @classmethod
+    def holding(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> GrowingLayer:
+        """A layer holding the (keys, values) of `parts` stacked over the batch, each left-padded with zeros to
+        `length` positions, in a buffer with room to grow."""
+        first = parts[0][0]
+        rows = sum(k.shape[0] for k, _ in parts)
+        cap = max(2 * (length + 1), length + 65)
+        k_buf = first.new_empty(rows, first.shape[1], cap, first.shape[-1])
+        v_buf = torch.empty_like(k_buf)
+        at = 0
+        for keys, values in parts:
+            n, pad = keys.shape[0], length - keys.shape[-2]
+            for buf, x in ((k_buf, keys), (v_buf, values)):
+                buf[at:at + n, :, :pad].zero_()
+                buf[at:at + n, :, pad:length].copy_(x)
+            at += n
+        layer = cls()
+        layer.device, layer.is_initialized = first.device, True
+        layer.keys, layer.values = k_buf[..., :length, :], v_buf[..., :length, :]
+        layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
+        return layer
+
+    @classmethod
+    def selected(cls, layer: DynamicLayer, rows: torch.Tensor, lead: int) -> GrowingLayer:
+        """A layer holding `rows` of `layer` from position `lead` on, gathered straight into a buffer with room."""
+        keys = layer.keys[..., lead:, :]
+        n = keys.shape[-2]
+        cap = max(2 * (n + 1), n + 65)
+        k_buf = keys.new_empty(len(rows), keys.shape[1], cap, keys.shape[-1])
+        v_buf = torch.empty_like(k_buf)
+        out = cls()
+        out.device, out.is_initialized = keys.device, True
+        out.keys = torch.index_select(keys, 0, rows, out=k_buf[..., :n, :])
+        out.values = torch.index_select(layer.values[..., lead:, :], 0, rows, out=v_buf[..., :n, :])
+        out._buffer = (k_buf, v_buf, out.keys, out.values)
+        return out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:

@@ -78,8 +78,8 @@ class VLLMServer:
         return cmd + list(self.args)
 
     def start(self, timeout: float = 600.0) -> str:
-        """Start the server and wait until it answers; its URL. The server's output goes to `log_path` (or a file
-        beside nothing: a temporary one), whose last lines are in the error if it dies while starting."""
+        """Start the server and wait until it answers; returns its URL. The server's output goes to `log_path` (a
+        temporary file when none was given); if the server dies while starting, the error quotes its last lines."""
         if not Path(self.python).exists():
             raise SoftPromptError(f"no Python at {self.python}; install vLLM into its own environment "
                                   "(python -m venv .venv-vllm && .venv-vllm/bin/pip install vllm) and pass its "
