@@ -243,8 +243,8 @@ def main() -> None:
     result |= {"clients": args.clients, "tasks": args.tasks, "distinct": args.distinct, "max_tokens": args.max_tokens,
                "kinds": {k: sum(t["kind"] == k for t in todo) for k in ("completion", "stream", "classify")},
                "offline_reference_s": offline_s, "soak_minutes": args.soak_minutes,
-               "reload_every_s": args.reload_every, "passed": None,
-               "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:])}
+               "reload_every_s": args.reload_every, "passed": None, "softprompt": sp.__version__,
+               "torch": torch.__version__, "command": "python benchmarks/loadtest.py " + " ".join(sys.argv[1:])}
     if args.soak_minutes:
         result["kinds"] = None
         mins = result["minutes"]

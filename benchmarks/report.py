@@ -290,8 +290,9 @@ def loadtest(res: dict) -> str:
         f"| {res['requests']:,} ({kinds}) | {res['clients']} | {res['tasks']} | {res['errors']} | {res['mismatches']} | "
         f"{res['requests_per_s']:.2f} | {res['latency_p50_s']:.1f} / {res['latency_p99_s']:.1f} s | "
         f"{res['rss_after_warmup_mb']:.0f} -> {res['rss_end_mb']:.0f} MB |", "",
-        "Command: `python benchmarks/loadtest.py` -> `benchmarks/results/loadtest.json` (measured with softprompt "
-        "0.1, before the core's redesign)."])
+        f"Command: `{res.get('command', 'python benchmarks/loadtest.py')}` -> `benchmarks/results/loadtest.json` "
+        + (f"(softprompt {res['softprompt']}, torch {res['torch']})." if "softprompt" in res
+           else "(measured with softprompt 0.1, before the core's redesign).")])
 
 
 def speedups(res: dict) -> str:
