@@ -312,10 +312,7 @@ class GrowingLayer(DynamicLayer):
         """A layer holding the (keys, values) of `parts` stacked over the batch, each left-padded with zeros to
         `length` positions, in a buffer with room to grow."""
         first = parts[0][0]
-        rows = sum(k.shape[0] for k, _ in parts)
-        cap = max(2 * (length + 1), length + 65)
-        k_buf = first.new_empty(rows, first.shape[1], cap, first.shape[-1])
-        v_buf = torch.empty_like(k_buf)
+        layer, k_buf, v_buf = cls._with_room(first, sum(k.shape[0] for k, _ in parts), length)
         at = 0
         for keys, values in parts:
             n, pad = keys.shape[0], length - keys.shape[-2]
@@ -323,26 +320,27 @@ class GrowingLayer(DynamicLayer):
                 buf[at:at + n, :, :pad].zero_()
                 buf[at:at + n, :, pad:length].copy_(x)
             at += n
-        layer = cls()
-        layer.device, layer.is_initialized = first.device, True
-        layer.keys, layer.values = k_buf[..., :length, :], v_buf[..., :length, :]
-        layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
         return layer
 
     @classmethod
     def selected(cls, layer: DynamicLayer, rows: torch.Tensor, lead: int) -> GrowingLayer:
         """A layer holding `rows` of `layer` from position `lead` on, gathered straight into a buffer with room."""
-        keys = layer.keys[..., lead:, :]
-        n = keys.shape[-2]
-        cap = max(2 * (n + 1), n + 65)
-        k_buf = keys.new_empty(len(rows), keys.shape[1], cap, keys.shape[-1])
-        v_buf = torch.empty_like(k_buf)
-        out = cls()
-        out.device, out.is_initialized = keys.device, True
-        out.keys = torch.index_select(keys, 0, rows, out=k_buf[..., :n, :])
-        out.values = torch.index_select(layer.values[..., lead:, :], 0, rows, out=v_buf[..., :n, :])
-        out._buffer = (k_buf, v_buf, out.keys, out.values)
+        keys, values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+        out, _, _ = cls._with_room(keys, len(rows), keys.shape[-2])
+        torch.index_select(keys, 0, rows, out=out.keys)
+        torch.index_select(values, 0, rows, out=out.values)
         return out
+
+    @classmethod
+    def _with_room(cls, like: torch.Tensor, rows: int, length: int):
+        """A layer whose keys/values are the first `length` positions (to be filled) of new buffers with room."""
+        k_buf = like.new_empty(rows, like.shape[1], _room(length), like.shape[-1])
+        v_buf = torch.empty_like(k_buf)
+        layer = cls()
+        layer.device, layer.is_initialized = like.device, True
+        layer.keys, layer.values = k_buf[..., :length, :], v_buf[..., :length, :]
+        layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
+        return layer, k_buf, v_buf
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
@@ -351,7 +349,7 @@ class GrowingLayer(DynamicLayer):
         buf = getattr(self, "_buffer", None)
         if buf is None or buf[2] is not self.keys or buf[3] is not self.values or buf[0].shape[-2] < n + add \
                 or buf[0].shape[:2] != key_states.shape[:2]:
-            cap = max(2 * (n + add), n + add + 64)
+            cap = _room(n + add)
             k = self.keys.new_empty(*self.keys.shape[:-2], cap, self.keys.shape[-1])
             v = self.values.new_empty(*self.values.shape[:-2], cap, self.values.shape[-1])
             k[..., :n, :] = self.keys
@@ -363,6 +361,11 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = k[..., :n + add, :], v[..., :n + add, :]
         self._buffer = (k, v, self.keys, self.values)
         return self.keys, self.values
+
+
+def _room(length: int) -> int:
+    """Positions to allocate for a cache holding `length`: room for the steps to come without a copy."""
+    return max(2 * length, length + 64)
 
 
 def _growing(cache):
