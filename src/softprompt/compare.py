@@ -253,6 +253,13 @@ class _Compare:
         model = self.bare()
         bb = self.bb
         ids = [self.probe.encode_input(r) for r in rows]
+        if bb.kind == "encoder":  # pooled final states, the encoder's own pooling
+            out = []
+            for i in range(0, len(ids), batch):
+                x, m = left_pad(ids[i:i + batch], self.probe.pad_id, bb.device)
+                with autocast(self.precision, bb.device):
+                    out.append(bb.features(x, m).float().cpu())
+            return torch.cat(out)
         out = torch.zeros(len(rows), bb.hidden_size)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for i in range(0, len(order), batch):
@@ -328,6 +335,12 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
     elif set(baselines) & set(IMAGE_METHODS):
         raise SoftPromptError(f"row(s) {', '.join(sorted(set(baselines) & set(IMAGE_METHODS)))} need an image task")
     probe = task_encoder(task, bb, 0)
+    if bb.kind == "encoder":  # in-context examples are a decoder's; zero-shot needs a {mask} template's MLM head
+        skip = sorted(set(baselines) & ({"few_shot"} | ({"zero_shot"} if probe.needs_head else set())))
+        if skip:
+            say(f"{' and '.join(skip)} skipped: {bb.name!r} is a text encoder"
+                + (" classified through a trained head" if probe.needs_head else ""))
+            baselines = [b for b in baselines if b not in skip]
     test, _ = probe.check_rows(splits.get("test", []), "test", cfg.train.skip_bad_rows)
     if test_examples and len(test) > test_examples:
         test = random.Random(cfg.seed + 1).sample(test, test_examples)

@@ -99,6 +99,13 @@ class PromptedModel(nn.Module):
         """(B, K) logits of the prompt's task for normalised images (B, C, S, S): image prompts, with their head."""
         return self.join.classify(self, pixel_values)
 
+    def classify_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of the prompt's task head on a text encoder's pooled states."""
+        if not hasattr(self.join, "classify_tokens"):
+            raise SoftPromptError(f"a {self.method.prompt_kind!r} prompt on a {self.backbone.kind!r} backbone has no "
+                                  "task head; classification is scored through the language-model head")
+        return self.join.classify_tokens(self, input_ids, attention_mask)
+
     def detect(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A detector's (logits (B, N, K + 1), boxes (B, N, 4)) per detection token, the prompt's class head."""
         if not hasattr(self.join, "detect"):

@@ -8,6 +8,9 @@ other's type. The kinds so far:
 - ``KVPrompt``: keys and values for every attention layer, (L, 2, kv_heads, P, head_dim), that the input attends to
   as if P earlier tokens had produced them (prefix tuning, P-tuning v2 / deep prompts).
 
+Both may carry a task ``Head``: on a text encoder a classification task is a linear head on pooled final states
+that trains with the prompt (unless the task is scored through the masked-LM head).
+
 - ``PatchPrompt``: tokens (D, P, H) inserted after a vision transformer's CLS token: D = 1 in the first layer only
   (VPT-shallow), D = layers for a fresh set before every layer (VPT-deep); with the task's classification head.
 - ``PixelPrompt``: a learned image (C, S, S) added to the normalised input where a mask (S, S) is on (a border or a
@@ -27,9 +30,28 @@ import torch
 
 
 @dataclass(frozen=True)
+class Head:
+    """A task's linear classification head on a model's features (an image model's, or a text encoder's pooled
+    states): logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # (K, F)
+    bias: torch.Tensor  # (K,)
+    pooling: str = "cls"  # text encoders: the features are the [CLS] state ("cls") or the real tokens' mean ("mean")
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight, self.bias, torch.tensor(list(self.pooling.encode()), dtype=torch.uint8))
+
+
+@dataclass(frozen=True)
 class EmbeddingPrompt:
     kind: ClassVar[str] = "embeddings"
     embeddings: torch.Tensor  # (P, H)
+    head: Head | None = None  # a text encoder's task head (classification through pooled states)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -37,13 +59,14 @@ class EmbeddingPrompt:
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.embeddings,)
+        return (self.embeddings, *(self.head.tensors if self.head is not None else ()))
 
 
 @dataclass(frozen=True)
 class KVPrompt:
     kind: ClassVar[str] = "kv"
     kv: torch.Tensor  # (L, 2, kv_heads, P, head_dim): layer, keys/values, heads, position, channel
+    head: Head | None = None  # a text encoder's task head (classification through pooled states)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -51,19 +74,7 @@ class KVPrompt:
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.kv,)
-
-
-@dataclass(frozen=True)
-class Head:
-    """A linear classification head on an image model's features: logits = features @ weight.T + bias."""
-
-    weight: torch.Tensor  # (K, F)
-    bias: torch.Tensor  # (K,)
-
-    @property
-    def num_classes(self) -> int:
-        return self.weight.shape[0]
+        return (self.kv, *(self.head.tensors if self.head is not None else ()))
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 from .base import Backbone, ModuleBackbone, fingerprint_id, fingerprints_match, freeze
 from .causal_lm import CausalLMBackbone
 from .clip import CLIPBackbone
+from .encoder import EncoderBackbone
 from .loading import load_backbone, resolve_device, resolve_dtype
 from .vision import ImageBackbone, ViTBackbone
 
-__all__ = ["Backbone", "CLIPBackbone", "CausalLMBackbone", "ImageBackbone", "ModuleBackbone", "ViTBackbone", "fingerprint_id", "fingerprints_match", "freeze",
+__all__ = ["Backbone", "CLIPBackbone", "CausalLMBackbone", "EncoderBackbone", "ImageBackbone", "ModuleBackbone", "ViTBackbone", "fingerprint_id", "fingerprints_match", "freeze",
            "load_backbone", "resolve_device", "resolve_dtype"]

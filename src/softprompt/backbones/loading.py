@@ -12,6 +12,7 @@ from ..cache import BUILTIN_MODELS, builtin_model_dir
 from ..errors import SoftPromptError
 from .base import Backbone
 from .causal_lm import CausalLMBackbone
+from .encoder import ENCODER_MODEL_TYPES, load_encoder_backbone
 from .vision import VISION_MODEL_TYPES, load_vision_backbone
 
 
@@ -79,7 +80,8 @@ def _model_type(source: Any, kwargs: dict) -> str | None:
 def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                   ) -> Backbone:
     """Load a frozen model: a built-in name (``smollm2-135m``, ``dinov2-small``), a local folder, a ``.gguf`` file, or
-    a hub id. Causal LMs and ViT-family image models (``ViTModel``, ``Dinov2Model``, ``DeiTModel``...).
+    a hub id. Causal LMs, text encoders (BERT family: ``minilm-l6``) and ViT-family image models (``ViTModel``,
+    ``Dinov2Model``, ``DeiTModel``...).
 
     dtype defaults to float32 on CPU and bfloat16 on GPUs that support it; device defaults to CUDA when present.
     """
@@ -116,8 +118,10 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
         bb = load_clip_backbone(source, str(name_or_path), dt, dev)
         bb.load_seconds = time.perf_counter() - start
         return bb
-    if model_type in VISION_MODEL_TYPES:
-        bb = load_vision_backbone(source, str(name_or_path), dt, dev)
+    loader = load_vision_backbone if model_type in VISION_MODEL_TYPES else \
+        load_encoder_backbone if model_type in ENCODER_MODEL_TYPES else None
+    if loader is not None:
+        bb = loader(source, str(name_or_path), dt, dev)
         bb.load_seconds = time.perf_counter() - start
         return bb
     try:

@@ -11,6 +11,7 @@ import torch
 from ..errors import SoftPromptError
 from .base import Method, MethodConfig
 from .coop import CoCoOp, CoCoOpConfig, CoOp, CoOpConfig
+from .head import HEAD_TENSORS, Headed
 from .p_tuning import PTuning, PTuningConfig
 from .pixel import PixelPromptConfig, PixelPrompting
 from .prefix_tuning import DeepPrompt, PrefixTuning, PrefixTuningConfig
@@ -21,7 +22,7 @@ from .vpt import VPT, VPTConfig
 METHODS: dict[str, type[Method]] = {m.name: m for m in (PromptTuning, ResidualPromptTuning, PTuning, PrefixTuning,
                                                          DeepPrompt, VPT, PixelPrompting, CoOp, CoCoOp)}
 
-__all__ = ["METHODS", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DeepPrompt", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
+__all__ = ["METHODS", "CoCoOp", "CoCoOpConfig", "CoOp", "CoOpConfig", "DeepPrompt", "Headed", "Method", "MethodConfig", "PTuning", "PTuningConfig", "PrefixTuning",
            "PixelPromptConfig", "PixelPrompting", "PrefixTuningConfig", "PromptTuning", "PromptTuningConfig",
            "ResidualConfig", "ResidualPromptTuning", "VPT", "VPTConfig",
            "from_file", "get_method", "load_method"]
@@ -37,7 +38,11 @@ def from_file(pf: Any, device: Any = None) -> Method:
     """The method a prompt file holds (a PromptFile from ``load_prompt``), inference-ready (eval mode: no dropout)."""
     cls = get_method(pf.method)
     try:  # a file's tensors and config come from anywhere: what does not fit is a one-line refusal
-        module = cls.from_tensors(pf.tensors, pf.metadata.get("method_config")).eval()
+        if HEAD_TENSORS[0] in pf.tensors and not cls.owns_head:  # a text method with a task head (encoders)
+            module = Headed.from_tensors_of(cls, pf.tensors, pf.metadata.get("method_config"),
+                                            str(pf.metadata.get("pooling", "cls"))).eval()
+        else:
+            module = cls.from_tensors(pf.tensors, pf.metadata.get("method_config")).eval()
         module = module.to(device) if device is not None else module
         with torch.no_grad():
             module()  # the prompt it makes: shapes that do not fit fail here, not in a request

@@ -52,6 +52,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     prompt_kind: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    owns_head: ClassVar[bool] = False  # its own tensors hold its task head (image methods); else ``Headed`` adds one
 
     def __init__(self, config: MethodConfig):
         super().__init__()

@@ -54,6 +54,7 @@ def prompt_mask(shape: str, width: int, size: int) -> torch.Tensor:
 class PixelPrompting(Method):
     name = "pixel_prompt"
     prompt_kind = "pixels"
+    owns_head = True
     Config = PixelPromptConfig
 
     def __init__(self, pixels: torch.Tensor, mask: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor,

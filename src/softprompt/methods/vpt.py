@@ -51,6 +51,7 @@ def num_classes(config: MethodConfig) -> int:
 class VPT(Method):
     name = "vpt"
     prompt_kind = "patch_tokens"
+    owns_head = True
     Config = VPTConfig
 
     def __init__(self, tokens: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor, config: VPTConfig):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SoftPromptError
-from .spec import TaskSpec
+from .spec import MASK_FIELD, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,10 @@ class TaskEncoder:
                                           "use a word with visible characters")
                 self.candidates.append(ids)
                 self.candidate_label.append(i)
-        answer = max(map(len, self.candidates)) if self.candidates else 0
+        if task.masked and type(self) is TaskEncoder:
+            raise SoftPromptError(f"task {task.name!r}: {{{MASK_FIELD}}} in the template is for masked-LM encoders "
+                                  "(BERT family); for this model put the answer after the template instead")
+        answer = max(map(len, self.candidates)) if self.candidates and not task.masked else 0
         limit = task.max_length
         if max_positions is not None:
             limit = min(limit, max_positions - num_virtual_tokens)
@@ -147,6 +150,8 @@ class TaskEncoder:
     # --- encoding ---------------------------------------------------------------------------------------
     def _fill(self, row: dict, field_text: str | None = None) -> list[int]:
         values = {f: str(row[f]) for f in self.task.fields}
+        if self.task.masked:
+            values[MASK_FIELD] = self.tok.mask_token
         if field_text is not None:
             values[self.truncate_field] = field_text
         return self.tok(self.prefix + self.task.template.format(**values))["input_ids"]
@@ -221,3 +226,32 @@ class TaskEncoder:
         (``softprompt.scoring.label_scores``, which ``model.label_scores`` calls)."""
         return model.label_scores(batch["input_ids"], batch["attention_mask"], self.verbalizer, normalize,
                                   self.pad_id)
+
+
+class EncoderTaskEncoder(TaskEncoder):
+    """Rows of a classification task for a text encoder (BERT family). Scored through the prompt's task head on
+    pooled final states, or, when the template has a ``{mask}`` slot, through the masked-LM head at that token
+    (each label word one token: a masked LM fills one slot)."""
+
+    def __init__(self, task: TaskSpec, backbone, num_virtual_tokens: int = 0):
+        if task.kind != "classification":
+            raise SoftPromptError(f"task {task.name!r} generates text, but {backbone.name!r} is a text encoder; use "
+                                  "a classification task (a verbalizer) or a causal or seq2seq model")
+        super().__init__(task, backbone.tokenizer, num_virtual_tokens, backbone.max_positions, backbone.pad_token_id)
+        self.needs_head = not task.masked  # the method gets a task head (methods.Headed)
+        if task.masked:
+            if getattr(backbone, "mlm_head", None) is None:
+                raise SoftPromptError(f"{backbone.name!r} has no masked-LM head (a bare encoder checkpoint): a "
+                                      f"{{{MASK_FIELD}}} template cannot be scored on it; drop {{{MASK_FIELD}}} to "
+                                      "train a classification head instead")
+            long = [w for w, ids in zip((w for ws in task.verbalizer.values() for w in ws), self.candidates,
+                                        strict=True) if len(ids) != 1]
+            if long:
+                raise SoftPromptError(f"verbalizer word {long[0]!r} is more than one token for {backbone.name!r}; a "
+                                      f"masked LM fills one {{{MASK_FIELD}}} slot: pick one-token words")
+
+    def label_scores(self, model, batch: dict, normalize: bool = True) -> torch.Tensor:
+        if not self.needs_head:
+            return super().label_scores(model, batch, normalize)
+        logits = model.classify_tokens(batch["input_ids"], batch["attention_mask"]).float()
+        return logits.log_softmax(-1) if normalize else logits

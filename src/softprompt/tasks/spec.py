@@ -9,6 +9,8 @@ from typing import Any
 
 from ..errors import SoftPromptError, check_keys
 
+MASK_FIELD = "mask"  # "{mask}" in a template: the tokenizer's mask token, where a masked LM scores the label words
+
 
 @dataclass
 class TaskSpec:
@@ -17,7 +19,8 @@ class TaskSpec:
 
     name: str = "task"
     data: Any = "rotten_tomatoes"  # built-in name, a file, or {"train": ..., "validation": ..., "test": ...}
-    template: str = "Review: {text}\nSentiment:"  # input fields in braces; the answer follows it
+    template: str = "Review: {text}\nSentiment:"  # input fields in braces; the answer follows it ({mask}: a
+    # masked-LM encoder scores the label words at that token instead)
     verbalizer: dict[str, list[str]] = field(default_factory=dict)  # label -> words; empty for generation
     label_field: str = "label"
     target_field: str | None = None  # for generation tasks
@@ -43,7 +46,13 @@ class TaskSpec:
 
     @property
     def fields(self) -> list[str]:
-        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+        """The row fields the template reads ({mask} is not one: it is the masked-LM answer slot)."""
+        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f and f != MASK_FIELD]
+
+    @property
+    def masked(self) -> bool:
+        """Whether the template has a {mask} slot (scored through a masked-LM head)."""
+        return any(f == MASK_FIELD for _, f, _, _ in string.Formatter().parse(self.template))
 
     @property
     def labels(self) -> list[str]:
@@ -130,6 +139,9 @@ def task_encoder(task: Any, backbone: Any, num_virtual_tokens: int = 0) -> Any:
     if backbone.tokenizer is None and backbone.kind != "causal_lm":
         raise SoftPromptError(f"text task {task.name!r} needs a language model; backbone {backbone.name!r} is a "
                               f"{backbone.kind!r} model")
-    from .encode import TaskEncoder
+    from .encode import EncoderTaskEncoder, TaskEncoder
+
+    if backbone.kind == "encoder":
+        return EncoderTaskEncoder(task, backbone, num_virtual_tokens)
 
     return TaskEncoder(task, backbone.tokenizer, num_virtual_tokens, backbone.max_positions, backbone.pad_token_id)

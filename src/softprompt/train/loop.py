@@ -24,7 +24,7 @@ from ..backbones import load_backbone
 from ..errors import SoftPromptError
 from ..evaluate import evaluate, headline
 from ..files import save_prompt
-from ..methods import PromptTuning, get_method
+from ..methods import Headed, PromptTuning, get_method
 from ..model import PromptedModel
 from ..precision import autocast, resolve_precision
 from ..tasks.encode import TaskEncoder
@@ -327,7 +327,10 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     splits = splits or load_task_splits(task, seed=cfg.seed)
     if getattr(task, "modality", "text") == "image" and not task.labels:  # splits given: classes from them
         task.labels = sorted({str(r[task.label_field]) for r in splits["train"]})
-    trainable = _trainable(cfg, bb, task, weights)
+    # a text encoder classifies through a task head that trains with the prompt (unless a {mask} template is scored
+    # through its masked-LM head): the task's encoder says which
+    head = bool(getattr(task_encoder(task, bb), "needs_head", False))
+    trainable = _trainable(cfg, bb, task, weights, head)
     model = PromptedModel(bb, trainable.method, activation_checkpointing=args.activation_checkpointing)
     enc = task_encoder(task, bb, trainable.method.num_virtual_tokens)
     train_rows, bad = enc.check_rows(splits.get("train", []), "train", args.skip_bad_rows)
@@ -376,17 +379,21 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
                 skipped=bad.skipped, writes=writes)
 
 
-def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None) -> Trainable:
+def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None, task_head: bool = False) -> Trainable:
+    labels = [ws[0] for ws in task.verbalizer.values()]
     if weights is None:
-        labels = [ws[0] for ws in task.verbalizer.values()]
         method = get_method(cfg.method.name).create(
             bb, cfg.method.method_config(labels, cfg.seed, image_size=getattr(task, "image_size", None)))
+        if task_head:
+            method = Headed.create_for(method, bb, len(labels), cfg.seed)
         return Trainable(method)
     empty, head = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device), {}  # no prompt: the weights change
     if getattr(task, "modality", "text") == "image":  # an image task's head trains with the weights
-        labels = [ws[0] for ws in task.verbalizer.values()]
         empty = _head_only(bb, labels, cfg.seed, getattr(task, "image_size", None))
         head = {f"task_head.{k}": p for k, p in empty.named_parameters() if p.requires_grad}
+    elif task_head:  # so does a text encoder's
+        empty = Headed.create_for(empty, bb, len(labels), cfg.seed)
+        head = {f"task_head.{k}": p for k, p in empty.named_parameters() if k.startswith("head_")}
     if weights == "all":
         bb.model.requires_grad_(True)
         return Trainable(empty, {**dict(bb.model.named_parameters()), **head}, tuple(head))
