@@ -172,6 +172,9 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> None
             raise SoftPromptError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}; the file is damaged")
 
 
+TEXT_KINDS = ("causal_lm", "encoder", "seq2seq")  # text backbones whose prompts would fit each other's width
+
+
 def check_prompt(pf: PromptFile, backbone: Any = None, check_backbone: bool = True) -> None:
     where = pf.path or "prompt"
     for k, v in pf.tensors.items():
@@ -190,6 +193,11 @@ def check_prompt(pf: PromptFile, backbone: Any = None, check_backbone: bool = Tr
             f"{where} is a {pf.method} prompt ({kind!r}, trained on {trained_on!r}, a {meta_bb.get('kind', '?')} "
             f"model) and cannot go into backbone {backbone.name!r}, a {backbone.kind!r} model (it goes into: "
             f"{', '.join(fits) or 'none'}); load a backbone of its kind")
+    trained_kind = meta_bb.get("kind")
+    if trained_kind in TEXT_KINDS and backbone.kind in TEXT_KINDS and trained_kind != backbone.kind:
+        raise SoftPromptError(
+            f"{where} was trained on {trained_on!r}, a {trained_kind!r} model, but backbone {backbone.name!r} is a "
+            f"{backbone.kind!r} model; a prompt only works on the kind of model it was trained on: load that one")
     if pf.hidden_size is not None and pf.hidden_size != backbone.hidden_size:
         raise SoftPromptError(
             f"{where} has width {pf.hidden_size} (trained on {trained_on!r}) but backbone {backbone.name!r} has "
