@@ -26,7 +26,7 @@ def test_local_folder_loads_frozen_in_eval_mode_with_dtype(tiny_folder):
 
 
 def test_bad_names_and_paths(tmp_path):
-    with pytest.raises(sp.SoftPromptError, match=r"not a built-in name \(smollm2-135m, dinov2-small, efficientnet-lite0\).*unreachable"):
+    with pytest.raises(sp.SoftPromptError, match=r"not a built-in name \(smollm2-135m, dinov2-small, efficientnet-lite0, minilm-l6\).*unreachable"):
         sp.load_backbone("no-such-model")
     with pytest.raises(sp.SoftPromptError, match="no model at"):
         sp.load_backbone(str(tmp_path / "missing.gguf"))

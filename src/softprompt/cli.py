@@ -191,7 +191,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     from .precision import resolve_precision
     from .tasks.spec import load_task, load_task_splits, task_encoder
 
-    pf = read_prompt(args.prompt)
+    prompts = [p for p in [*args.prompt, *args.more] if not p.endswith((".yaml", ".yml", ".json"))]
+    extra = [p for p in args.prompt if p.endswith((".yaml", ".yml", ".json"))] + extra
+    pf = read_prompt(prompts[0])
     values = {}
     if pf.metadata.get("task"):
         values["task"] = pf.metadata["task"]
@@ -202,7 +204,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
     path, rest = _split_config(extra)
     cfg = load_config(path, rest) if path else build_config(apply_overrides(values, rest))
     if args.baselines:
-        result = compare(cfg, prompt_file=args.prompt, baselines=("zero_shot", "few_shot", "prompt_tuning"),
+        if len(prompts) > 1:
+            raise SoftPromptError("--baselines compares one prompt; evaluate an ensemble without it")
+        result = compare(cfg, prompt_file=prompts[0], baselines=("zero_shot", "few_shot", "prompt_tuning"),
                          k_shot=args.k_shot, test_examples=args.limit, out=args.out)
         print(json.dumps(result, indent=2) if args.json else markdown_table(result))
         return
@@ -215,6 +219,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
 
     method = from_file(pf, bb.device)
     task = load_task(cfg.task)
+    if len(prompts) > 1:
+        return _eval_ensemble(args, cfg, bb, task, [pf, *map(read_prompt, prompts[1:])])
     enc = task_encoder(task, bb, method.num_virtual_tokens)
     rows, bad = enc.check_rows(load_task_splits(task, cfg.seed).get(args.split, []), args.split,
                                cfg.train.skip_bad_rows)
@@ -241,6 +247,44 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> None:
             print(f"{lab[:w]:>{w}}" + "".join(f"{v:>{w + 1}}" for v in row))
     else:
         print(f"{task.name} {args.split} ({m['n']} rows): exact match {m['exact_match']:.2%}, loss {m['loss']:.4f}")
+
+
+def _eval_ensemble(args: argparse.Namespace, cfg, bb, task, files: list) -> None:
+    """Every member alone and their ensemble on the same rows, one pass."""
+    from .ensemble import Ensemble, evaluate_ensemble
+    from .files import check_prompt
+    from .methods import from_file
+    from .precision import resolve_precision
+    from .tasks.spec import load_task_splits, task_encoder
+
+    names = {(f.metadata.get("task") or {}).get("name") for f in files}
+    if len(names) > 1:
+        raise SoftPromptError(f"an ensemble's prompts must be for one task; these are for {sorted(map(str, names))}")
+    members = []
+    for f in files:
+        check_prompt(f, bb)
+        members.append(from_file(f, bb.device))
+    enc = task_encoder(task, bb, max(m.num_virtual_tokens for m in members))
+    if task.kind != "classification":
+        raise SoftPromptError("an ensemble combines label probabilities: it needs a classification task")
+    rows, bad = enc.check_rows(load_task_splits(task, cfg.seed).get(args.split, []), args.split,
+                               cfg.train.skip_bad_rows)
+    if args.limit and len(rows) > args.limit:
+        import random
+
+        rows = random.Random(cfg.seed + 1).sample(rows, args.limit)
+    m = evaluate_ensemble(Ensemble(bb, members, args.ensemble), enc, rows,
+                          precision=resolve_precision(cfg.train.precision, bb.device))
+    paths = [str(f.path) for f in files]
+    if args.json:
+        print(json.dumps({**m, "prompts": paths, "skipped_rows": bad.skipped}, indent=2))
+        return
+    print(f"{task.name} {args.split} ({m['n']} rows): each prompt alone, then their ensemble ({args.ensemble})")
+    for path, one in zip(paths, m["members"], strict=True):
+        print(f"  {path}: accuracy {one['accuracy']:.2%}, macro-F1 {one['macro_f1']:.4f}")
+    best = max(one["accuracy"] for one in m["members"])
+    print(f"  ensemble of {len(paths)}: accuracy {m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.4f} "
+          f"({(m['accuracy'] - best) * 100:+.2f} points over the best prompt alone)")
 
 
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> None:
@@ -379,10 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train, extra=True)
 
     v = sub.add_parser("eval", help="accuracy, macro-F1 and confusion matrix of a prompt on a split",
-                       usage="softprompt eval PROMPT [CONFIG.yaml] [--split test] [--baselines] [--group.key VALUE ...]",
+                       usage="softprompt eval PROMPT [PROMPT ...] [CONFIG.yaml] [--split test] [--baselines] "
+                             "[--group.key VALUE ...]",
                        description="Evaluate a prompt file on a split of its task (task and model come from the "
-                                   "file's metadata unless given). --baselines adds zero-shot and few-shot rows.")
-    v.add_argument("prompt", help="prompt file")
+                                   "file's metadata unless given). --baselines adds zero-shot and few-shot rows. "
+                                   "Several prompt files of one task: their ensemble, beside each one alone.")
+    v.add_argument("prompt", nargs="+", help="prompt file; several: an ensemble of prompts for one task")
+    v.add_argument("--prompt", dest="more", action="append", default=[], metavar="FILE",
+                   help="another member of the ensemble (the same as naming it after the first)")
+    v.add_argument("--ensemble", choices=["mean", "vote"], default="mean",
+                   help="how an ensemble combines its members: mean probability (default) or majority vote")
     v.add_argument("--split", default="test", choices=["train", "validation", "test"])
     v.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many rows")
     v.add_argument("--baselines", action="store_true", help="also zero-shot and few-shot, in one table")
