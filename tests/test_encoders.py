@@ -238,3 +238,39 @@ def test_an_encoder_folder_loads_with_its_masked_lm_head_or_bare(tmp_path):
         assert again.fingerprint_id() == bb.fingerprint_id()
         ids, mask = batch(bb, ["the movie was great"])
         assert torch.allclose(again.features(ids, mask), bb.features(ids, mask), atol=1e-6)
+
+
+def test_serving_an_encoder_classifies_as_offline_and_refuses_generation(tmp_path):
+    """/v1/classify on a text encoder: a head task and a {mask} task, mixed in one request stream, each answer equal
+    to the offline scores of the task's encoder; /v1/completions refused in one line."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+
+    bb = make_encoder("bert")
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    head = Headed.create_for(PromptTuning.create(bb, num_virtual_tokens=3, init="random"), bb, 2, 0, "mean")
+    save_prompt(folder / "head.safetensors", head, bb, task=HEAD_TASK)
+    mlm_task = {**HEAD_TASK, "template": "{text} it was {mask}", "verbalizer": {"positive": "good", "negative": "bad"}}
+    mlm = DeepPrompt.create(bb, num_virtual_tokens=2, init="random")
+    save_prompt(folder / "mlm.safetensors", mlm, bb, task=mlm_task)
+    texts = ["the movie was great", "boring plot and actors", "bad"]
+    engine = Engine(PromptBank(bb, folder), max_batch=8, window_ms=30).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            for name, method, task in (("head", head, HEAD_TASK), ("mlm", mlm, mlm_task)):
+                r = client.post("/v1/classify", json={"model": name, "input": texts})
+                assert r.status_code == 200, r.text
+                enc = task_encoder(TaskSpec(**task), bb, method.num_virtual_tokens)
+                rows = [{"text": t, "label": "positive"} for t in texts]
+                with torch.no_grad():
+                    want = enc.label_scores(PromptedModel(bb, method.eval()), enc.batch(rows))
+                for d, w in zip(r.json()["data"], want, strict=True):
+                    assert [d["scores"][k] for k in ("positive", "negative")] == pytest.approx(w.tolist(), abs=1e-5)
+            r = client.post("/v1/completions", json={"model": "head", "prompt": "the movie"})
+            assert r.status_code == 400 and "is a text encoder: it classifies" in r.json()["error"]["message"]
+    finally:
+        engine.stop()

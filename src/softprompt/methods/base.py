@@ -126,3 +126,24 @@ def require(tensors: dict[str, torch.Tensor], name: str, method: str) -> torch.T
         raise SoftPromptError(f"a {method} prompt needs a {name!r} tensor (found: {', '.join(tensors) or 'none'}); "
                               "is this file for another method?")
     return tensors[name]
+
+
+class Fixed(Method):
+    """A typed prompt as a method that does not train: the view serving scores a loaded prompt through (None: no
+    prompt, the bare model)."""
+
+    name = "fixed"
+
+    def __init__(self, prompt: Prompt | None, hidden_size: int):
+        from ..prompts import EmbeddingPrompt
+
+        prompt = prompt if prompt is not None else EmbeddingPrompt(torch.empty(0, hidden_size))
+        super().__init__(MethodConfig(num_virtual_tokens=prompt.num_virtual_tokens))
+        self.prompt, self.prompt_kind, self._hidden = prompt, prompt.kind, hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden
+
+    def forward(self) -> Prompt:
+        return self.prompt

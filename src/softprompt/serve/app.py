@@ -484,8 +484,10 @@ def build_server(model: str, prompts: str | None = None, *, dtype: str | None = 
     if engine not in ("builtin", "vllm"):
         raise SoftPromptError(f"unknown engine {engine!r}; use builtin or vllm")
     bb = load_backbone(model, dtype=dtype, device=device)
-    if bb.kind not in ("causal_lm", "vit", "image", "clip"):
-        raise SoftPromptError(f"serving needs a causal LM or an image model; {model!r} is a {bb.kind}")
+    if bb.kind not in ("causal_lm", "encoder", "vit", "image", "clip"):
+        raise SoftPromptError(f"serving needs a causal LM, a text encoder or an image model; {model!r} is a {bb.kind}")
+    if engine == "vllm" and bb.kind != "causal_lm":
+        raise SoftPromptError(f"--engine vllm serves causal LMs; {model!r} is a {bb.kind} model: use the built-in engine")
     bank = PromptBank(bb, prompts)
     if engine == "builtin":
         return Engine(bank, max_batch=max_batch, window_ms=window_ms, reuse_prompt_cache=reuse_prompt_cache,

@@ -208,7 +208,8 @@ class Frontend:
                        default_max_tokens: int = 16) -> Job:
         entry = self.resolve(model)
         if self.backbone.kind != "causal_lm":
-            raise RequestError(f"model {self.model_name!r} is an image model: it classifies (POST /v1/classify), it "
+            what = "a text encoder" if self.backbone.kind == "encoder" else "an image model"
+            raise RequestError(f"model {self.model_name!r} is {what}: it classifies (POST /v1/classify), it "
                                "does not generate text", param="model")
         tok = self.backbone.tokenizer
         if messages is not None:
@@ -273,6 +274,10 @@ class Frontend:
             elif not spec or not spec.get("verbalizer"):
                 raise RequestError(f"task {model!r} is not a classification task (its prompt file has no "
                                    "verbalizer); use /v1/completions", param="model")
+            elif bb.kind == "encoder":  # a task head, or the masked-LM head at {mask}
+                from ..tasks.encode import EncoderTaskEncoder
+
+                enc = EncoderTaskEncoder(load_task(dict(spec)), bb, entry.num_virtual_tokens)
             else:
                 enc = TaskEncoder(load_task(dict(spec)), bb.tokenizer, entry.num_virtual_tokens, self.max_positions,
                                   bb.pad_token_id)

@@ -18,7 +18,29 @@ def score_mixed(backbone: Any, requests: list[tuple[Any, list[int], Any]],
     """requests: (typed prompt or None, input ids ending at the answer position, TaskEncoder). Returns, per
     request, the (n_labels,) log-likelihood of each label's words, as ``TaskEncoder.label_scores`` gives it for
     that request alone. Single-token verbalizers take one row; a multi-token one takes a row per word."""
+    if backbone.kind == "encoder":
+        return _score_encoder(backbone, requests)
     ids, mask = left_pad([list(r[1]) for r in requests], backbone.pad_token_id, backbone.device)
     model = MixedPromptedModel(backbone, [r[0] for r in requests], reuse_prompt_cache)
     return label_scores(model, ids, mask, [r[2].verbalizer for r in requests], normalize=True,
                         pad_id=backbone.pad_token_id)
+
+
+def _score_encoder(backbone: Any, requests: list[tuple[Any, list[int], Any]]) -> list[torch.Tensor]:
+    """A text encoder: the rows of each (prompt, task) in one forward, scored as the task's encoder scores them
+    (its task head, or the masked-LM head at {mask}); a prompt's keys and values are not a cached prefix there."""
+    from ..methods.base import Fixed
+    from ..model import PromptedModel
+
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (prompt, _, enc) in enumerate(requests):
+        groups.setdefault((id(prompt), id(enc)), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(requests)
+    for rows in groups.values():
+        prompt, _, enc = requests[rows[0]]
+        ids, mask = left_pad([list(requests[i][1]) for i in rows], backbone.pad_token_id, backbone.device)
+        model = PromptedModel(backbone, Fixed(prompt, backbone.hidden_size))
+        scores = enc.label_scores(model, {"input_ids": ids, "attention_mask": mask}, normalize=True)
+        for i, s in zip(rows, scores, strict=True):
+            out[i] = s
+    return out
