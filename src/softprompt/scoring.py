@@ -22,7 +22,11 @@ def label_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     normalize=False (single-token words): the softmax normaliser, the same for every label of a row, is left out,
     and only the words' rows of the LM head are computed: the argmax and a cross-entropy over the labels are
-    unchanged. Multi-token words: each row is scored once per word, the word appended."""
+    unchanged. Multi-token words: each row is scored once per word, the word appended. A join that scores
+    otherwise (an encoder-decoder: the words as decoder targets) does it through its own ``label_scores``."""
+    own = getattr(getattr(model, "join", None), "label_scores", None)
+    if own is not None:
+        return own(model, input_ids, attention_mask, verbalizers, normalize, pad_id)
     shared = isinstance(verbalizers, Verbalizer)
     B = input_ids.shape[0]
     per_row = [verbalizers] * B if shared else list(verbalizers)
@@ -76,7 +80,11 @@ def label_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def target_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 reduction: str = "sum") -> torch.Tensor:
     """Causal LM cross-entropy of labels (B, T) (-100: no loss), the logits computed at the target positions only,
-    never at every position. Equal to forward(..., labels=labels).loss with reduction="mean"."""
+    never at every position. Equal to forward(..., labels=labels).loss with reduction="mean". An encoder-decoder's
+    join splits each row into its encoder input and decoder target (its own ``target_loss``)."""
+    own = getattr(getattr(model, "join", None), "target_loss", None)
+    if own is not None:
+        return own(model, input_ids, attention_mask, labels, reduction)
     states, last = model.hidden_states(input_ids, attention_mask)  # (B, T, .)
     B = states.shape[0]
     # the state at position t predicts the token at t + 1; the last prompt position predicts token 0

@@ -13,6 +13,7 @@ from ..errors import SoftPromptError
 from .base import Backbone
 from .causal_lm import CausalLMBackbone
 from .encoder import ENCODER_MODEL_TYPES, load_encoder_backbone
+from .seq2seq import SEQ2SEQ_MODEL_TYPES, load_seq2seq_backbone
 from .vision import VISION_MODEL_TYPES, load_vision_backbone
 
 
@@ -80,8 +81,8 @@ def _model_type(source: Any, kwargs: dict) -> str | None:
 def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                   ) -> Backbone:
     """Load a frozen model: a built-in name (``smollm2-135m``, ``dinov2-small``), a local folder, a ``.gguf`` file, or
-    a hub id. Causal LMs, text encoders (BERT family: ``minilm-l6``) and ViT-family image models (``ViTModel``,
-    ``Dinov2Model``, ``DeiTModel``...).
+    a hub id. Causal LMs, text encoders (BERT family: ``minilm-l6``), encoder-decoders (T5, BART) and ViT-family
+    image models (``ViTModel``, ``Dinov2Model``, ``DeiTModel``...).
 
     dtype defaults to float32 on CPU and bfloat16 on GPUs that support it; device defaults to CUDA when present.
     """
@@ -118,8 +119,10 @@ def load_backbone(name_or_path: str, dtype: str | torch.dtype | None = None, dev
         bb = load_clip_backbone(source, str(name_or_path), dt, dev)
         bb.load_seconds = time.perf_counter() - start
         return bb
-    loader = load_vision_backbone if model_type in VISION_MODEL_TYPES else \
-        load_encoder_backbone if model_type in ENCODER_MODEL_TYPES else None
+    loaders = {**dict.fromkeys(VISION_MODEL_TYPES, load_vision_backbone),
+               **dict.fromkeys(ENCODER_MODEL_TYPES, load_encoder_backbone),
+               **dict.fromkeys(SEQ2SEQ_MODEL_TYPES, load_seq2seq_backbone)}
+    loader = loaders.get(model_type)
     if loader is not None:
         bb = loader(source, str(name_or_path), dt, dev)
         bb.load_seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ backbone.kind)`` and hands the work over. A new join is one class and one ``@reg
 | kv | causal_lm | ``KVIntoCausalLM`` | the per-layer keys/values are the rows' prefix |
 | embeddings | encoder | ``EmbeddingsIntoEncoder`` | virtual tokens before each row's [CLS]; a task head on pooled states, or the masked-LM head at ``{mask}`` |
 | kv | encoder | ``KVIntoEncoder`` | the per-layer keys/values every row's tokens attend to; the same two ways of scoring |
+| embeddings | seq2seq | ``EmbeddingsIntoSeq2Seq`` | virtual tokens before the encoder input; label words and targets through the decoder |
 | embeddings | module | ``EmbeddingsIntoModule`` | the prompt is concatenated in front of the input embeddings |
 | patch_tokens | vit | ``PatchTokensIntoViT`` | tokens after CLS (first layer, or every layer: VPT-deep); the prompt's head |
 | pixels | image, vit | ``PixelsIntoImage``, ``PixelsIntoViT`` | a learned image added to the input; the prompt's head |
@@ -33,9 +34,10 @@ from .causal import (
 from .clip import ContextIntoCLIP
 from .encoder import EmbeddingsIntoEncoder, EncoderJoin, KVIntoEncoder
 from .module import EmbeddingsIntoModule, prefix_join
+from .seq2seq import EmbeddingsIntoSeq2Seq
 from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed
 
-__all__ = ["JOINS", "CausalJoin", "ContextIntoCLIP", "EmbeddingsIntoCausalLM", "EmbeddingsIntoEncoder", "EmbeddingsIntoModule", "EncoderJoin", "ImageJoin", "Join",
+__all__ = ["JOINS", "CausalJoin", "ContextIntoCLIP", "EmbeddingsIntoCausalLM", "EmbeddingsIntoEncoder", "EmbeddingsIntoModule", "EmbeddingsIntoSeq2Seq", "EncoderJoin", "ImageJoin", "Join",
            "KVIntoCausalLM", "KVIntoEncoder", "PatchTokensIntoViT", "PixelsIntoImage", "PixelsIntoViT", "Prefix", "check_mask",
            "classify_mixed", "get_join", "input_positions", "prefix_join", "register", "run_rows", "stack_prefixes",
            "truncate_to_fit"]

@@ -18,17 +18,18 @@ def score_mixed(backbone: Any, requests: list[tuple[Any, list[int], Any]],
     """requests: (typed prompt or None, input ids ending at the answer position, TaskEncoder). Returns, per
     request, the (n_labels,) log-likelihood of each label's words, as ``TaskEncoder.label_scores`` gives it for
     that request alone. Single-token verbalizers take one row; a multi-token one takes a row per word."""
-    if backbone.kind == "encoder":
-        return _score_encoder(backbone, requests)
+    if backbone.kind != "causal_lm":
+        return _score_per_prompt(backbone, requests)
     ids, mask = left_pad([list(r[1]) for r in requests], backbone.pad_token_id, backbone.device)
     model = MixedPromptedModel(backbone, [r[0] for r in requests], reuse_prompt_cache)
     return label_scores(model, ids, mask, [r[2].verbalizer for r in requests], normalize=True,
                         pad_id=backbone.pad_token_id)
 
 
-def _score_encoder(backbone: Any, requests: list[tuple[Any, list[int], Any]]) -> list[torch.Tensor]:
-    """A text encoder: the rows of each (prompt, task) in one forward, scored as the task's encoder scores them
-    (its task head, or the masked-LM head at {mask}); a prompt's keys and values are not a cached prefix there."""
+def _score_per_prompt(backbone: Any, requests: list[tuple[Any, list[int], Any]]) -> list[torch.Tensor]:
+    """A text encoder or an encoder-decoder: the rows of each (prompt, task) in one forward, scored as the task's
+    encoder scores them (a task head, a masked-LM head at {mask}, label words through a decoder); a prompt is not a
+    cached prefix of keys and values there."""
     from ..methods.base import Fixed
     from ..model import PromptedModel
 
