@@ -137,7 +137,10 @@ class _Compare:
 
     def _cfg(self, sub: str, steps: int, **train) -> RunConfig:
         out = str(Path(self.out or self.cfg.out_dir) / sub)
-        return replace(self.cfg, out_dir=out, train=replace(self.cfg.train, steps=steps, **train))
+        # a task head (a text encoder's; an image task's beside the weights) trains at the config's lr in every row:
+        # the rows differ in what they add to the frozen model, not in how their common head learns
+        head = self.cfg.train.head_lr if self.cfg.train.head_lr is not None else self.cfg.train.lr
+        return replace(self.cfg, out_dir=out, train=replace(self.cfg.train, steps=steps, head_lr=head, **train))
 
     # --- rows ----------------------------------------------------------------------------------------------
     def prompt_method(self, key: str) -> dict:

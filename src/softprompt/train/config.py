@@ -75,6 +75,7 @@ class TrainArgs:
     optimizer: str = "adamw"  # adamw | adafactor
     lr: float | None = None  # None: 1e-2 for adamw (measured best on SmolLM2, see README), 0.3 for adafactor (Lester)
     weight_decay: float = 1e-5  # Lester et al.
+    head_lr: float | None = None  # a text encoder's task head, and an image task's head beside the weights; None: lr
     warmup_steps: int = 0  # linear warm-up from 0
     schedule: str = "linear"  # after warm-up: linear (to 0 at the last step; measured best) | cosine | constant (Lester)
     max_grad_norm: float | None = 1.0  # clipping; None = off

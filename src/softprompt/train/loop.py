@@ -177,6 +177,10 @@ class Trainable:
 
     def groups(self, weights_lr: float, head_lr: float) -> list[dict]:
         """Optimizer groups: the weights at their lr; a head trained with them at a prompt's lr (it starts random)."""
+        if self.named is None and isinstance(self.method, Headed):  # a text method's prompt, and its task head
+            head = [self.method.head_weight, self.method.head_bias]
+            rest = [p for p in self.method.parameters() if all(p is not h for h in head)]
+            return [{"params": rest}, {"params": head, "lr": head_lr}]
         if self.named is None or not self.head:
             return [{"params": self.params}]
         return [{"params": [p for k, p in self.named.items() if k not in self.head], "lr": weights_lr},
@@ -343,7 +347,8 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
-    optimizer = make_optimizer(trainable.groups(_weights_args(args, weights).lr, args.lr), _weights_args(args, weights))
+    head_lr = args.head_lr if args.head_lr is not None else args.lr
+    optimizer = make_optimizer(trainable.groups(_weights_args(args, weights).lr, head_lr), _weights_args(args, weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
     state = {"step": 0, "best_score": None, "best_step": None, "best_metrics": None, "bad_evals": 0,
              "tokens": 0, "train_seconds": 0.0, "best_tensors": None}
