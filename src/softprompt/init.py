@@ -19,15 +19,34 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def embed_scale(backbone: Any) -> float:
+    """What the model's own embedding module multiplies a row of its matrix by (Gemma: sqrt(hidden); BART with
+    scale_embedding: sqrt(d_model); most models: 1), read off one row: a prompt starts where real tokens are."""
+    emb = backbone.embedding_matrix
+    row = emb.shape[0] // 2
+    raw = emb[row].detach().float()
+    try:
+        with torch.no_grad():
+            seen = backbone.embed(torch.tensor([[row]], device=backbone.device))[0, 0].float()
+    except SoftPromptError:
+        return 1.0
+    ratio = (seen.norm() / raw.norm().clamp(min=1e-12)).item()
+    return 1.0 if abs(ratio - 1.0) < 1e-3 else ratio
+
+
 def _emb(backbone: Any) -> torch.Tensor:
+    """The input-embedding matrix as the model's embedding module hands its rows to the model."""
     emb = backbone.embedding_matrix
     if emb is None:
         raise SoftPromptError(f"backbone {backbone.name!r} has no vocabulary; use init='random'")
-    return emb.detach().float().cpu()
+    scale = embed_scale(backbone)
+    emb = emb.detach().float().cpu()
+    return emb if scale == 1.0 else emb * scale
 
 
 def random_init(backbone: Any, length: int, seed: int = 0) -> torch.Tensor:
-    """Gaussian with the per-dimension mean and std of the input embeddings (unit normal without a vocabulary)."""
+    """Gaussian with the per-dimension mean and std of the input embeddings as the model sees them (unit normal
+    without a vocabulary)."""
     g = _generator(seed)
     emb = backbone.embedding_matrix
     if emb is None:
@@ -51,7 +70,7 @@ def frequent_token_ids(backbone: Any) -> list[int]:
         if i in special:
             continue
         s = tok.decode([i])
-        if any(c.isalpha() for c in s) and "\ufffd" not in s:
+        if any(c.isalpha() for c in s) and "\ufffd" not in s and not (s.startswith("[") and s.endswith("]")):  # [unused3]
             ids.append(i)
             if len(ids) == VOCAB_POOL:
                 break
