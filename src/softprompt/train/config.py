@@ -20,7 +20,7 @@ class MethodArgs:
 
     name: str = "prompt_tuning"
     num_virtual_tokens: int = 20  # Lester et al.: 20 gets most of the gain
-    init: str = "labels"  # random | vocab | text | labels (the verbalizer words) | file
+    init: str = "labels"  # random | vocab | text | labels (the verbalizer words) | file | library (init_file: a folder)
     init_text: str | None = None
     init_labels: list[str] = field(default_factory=list)  # default for init=labels: the task's verbalizer words
     init_file: str | None = None

@@ -331,6 +331,18 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     splits = splits or load_task_splits(task, seed=cfg.seed)
     if getattr(task, "modality", "text") == "image" and not task.labels:  # splits given: classes from them
         task.labels = sorted({str(r[task.label_field]) for r in splits["train"]})
+    if cfg.method.init == "library":  # transfer: start from the library prompt most like a short probe's
+        from dataclasses import replace
+
+        from ..transfer import choose_source
+
+        if ddp.world > 1:
+            raise SoftPromptError("method.init library probes in one process; choose the source first (a "
+                                  "single-process run), then start the distributed run with init file")
+        choice = choose_source(cfg, bb, splits, out, quiet or not ddp.main)
+        cfg = replace(cfg, method=replace(cfg.method, init="file", init_file=choice["source"]))
+        random.seed(cfg.seed)  # the run itself starts as it would without the probe
+        torch.manual_seed(cfg.seed)
     # a text encoder classifies through a task head that trains with the prompt (unless a {mask} template is scored
     # through its masked-LM head): the task's encoder says which
     head = bool(getattr(task_encoder(task, bb), "needs_head", False))
