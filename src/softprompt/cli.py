@@ -159,6 +159,18 @@ def _config(args: argparse.Namespace, extra: list[str]):
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     from .train.loop import fit
 
+    configs = [x for i, x in enumerate(extra) if x.endswith((".yaml", ".yml", ".json"))
+               and (i == 0 or not extra[i - 1].startswith("--") or "=" in extra[i - 1])]
+    if len(configs) > 1:  # several tasks in one run: one forward per step for all of them
+        from .train.config import load_config
+        from .train.multi import fit_many
+
+        if args.search:
+            raise SoftPromptError("--search tries one task's settings; search each task on its own")
+        rest = [x for x in extra if x not in configs]
+        for res in fit_many([load_config(c, rest) for c in configs], resume=args.resume, overwrite=args.overwrite):
+            _print_result(res)
+        return
     cfg = _config(args, extra)
     if args.search:
         from .train.search import parse_grid, search
@@ -171,7 +183,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"best: {result['best']['trial']}; its prompt: {result['prompt']} (all trials: "
               f"{Path(cfg.out_dir) / 'search.json'})")
         return
-    res = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    _print_result(fit(cfg, resume=args.resume, overwrite=args.overwrite))
+
+
+def _print_result(res) -> None:
     if res.prompt_path is None:  # a non-main DDP rank
         return
     r = res.report
@@ -412,9 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_import)
 
     t = sub.add_parser("train", help="train a soft prompt (YAML config + --group.key value overrides)",
-                       usage="softprompt train [CONFIG.yaml] [--resume] [--overwrite] [--group.key VALUE ...]",
+                       usage="softprompt train [CONFIG.yaml ...] [--resume] [--overwrite] [--group.key VALUE ...]",
                        description="Train a prompt as CONFIG says; any config key can be overridden on the command "
-                                   "line, e.g. --train.lr 0.3 --method.num_virtual_tokens 50 --task reuters_r8.")
+                                   "line, e.g. --train.lr 0.3 --method.num_virtual_tokens 50 --task reuters_r8. "
+                                   "Several CONFIGs (one model, one run folder each): their tasks train together, "
+                                   "every step one forward for all their rows, each prompt saved in its own folder.")
     t.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in out_dir")
     t.add_argument("--search", action="append", metavar="KEY=V1,V2",

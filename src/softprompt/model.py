@@ -124,14 +124,17 @@ class PromptedModel(nn.Module):
 
 
 class MixedPromptedModel:
-    """Rows that each have their own prompt (or none) on one causal LM, without gradient: each prompt's prefix
-    comes from the runtime's cache, and the rows run in one forward on the stacked prefixes."""
+    """Rows that each have their own prompt (or none) on one causal LM: each prompt's prefix comes from the
+    runtime's cache, and the rows run in one forward on the stacked prefixes. With ``grad`` (a multi-task training
+    step) the prefixes are computed afresh with gradient, each flowing back to its own prompt."""
 
-    def __init__(self, backbone: Backbone, prompts: list[Prompt | None], reuse_prompt_cache: bool = True):
+    def __init__(self, backbone: Backbone, prompts: list[Prompt | None], reuse_prompt_cache: bool = True,
+                 grad: bool = False):
         self.backbone = backbone
         self.runtime = runtime(backbone)
         self.prompts = [as_prompt(p) for p in prompts]
         self.reuse_prompt_cache = reuse_prompt_cache
+        self.grad = grad
 
     @property
     def lean(self) -> bool:
@@ -143,7 +146,9 @@ class MixedPromptedModel:
         for p in self.prompts:
             if p is not None and id(p) not in seen:
                 join = get_join(p.kind, self.backbone.kind)
-                if self.reuse_prompt_cache:
+                if self.grad:
+                    seen[id(p)] = join.prefix(rt, p, grad=True)
+                elif self.reuse_prompt_cache:
                     seen[id(p)] = join.prefix(rt, p)
                 else:  # the benchmark's baseline: recomputed for every batch
                     with torch.no_grad(), rt.engaged():
@@ -154,13 +159,14 @@ class MixedPromptedModel:
             return next(iter(seen.values()))  # one prompt for every row: batch 1, expanded (a view)
         return stack_prefixes([EMPTY if p is None else seen[id(p)] for p in self.prompts])
 
-    @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       last_only: bool = False):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        prefix = self.prefix()
-        states = run_rows(self.runtime, prefix, self.backbone.embed(input_ids), attention_mask, last_only=last_only)
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            prefix = self.prefix()
+            states = run_rows(self.runtime, prefix, self.backbone.embed(input_ids), attention_mask,
+                              last_only=last_only)
         return states, prefix.last
 
     def head(self, states: torch.Tensor, rows=None) -> torch.Tensor:
@@ -174,7 +180,8 @@ class MixedPromptedModel:
         return classify_mixed(self.backbone, self.prompts, pixel_values)
 
     def take(self, index: torch.Tensor) -> MixedPromptedModel:
-        return MixedPromptedModel(self.backbone, [self.prompts[i] for i in index.tolist()], self.reuse_prompt_cache)
+        return MixedPromptedModel(self.backbone, [self.prompts[i] for i in index.tolist()], self.reuse_prompt_cache,
+                                  self.grad)
 
     def label_scores(self, input_ids, attention_mask, verbalizers, normalize=True, pad_id=0):
         return scoring.label_scores(self, input_ids, attention_mask, verbalizers, normalize, pad_id)

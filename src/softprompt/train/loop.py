@@ -228,6 +228,8 @@ class _Run:
     log: _Logger
     skipped: int
     writes: bool  # a prompt run on rank 0: checkpoints, the prompt file, the run folder's logs
+    t_start: float = 0.0  # perf_counter at step 0 (a resumed run's earlier seconds counted in)
+    saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written
 
 
 def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbone: Any = None,
@@ -241,10 +243,9 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
     micro = args.batch_size // args.grad_accum
     run.model.train()
     stopped = "steps"
-    t_start = time.perf_counter() - state["train_seconds"]
-    step = state["step"]
-    saved_at = time.monotonic()
-    while step < args.steps:
+    run.t_start = time.perf_counter() - state["train_seconds"]
+    while state["step"] < args.steps:
+        step = state["step"]
         rows = [run.train_rows[i] for i in example_order(len(run.train_rows), args.batch_size, cfg.seed, step,
                                                          run.lengths, args.length_buckets)]
         count = enc.count(rows)  # loss normaliser of the whole global batch
@@ -265,49 +266,57 @@ def fit(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, backbo
             loss_sum += loss.detach()
         ddp.all_reduce_grads(params)
         local_loss, local_tokens = torch.stack([loss_sum, tokens]).tolist()  # the one host sync per step
-        loss_value = ddp.sum(local_loss) / count
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint (step {_ck_step(run.out)}) is kept in {run.out / CHECKPOINT}" \
-                if (run.out / CHECKPOINT).exists() else "no checkpoint was written yet"
-            raise SoftPromptError(f"loss became {loss_value} at step {step + 1}; stopping: {kept}; lower train.lr "
-                                  "or use train.max_grad_norm")
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["step"] = step
-        state["tokens"] += int(ddp.sum(local_tokens))
-        state["train_seconds"] = time.perf_counter() - t_start
-        run.log.step(step, loss_value, run.scheduler.get_last_lr()[0], state)
-        if on_step is not None:
-            on_step(step, loss_value)
-
-        last = step == args.steps
-        if (args.eval_every and step % args.eval_every == 0) or last:
-            run.model.eval()
-            metrics = evaluate(run.model, enc, run.val_rows, run.precision)
-            run.model.train()
-            score = headline(metrics, run.select)
-            run.log.eval(step, metrics)
-            if state["best_score"] is None or score > state["best_score"]:
-                state.update(best_score=score, best_step=step, best_metrics=_small(metrics), bad_evals=0,
-                             best_tensors={k: v.detach().cpu().clone() for k, v in run.trainable.state().items()})
-            else:
-                state["bad_evals"] += 1
-            if args.patience and state["bad_evals"] >= args.patience:
-                stopped = "early_stopping"
-        due = args.save_every_seconds and time.monotonic() - saved_at >= args.save_every_seconds
-        if run.writes and (step % args.save_every == 0 or due or last or stopped != "steps"):
-            saved_at = time.monotonic()
-            save_checkpoint(run.out / CHECKPOINT, {
-                "method": run.trainable.state(), "optimizer": run.optimizer.state_dict(),
-                "scheduler": run.scheduler.state_dict(), "state": state,
-                "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}})
+        stopped = _advance(run, ddp.sum(local_loss) / count, int(ddp.sum(local_tokens)), on_step)
         if stopped != "steps":
             break
-    return _finish(run, step, stopped)
+    return _finish(run, state["step"], stopped)
+
+
+def _advance(run: _Run, loss_value: float, tokens: int, on_step=None) -> str:
+    """Everything after a step's gradients are in: the optimizer step, progress, validation and the kept best,
+    checkpoints. Returns why the run stops ("steps": it goes on)."""
+    args, state = run.cfg.train, run.state
+    step = state["step"]
+    if not math.isfinite(loss_value):
+        kept = f"the last good checkpoint (step {_ck_step(run.out)}) is kept in {run.out / CHECKPOINT}" \
+            if (run.out / CHECKPOINT).exists() else "no checkpoint was written yet"
+        raise SoftPromptError(f"loss became {loss_value} at step {step + 1}; stopping: {kept}; lower train.lr "
+                              "or use train.max_grad_norm")
+    if args.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.trainable.params, args.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    step += 1
+    state["step"] = step
+    state["tokens"] += tokens
+    state["train_seconds"] = time.perf_counter() - run.t_start
+    run.log.step(step, loss_value, run.scheduler.get_last_lr()[0], state)
+    if on_step is not None:
+        on_step(step, loss_value)
+    stopped = "steps"
+    last = step == args.steps
+    if (args.eval_every and step % args.eval_every == 0) or last:
+        run.model.eval()
+        metrics = evaluate(run.model, run.enc, run.val_rows, run.precision)
+        run.model.train()
+        score = headline(metrics, run.select)
+        run.log.eval(step, metrics)
+        if state["best_score"] is None or score > state["best_score"]:
+            state.update(best_score=score, best_step=step, best_metrics=_small(metrics), bad_evals=0,
+                         best_tensors={k: v.detach().cpu().clone() for k, v in run.trainable.state().items()})
+        else:
+            state["bad_evals"] += 1
+        if args.patience and state["bad_evals"] >= args.patience:
+            stopped = "early_stopping"
+    due = args.save_every_seconds and time.monotonic() - run.saved_at >= args.save_every_seconds
+    if run.writes and (step % args.save_every == 0 or due or last or stopped != "steps"):
+        run.saved_at = time.monotonic()
+        save_checkpoint(run.out / CHECKPOINT, {
+            "method": run.trainable.state(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "state": state,
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate())}})
+    return stopped
 
 
 def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits: dict | None, weights: str | None,
