@@ -328,6 +328,39 @@ def ensemble(res: dict) -> str:
     return "\n".join(lines)
 
 
+def multitask(res: dict) -> str:
+    """benchmarks/multitask.py: N tasks in one run against one after another."""
+    med = res["median_s"]
+    n = len(res["tasks"])
+    lines = [f"{n} tasks ({', '.join(res['tasks'])}) on {res['model']}, {res['steps']} steps x {res['batch_size']} "
+             f"each, precision {res['precision']}, median of {res['repeats']} (the two ways alternating).", "",
+             "| way | wall time | speed-up |", "|---|---|---|",
+             f"| {n} runs, one after another | {med['one after another']:.0f} s | 1.00x |",
+             f"| one multi-task run | {med['one run']:.0f} s | {res['speedup']:.2f}x |", "",
+             f"Each task's prompt from the multi-task run against its own run: at most {res['max_prompt_difference']:.1e} "
+             "apart (the same data order; only the batching differs).",
+             f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
+def transfer(res: dict) -> str:
+    """benchmarks/transfer.py: validation accuracy by step, from the vocabulary and from another task's prompt."""
+    steps = [s for s, _ in next(iter(res["curves"].values()))]
+    lines = [f"{res['model']}, 20-token prompts, batch {res['batch_size']}; validation accuracy (300 rows) by step.", "",
+             "| target, start | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    names = {"rt": "Rotten Tomatoes", "r8": "Reuters R8"}
+    for name, curve in res["curves"].items():
+        task, how = name.split(" ", 1)
+        how = how.replace("from rt", "from the Rotten Tomatoes prompt").replace("from r8", "from the R8 prompt")
+        lines.append(f"| {names[task]}, {how} | " + " | ".join(f"{a:.1%}" for _, a in curve) + " |")
+    lib = res["library"]
+    scores = ", ".join(f"{names[k]} {v:.3f}" for k, v in lib["scores"].items())
+    lines += ["", f"Retrieval for Reuters R8 from a library of both source prompts (a {lib['probe_steps']}-step probe, "
+              f"cosine of average tokens: {scores}): chose the {names[lib['chosen']]} prompt.",
+              f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
@@ -336,6 +369,8 @@ RENDERERS = {
     "compare_r8": (comparison, "compare_reuters_r8.json"),
     "compare_minilm_rt": (comparison, "compare_minilm_rotten_tomatoes.json"),
     "ensemble_minilm_rt": (ensemble, "ensemble_minilm_rt.json"),
+    "multitask": (multitask, "multitask.json"),
+    "transfer": (transfer, "transfer_minilm.json"),
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),

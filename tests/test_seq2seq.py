@@ -212,3 +212,38 @@ def test_peft_seq2seq_folders_both_ways(tmp_path):
 
     with pytest.raises(SoftPromptError, match="'seq2seq' model"):
         check_prompt(pf, make_backbone("llama"))
+
+
+def test_serving_an_encoder_decoder_completes_and_classifies_as_offline(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+
+    bb = make_seq2seq("t5", init=5.0)  # weights large enough that greedy decoding says something
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    gen = PromptTuning.create(bb, num_virtual_tokens=3, init="random", seed=1)
+    cls = PromptTuning.create(bb, num_virtual_tokens=2, init="random", seed=2)
+    save_prompt(folder / "gen.safetensors", gen, bb)
+    save_prompt(folder / "cls.safetensors", cls, bb, task=SYNTH_TASK)
+    engine = Engine(PromptBank(bb, folder), max_batch=8, window_ms=30).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/completions", json={"model": "gen", "prompt": "the movie was", "max_tokens": 5,
+                                                          "temperature": 0})
+            assert r.status_code == 200, r.text
+            want = generate(bb, gen, ["the movie was"], max_new_tokens=5)
+            assert want.texts[0] and r.json()["choices"][0]["text"] == want.texts[0]
+            assert r.json()["choices"][0]["finish_reason"] == want.stats["finish_reasons"][0]
+            r = client.post("/v1/classify", json={"model": "cls", "input": ["the movie was great", "bad"]})
+            assert r.status_code == 200, r.text
+            enc = task_encoder(TaskSpec(**SYNTH_TASK), bb, 2)
+            rows = [{"text": t, "label": "positive"} for t in ("the movie was great", "bad")]
+            with torch.no_grad():
+                scores = enc.label_scores(PromptedModel(bb, cls), enc.batch(rows))
+            for d, s in zip(r.json()["data"], scores, strict=True):
+                assert [d["scores"][k] for k in ("positive", "negative")] == pytest.approx(s.tolist(), abs=1e-5)
+    finally:
+        engine.stop()

@@ -464,10 +464,12 @@ def _generate_seq2seq(backbone: Any, softs: list, input_ids: torch.Tensor, mask:
                             sampling.temperature, sampling.top_k, sampling.top_p)
         for i, toks in zip(rows, out, strict=True):
             tokens[i] = toks
-    texts = []
+    texts, reasons = [], []
     for toks in tokens:
         text = backbone.tokenizer.decode(toks, skip_special_tokens=True) if backbone.tokenizer is not None else ""
         hits = [text.index(x) for x in sampling.stop if x in text]
         texts.append(text[:min(hits)] if hits else text)
+        reasons.append("stop" if hits or len(toks) < sampling.max_new_tokens else "length")  # EOS, or a stop string
     return GenerationOutput(texts=texts, tokens=tokens,
-                            stats={"batch": len(softs), "input_tokens": input_ids.shape[1], "steps": None})
+                            stats={"batch": len(softs), "input_tokens": input_ids.shape[1], "steps": None,
+                                   "finish_reasons": reasons})

@@ -204,8 +204,9 @@ class Engine(Frontend):
 
     def _admit(self, jobs: list[Job]) -> None:
         """Score the classification requests now; prefill the generations and merge them into the running batch."""
+        generate = self._generate_whole if self.backbone.kind == "seq2seq" else self._prefill
         groups = [([j for j in jobs if j.kind == "classify"], self._classify),
-                  ([j for j in jobs if j.kind == "generate" and not j.row.cancelled], self._prefill)]
+                  ([j for j in jobs if j.kind == "generate" and not j.row.cancelled], generate)]
         if not self.mix_tasks:  # the per-adapter baseline: a batch per task, each decoded to its end
             groups = [([j for j in group if j.task == task], runner) for group, runner in groups
                       for task in dict.fromkeys(j.task for j in group)]
@@ -246,6 +247,25 @@ class Engine(Frontend):
             self.metrics.finished(job, 0)
             job.send("done", Result(prompt_tokens=len(job.ids), label=labels[int(s.argmax())],
                                     scores=dict(zip(labels, values, strict=True))))
+
+    def _generate_whole(self, jobs: list[Job]) -> None:
+        """An encoder-decoder: each request generated to its end by transformers' generate on its prompted encoder
+        input (no continuous batching: the encoder-decoder has no running batch to join); its text arrives as one
+        delta, then done."""
+        from ..generation import generate
+
+        for job in jobs:
+            s = job.sampling
+            out = generate(self.backbone, job.prompt, [job.ids], max_new_tokens=s.max_new_tokens,
+                           do_sample=s.temperature > 0, temperature=s.temperature or 1.0, top_p=s.top_p,
+                           seed=s.seed, stop=list(s.stop))
+            text, tokens = out.texts[0], out.tokens[0]
+            job.first_token = time.perf_counter()
+            self.metrics.finished(job, len(tokens))
+            if text:
+                job.send("delta", text)
+            job.send("done", Result(text=text, tokens=tokens, finish_reason=out.stats["finish_reasons"][0],
+                                    prompt_tokens=len(job.ids)))
 
     def _prefill(self, jobs: list[Job]) -> None:
         ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)

@@ -207,7 +207,7 @@ class Frontend:
                        emit: Callable[[str, Any], None] = lambda kind, value: None,
                        default_max_tokens: int = 16) -> Job:
         entry = self.resolve(model)
-        if self.backbone.kind != "causal_lm":
+        if self.backbone.kind not in ("causal_lm", "seq2seq"):
             what = "a text encoder" if self.backbone.kind == "encoder" else "an image model"
             raise RequestError(f"model {self.model_name!r} is {what}: it classifies (POST /v1/classify), it "
                                "does not generate text", param="model")

@@ -1,0 +1,60 @@
+"""The built-in Gemma 3 270M (a Q4_K_M GGUF split over four wheels, put together, checked and de-quantised once)
+on real data: its scaled embeddings, the fast path's self-check, and a prompt trained on Rotten Tomatoes."""
+
+import pytest
+import torch
+
+import softprompt as sp
+from softprompt.evaluate import evaluate
+from softprompt.init import embed_scale
+from softprompt.tasks.datasets import load_splits
+from softprompt.tasks.spec import load_task, task_encoder
+from softprompt.train.config import build_config
+from softprompt.train.loop import fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return sp.load_backbone("gemma3-270m", device="cpu")
+
+
+def test_builtin_gemma_is_gemma3_with_scaled_embeddings_and_a_checked_path(gemma):
+    cfg = gemma.model.config.get_text_config()
+    assert cfg.model_type.startswith("gemma3") and gemma.hidden_size == 640 and cfg.num_hidden_layers == 18
+    assert embed_scale(gemma) == pytest.approx(640**0.5, rel=1e-2)
+    ids = gemma.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    method = sp.PromptTuning.create(gemma, num_virtual_tokens=2, init="text", init_text="The capital")
+    with torch.no_grad():
+        ref = gemma.model(input_ids=ids).logits[0, -1]
+        got = sp.PromptedModel(gemma, method)(ids[:, 3:], torch.ones_like(ids[:, 3:])).logits[0, -1]
+    assert ids[0, 1:3].tolist() == gemma.tokenizer("The capital", add_special_tokens=False)["input_ids"]
+    # the prompt stands for "<bos>The capital" minus <bos>: compare the model on the same tokens without <bos>
+    with torch.no_grad():
+        ref = gemma.model(input_ids=ids[:, 1:]).logits[0, -1]
+    assert torch.allclose(got, ref, atol=2e-3 * ref.abs().max())
+    out = sp.generate(gemma, None, ["The capital of France is"], max_new_tokens=4)
+    assert "Paris" in out.texts[0]
+
+
+def test_a_prompt_on_gemma_learns_rotten_tomatoes_and_other_models_refuse_it(gemma, tmp_path):
+    splits = load_splits("rotten_tomatoes", seed=0)
+    cfg = build_config({"model": "gemma3-270m", "task": "rotten_tomatoes", "out_dir": str(tmp_path / "run"),
+                        "method": {"num_virtual_tokens": 20, "init": "labels"},
+                        "train": {"steps": 60, "batch_size": 8, "eval_every": 60, "eval_examples": 100}})
+    res = fit(cfg, backbone=gemma, splits=splits, quiet=True)
+    method = sp.load_method(res.prompt_path, gemma)
+    enc = task_encoder(load_task("rotten_tomatoes"), gemma, method.num_virtual_tokens)
+    m = evaluate(sp.PromptedModel(gemma, method), enc, splits["test"][:200])
+    assert m["accuracy"] >= 0.7, m
+    with pytest.raises(sp.SoftPromptError, match="width 640.*'gemma3-270m'.*'smollm2-135m'.*576"):
+        sp.load_method(res.prompt_path, sp.load_backbone("smollm2-135m"))
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    other = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=1000, hidden_size=640, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
+                                               head_dim=16))
+    other.config._name_or_path = "another-640-wide"
+    with pytest.raises(sp.SoftPromptError, match="trained on backbone 'gemma3-270m'.*another-640-wide"):
+        sp.load_method(res.prompt_path, sp.CausalLMBackbone(other))
