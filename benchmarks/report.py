@@ -361,6 +361,21 @@ def transfer(res: dict) -> str:
     return "\n".join(lines)
 
 
+def encoder_speed(res: dict) -> str:
+    """benchmarks/encoder_vs_peft.py: one text encoder, both sides in one process, alternating."""
+    lines = [f"{res['model']}, batch {res['batch']} x {res['seq']} tokens, a {res['prompt_len']}-token prompt and a "
+             f"linear head on mean-pooled states, float32, {res['threads']} threads; median of {res['rounds']} x "
+             f"{res['repeats']} runs per side, the sides alternating.", "",
+             "| case | softprompt | PEFT | speed-up |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        m = r["median_s"]
+        lines.append(f"| {r['case']} | {m['softprompt'] * 1e3:.0f} ms | {m['peft'] * 1e3:.0f} ms | "
+                     f"{r['speedup']:.2f}x |")
+    lines += ["", f"The two sides' logits agree within {res['max_logit_difference']:.1e} before timing. Command: "
+              f"`{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
@@ -371,6 +386,7 @@ RENDERERS = {
     "ensemble_minilm_rt": (ensemble, "ensemble_minilm_rt.json"),
     "multitask": (multitask, "multitask.json"),
     "transfer": (transfer, "transfer_minilm.json"),
+    "encoder_speed": (encoder_speed, "encoder_vs_peft.json"),
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),

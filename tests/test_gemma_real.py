@@ -20,22 +20,25 @@ def gemma():
     return sp.load_backbone("gemma3-270m", device="cpu")
 
 
-def test_builtin_gemma_is_gemma3_with_scaled_embeddings_and_a_checked_path(gemma):
+def test_builtin_gemma_is_gemma3_with_scaled_embeddings_and_the_models_own_outputs(gemma):
     cfg = gemma.model.config.get_text_config()
     assert cfg.model_type.startswith("gemma3") and gemma.hidden_size == 640 and cfg.num_hidden_layers == 18
     assert embed_scale(gemma) == pytest.approx(640**0.5, rel=1e-2)
-    ids = gemma.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
-    method = sp.PromptTuning.create(gemma, num_virtual_tokens=2, init="text", init_text="The capital")
+    tok = gemma.tokenizer
+    head, tail = "The capital of France", " is"
+    ids = torch.tensor([tok(head)["input_ids"]])  # <bos> The capital of France
+    rest = torch.tensor([tok(tail, add_special_tokens=False)["input_ids"]])
+    method = sp.PromptTuning.create(gemma, num_virtual_tokens=ids.shape[1], init="text", init_text="x")
     with torch.no_grad():
-        ref = gemma.model(input_ids=ids).logits[0, -1]
-        got = sp.PromptedModel(gemma, method)(ids[:, 3:], torch.ones_like(ids[:, 3:])).logits[0, -1]
-    assert ids[0, 1:3].tolist() == gemma.tokenizer("The capital", add_special_tokens=False)["input_ids"]
-    # the prompt stands for "<bos>The capital" minus <bos>: compare the model on the same tokens without <bos>
-    with torch.no_grad():
-        ref = gemma.model(input_ids=ids[:, 1:]).logits[0, -1]
-    assert torch.allclose(got, ref, atol=2e-3 * ref.abs().max())
-    out = sp.generate(gemma, None, ["The capital of France is"], max_new_tokens=4)
-    assert "Paris" in out.texts[0]
+        method.weight.copy_(gemma.embed(ids)[0])  # the prompt: exactly what the embedding module gives those ids
+        got = sp.PromptedModel(gemma, method)(rest, torch.ones_like(rest)).logits[0, -1]
+        ref = gemma.model(input_ids=torch.cat([ids, rest], 1)).logits[0, -1]
+    assert torch.allclose(got, ref, atol=1e-3 * float(ref.abs().max())), float((got - ref).abs().max())
+    out = sp.generate(gemma, None, ["The capital of France is"], max_new_tokens=6)
+    want = gemma.model.generate(input_ids=torch.tensor([tok("The capital of France is")["input_ids"]]),
+                                max_new_tokens=6, do_sample=False)[0, -6:].tolist()
+    assert out.tokens[0] == [t for t in want if t not in gemma.eos_token_ids][:len(out.tokens[0])]
+    assert "capital" in out.texts[0]  # a real model stays on the subject (measured: " the capital of the country of")
 
 
 def test_a_prompt_on_gemma_learns_rotten_tomatoes_and_other_models_refuse_it(gemma, tmp_path):
