@@ -21,6 +21,7 @@ from ..errors import SoftPromptError
 from ..prompts import EmbeddingPrompt, KVPrompt
 from .base import Join, register
 from .causal import check_mask, input_positions
+from .module import prefix_join
 from .vision import apply_head
 
 
@@ -83,18 +84,9 @@ class EmbeddingsIntoEncoder(EncoderJoin):
     prompt_kind = "embeddings"
 
     def states(self, backbone, prompt: EmbeddingPrompt, input_ids, attention_mask):
-        check_mask(attention_mask)
-        embeds = backbone.embed(input_ids)
-        B = embeds.shape[0]
-        P = prompt.num_virtual_tokens
-        if P == 0:
-            return backbone.forward(embeds, attention_mask, input_positions(attention_mask, 0))
-        virtual = prompt.embeddings.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(0).expand(B, -1, -1)
-        ones = torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device)
-        positions = torch.arange(P, device=attention_mask.device).expand(B, P)
-        out = backbone.forward(torch.cat([virtual, embeds], 1), torch.cat([ones, attention_mask], 1),
-                               torch.cat([positions, input_positions(attention_mask, P)], 1))
-        return out[:, P:]
+        joined = prefix_join(prompt.embeddings, backbone.embed(input_ids), attention_mask)  # positions from the mask
+        out = backbone.forward(joined.inputs_embeds, joined.attention_mask, joined.position_ids)
+        return out[:, prompt.num_virtual_tokens:]
 
 
 @register
