@@ -1,5 +1,6 @@
 """Loading backbones offline: local folders, built-in names from the cache, and clear errors."""
 
+import re
 import subprocess
 
 import pytest
@@ -8,6 +9,7 @@ from conftest import make_backbone
 
 import softprompt as sp
 from softprompt import cache
+from softprompt.cache import BUILTIN_MODELS
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def test_local_folder_loads_frozen_in_eval_mode_with_dtype(tiny_folder):
 
 
 def test_bad_names_and_paths(tmp_path):
-    with pytest.raises(sp.SoftPromptError, match=r"not a built-in name \(smollm2-135m, dinov2-small, efficientnet-lite0, minilm-l6\).*unreachable"):
+    with pytest.raises(sp.SoftPromptError, match=rf"not a built-in name \({re.escape(', '.join(BUILTIN_MODELS))}\).*unreachable"):
         sp.load_backbone("no-such-model")
     with pytest.raises(sp.SoftPromptError, match="no model at"):
         sp.load_backbone(str(tmp_path / "missing.gguf"))
