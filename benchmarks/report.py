@@ -321,9 +321,11 @@ def ensemble(res: dict) -> str:
     for seed, one in zip(res["seeds"], m["members"], strict=True):
         lines.append(f"| seed {seed} alone | {one['accuracy']:.1%} | {one['macro_f1']:.3f} |")
     best = max(one["accuracy"] for one in m["members"])
+    avg = sum(one["accuracy"] for one in m["members"]) / len(m["members"])
+    lines.append(f"| the prompts alone, on average | {avg:.1%} | - |")
     for name, r in (("ensemble, mean probability", m), ("ensemble, majority vote", v)):
         lines.append(f"| **{name}** | {r['accuracy']:.1%} ({(r['accuracy'] - best) * 100:+.1f} points over the best "
-                     f"alone) | {r['macro_f1']:.3f} |")
+                     f"alone, {(r['accuracy'] - avg) * 100:+.1f} over the average) | {r['macro_f1']:.3f} |")
     lines += ["", f"Command: `{res['command']}`.", f"Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
 
