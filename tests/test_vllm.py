@@ -195,7 +195,6 @@ def test_a_dead_vllm_server_fails_requests_and_health_says_so(setup):
     """kill -9 of the vLLM server mid-generation: the request in flight gets an error (no hang), /health turns 503,
     new requests are refused with 503."""
     import signal
-    import time
 
     tmp = setup["tmp"]
     server = VLLMServer(PYTHON, str(tmp / "model"), "tiny", dtype="float32", max_model_len=256,
@@ -204,13 +203,21 @@ def test_a_dead_vllm_server_fails_requests_and_health_says_so(setup):
     try:
         with TestClient(create_app(eng)) as client:
             assert client.get("/health").status_code == 200
-            job = eng.generation_job("alpha", TEXTS[0], max_tokens=240, temperature=0, ignore_eos=True)
+            job = eng.generation_job("alpha", TEXTS[0], max_tokens=250, temperature=0, ignore_eos=True)
             got = {}
             done = threading.Event()
-            job.emit = lambda kind, value: (got.update({kind: value}), done.set()) if kind != "delta" else None
+
+            def emit(kind, value):
+                if kind == "delta":  # killed at its first streamed text: the rest is still to be generated
+                    if not got.get("killed"):
+                        got["killed"] = True
+                        os.killpg(server.process.pid, signal.SIGKILL)
+                    return
+                got[kind] = value
+                done.set()
+
+            job.emit = emit
             eng.submit(job)
-            time.sleep(0.5)
-            os.killpg(server.process.pid, signal.SIGKILL)
             assert done.wait(60), "the request in flight was never answered"
             assert "error" in got and "vLLM" in got["error"]
             server.process.wait(10)
