@@ -19,27 +19,24 @@ class MLPPlan:
 
 
 class GatedActivation(torch.autograd.Function):
-    """act(gate) * up, keeping only gate and up for backward (the activation is recomputed there): one
-    (tokens, intermediate) tensor less per layer than autograd's act + mul, same values and gradients."""
+    """act(gate) * up, keeping only gate and up for backward (the activation's derivative is computed there with
+    torch's own backward kernel): one (tokens, intermediate) tensor less per layer than autograd's act + mul, same
+    values and gradients. `kind` is one of ACTIVATIONS (SiLU: Llama, Qwen, SmolLM; GELU-tanh: Gemma)."""
 
     @staticmethod
-    def forward(ctx, gate, up, act, silu=False):
-        ctx.act, ctx.silu = act, silu
+    def forward(ctx, gate, up, act, kind):
+        ctx.act, ctx.kind = act, kind
         ctx.save_for_backward(gate, up)
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        if ctx.silu:  # SwiGLU (Llama, Qwen, SmolLM): fused kernels
-            grad_up = grad * nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-            return grad_gate, grad_up, None, None
-        with torch.enable_grad():
-            g = gate.detach().requires_grad_(gate.requires_grad)
-            a = ctx.act(g)
-        grad_up = grad * a.detach() if ctx.needs_input_grad[1] else None
-        grad_gate = torch.autograd.grad(a, g, grad * up)[0] if ctx.needs_input_grad[0] else None
+        grad_up = grad * ctx.act(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = (torch.ops.aten.silu_backward(grad * up, gate) if ctx.kind == "silu" else
+                         torch.ops.aten.gelu_backward(grad * up, gate, approximate=ctx.kind.removeprefix("gelu_")))
         return grad_gate, grad_up, None, None
 
 
@@ -57,19 +54,32 @@ class Scatter(torch.autograd.Function):
         return grad.index_select(0, index), None, None
 
 
-def is_silu(act: nn.Module) -> bool:
-    """torch's nn.SiLU, or transformers' SiLUActivation: checked by behaviour on a probe, not by class name."""
-    probe = torch.linspace(-3, 3, 7)
-    try:
-        return torch.allclose(act(probe), nn.functional.silu(probe))
-    except Exception:
-        return False
+ACTIVATIONS = {"silu": nn.functional.silu,
+               "gelu_none": lambda x: nn.functional.gelu(x),
+               "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh")}
+
+
+def activation_kind(act: nn.Module) -> str | None:
+    """Which of ACTIVATIONS `act` computes, checked by behaviour on a probe (not by class name), or None: an MLP
+    with another activation runs its own forward."""
+    probe = torch.linspace(-4, 4, 17)
+    for kind, fn in ACTIVATIONS.items():
+        try:
+            if torch.allclose(act(probe), fn(probe), atol=1e-6):
+                return kind
+        except Exception:
+            return None
+    return None
 
 
 def gated_parts(mlp: nn.Module):
-    """(gate, up, down, act, act is SiLU) of a gated MLP (Llama, Qwen2/3, Mistral, Gemma, SmolLM), else None."""
+    """(gate, up, down, act, activation kind) of a gated MLP (Llama, Qwen2/3, Mistral, Gemma, SmolLM) whose
+    activation is one of ACTIVATIONS, else None."""
     parts = [getattr(mlp, k, None) for k in ("gate_proj", "up_proj", "down_proj", "act_fn")]
-    return (*parts, is_silu(parts[3])) if all(isinstance(m, nn.Module) for m in parts) else None
+    if not all(isinstance(m, nn.Module) for m in parts):
+        return None
+    kind = activation_kind(parts[3])
+    return (*parts, kind) if kind else None
 
 
 def planned_rows(run, x: torch.Tensor, plan: MLPPlan, last: bool) -> torch.Tensor:
@@ -91,9 +101,9 @@ def planned_mlp(mlp: nn.Module, x: torch.Tensor, plan: MLPPlan, parts) -> torch.
         def run(h):
             return type(mlp).forward(mlp, h)
     else:
-        gate, up, down, act, silu = parts
+        gate, up, down, act, kind = parts
 
         def run(h):
-            return down(GatedActivation.apply(gate(h), up(h), act, silu))
+            return down(GatedActivation.apply(gate(h), up(h), act, kind))
 
     return planned_rows(run, x, plan, mlp is plan.last)
