@@ -104,3 +104,55 @@ def test_an_ensemble_of_prompts_for_different_tasks_is_refused(two_runs, capsys,
     capsys.readouterr()
     assert main(["eval", a, str(path)]) == 2
     assert "must be for one task" in capsys.readouterr().err
+
+
+def test_a_served_ensemble_task_answers_as_the_offline_ensemble(tmp_path):
+    """A sub-folder of prompt files is one served task: each request scored under every member in the same batch
+    as other tasks' rows, the label and mean probabilities equal to the offline Ensemble's (mean and vote)."""
+    from fastapi.testclient import TestClient
+
+    import softprompt as sp
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+
+    bb = make_backbone("llama")
+    members = [PromptTuning.create(bb, num_virtual_tokens=4, init="random", seed=s) for s in (1, 2, 3)]
+    folder = tmp_path / "prompts"
+    (folder / "synth").mkdir(parents=True)
+    for i, m in enumerate(members):
+        sp.save_prompt(folder / "synth" / f"seed{i}.safetensors", m, bb, task=SYNTH_TASK)
+    sp.save_prompt(folder / "single.safetensors", members[0], bb, task=SYNTH_TASK)
+    (folder / "bad").mkdir()  # two prompts of different tasks: refused, the rest served
+    sp.save_prompt(folder / "bad" / "a.safetensors", members[0], bb, task=SYNTH_TASK)
+    sp.save_prompt(folder / "bad" / "b.safetensors", members[1], bb, task={**SYNTH_TASK, "name": "another"})
+    bank = PromptBank(bb, folder)
+    assert bank.names() == ["single", "synth"] and "trained for another task" in bank.refused["bad"]
+    rows = synthetic_splits()["test"][:6]
+    enc = task_encoder(TaskSpec(**SYNTH_TASK), bb, 4)
+    labels = enc.task.labels
+    engine = Engine(bank, max_batch=8, window_ms=30).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            for combine in ("mean", "vote"):
+                if combine == "vote":
+                    (folder / "synth" / "ensemble.json").write_text(json.dumps({"combine": "vote"}))
+                    assert bank.sync_folder(folder)["replaced"] == ["synth"]
+                ens = Ensemble(bb, members, combine)
+                r = client.post("/v1/classify", json={"model": "synth", "input": [x["text"] for x in rows]})
+                assert r.status_code == 200, r.text
+                got = r.json()["data"]
+                batch = next(enc.eval_batches(rows, len(rows)))[1]
+                with torch.no_grad():
+                    logp = ens.member_scores(enc, batch)
+                want = ens.combined(logp).argmax(-1).tolist()
+                mean = logp.exp().mean(0).log()
+                for i, item in enumerate(got):
+                    assert item["label"] == labels[want[i]], (combine, i)
+                    assert torch.allclose(torch.tensor([item["scores"][k] for k in labels]), mean[i], atol=1e-4)
+            listed = {m["id"]: m["softprompt"] for m in client.get("/v1/models").json()["data"]}
+            assert listed["synth"]["ensemble"] == {"members": 3, "combine": "vote"}
+            r = client.post("/v1/completions", json={"model": "synth", "prompt": "a b", "max_tokens": 2})
+            assert r.status_code == 400 and "ensemble of 3" in r.json()["error"]["message"]
+    finally:
+        engine.stop()

@@ -50,12 +50,17 @@ class Ensemble:
         return scores.float().log_softmax(-1)  # over the labels: members on one scale
 
     def combined(self, member_logp: torch.Tensor) -> torch.Tensor:
-        """(B, K): mean log-probability, or for ``vote`` the vote counts with the mean as a tie-breaker."""
-        mean = member_logp.exp().mean(0).log()
-        if self.combine == "mean":
-            return mean
-        votes = torch.nn.functional.one_hot(member_logp.argmax(-1), member_logp.shape[-1]).sum(0).float()
-        return votes + mean.exp() * 1e-3
+        return combine(member_logp, self.combine)
+
+
+def combine(member_logp: torch.Tensor, how: str) -> torch.Tensor:
+    """(N, ..., K) members' log-probabilities over the labels -> (..., K): the mean probability (as a log), or for
+    ``vote`` the vote counts with the mean as a tie-breaker. The argmax is the ensemble's answer."""
+    mean = member_logp.exp().mean(0).log()
+    if how == "mean":
+        return mean
+    votes = torch.nn.functional.one_hot(member_logp.argmax(-1), member_logp.shape[-1]).sum(0).float()
+    return votes + mean.exp() * 1e-3
 
 
 def evaluate_ensemble(ens: Ensemble, enc: Any, rows: list[dict], batch_size: int = 16,

@@ -283,7 +283,9 @@ def create_app(engine: Frontend, api_key: str | None = None, prompts_dir: str | 
                              "labels": list(task.get("verbalizer") or {}) or None,
                              "method": entry.metadata.get("method", "prompt_tuning"),
                              "prompt_kind": entry.prompt.kind,
-                             "num_virtual_tokens": entry.num_virtual_tokens}})
+                             "num_virtual_tokens": entry.num_virtual_tokens,
+                             **({"ensemble": {"members": len(entry.members), "combine": entry.combine}}
+                                if entry.members else {})}})
         return {"object": "list", "data": data}
 
     def listen(jobs: list[Job]) -> asyncio.Queue:

@@ -22,6 +22,7 @@ from collections import deque
 
 import torch
 
+from ..ensemble import combine
 from ..errors import SoftPromptError
 from ..generation import Decoding
 from ..model import MixedPromptedModel
@@ -164,9 +165,9 @@ class Engine(Frontend):
                         self.metrics.cancelled += 1
                     continue
                 if job.kind == "classify":
-                    if classify >= self.max_batch or (job.cost > budget and taken):
+                    if (classify and classify + job.copies > self.max_batch) or (job.cost > budget and taken):
                         break
-                    classify += 1
+                    classify += job.copies
                 else:
                     if rows >= self.max_batch or (job.cost > budget and (taken or self._decoding is not None)):
                         break
@@ -228,25 +229,37 @@ class Engine(Frontend):
                 self._rows = [j for j in self._rows if j not in group]
 
     def _classify(self, jobs: list[Job]) -> None:
-        text = [j for j in jobs if j.pixels is None]
-        scores = score_mixed(self.backbone, [(j.prompt, j.ids, j.encoder) for j in text],
+        """Every request's rows in one mixed batch (one forward per image size): a task's row under its prompt, an
+        ensemble task's row once under each of its prompts, their label probabilities combined afterwards."""
+        units = [(j, m.prompt) for j in jobs for m in (j.entry.members or (j.entry,))]
+        text = [u for u in units if u[0].pixels is None]
+        scores = score_mixed(self.backbone, [(p, j.ids, j.encoder) for j, p in text],
                              self.reuse_prompt_cache) if text else []
-        by_size: dict[tuple, list[Job]] = {}
-        for j in jobs:
-            if j.pixels is not None:
-                by_size.setdefault(tuple(j.pixels.shape), []).append(j)
-        images = [j for group in by_size.values() for j in group]
+        by_size: dict[tuple, list] = {}
+        for u in units:
+            if u[0].pixels is not None:
+                by_size.setdefault(tuple(u[0].pixels.shape), []).append(u)
+        images = [u for group in by_size.values() for u in group]
         for group in by_size.values():  # each size in one forward, the tasks' prompts mixed
-            logits = MixedPromptedModel(self.backbone, [j.prompt for j in group]).classify(
-                torch.cat([j.pixels for j in group]))
+            logits = MixedPromptedModel(self.backbone, [p for _, p in group]).classify(
+                torch.cat([j.pixels for j, _ in group]))
             scores += [x.float().log_softmax(-1) for x in logits]
-        for job, s in zip(text + images, scores, strict=True):
+        per_job: dict[int, list[torch.Tensor]] = {}
+        for (job, _), s in zip(text + images, scores, strict=True):
+            per_job.setdefault(id(job), []).append(s)
+        for job in jobs:
+            s = per_job[id(job)]
+            if job.entry.members:  # the members' label log-probabilities, combined as `softprompt eval` does
+                logp = torch.stack(s).float().log_softmax(-1)
+                best, s = int(combine(logp, job.entry.combine).argmax()), logp.exp().mean(0).log()
+            else:
+                s = s[0]
+                best = int(s.argmax())
             labels = job.encoder.task.labels
-            values = s.tolist()
             job.first_token = time.perf_counter()
             self.metrics.finished(job, 0)
-            job.send("done", Result(prompt_tokens=len(job.ids), label=labels[int(s.argmax())],
-                                    scores=dict(zip(labels, values, strict=True))))
+            job.send("done", Result(prompt_tokens=len(job.ids), label=labels[best],
+                                    scores=dict(zip(labels, s.tolist(), strict=True))))
 
     def _generate_whole(self, jobs: list[Job]) -> None:
         """An encoder-decoder: each request generated to its end by transformers' generate on its prompted encoder

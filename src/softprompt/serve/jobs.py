@@ -73,11 +73,16 @@ class Job:
         return None if self.entry is None else self.entry.prompt
 
     @property
+    def copies(self) -> int:
+        """Rows it takes in a batch: one, or one per prompt of an ensemble task."""
+        return len(self.entry.members) if self.entry is not None and self.entry.members else 1
+
+    @property
     def cost(self) -> int:
         """Tokens this request adds to a step's budget when it is prefilled (its input and virtual tokens)."""
         if self.pixels is not None:
-            return 1
-        return len(self.ids) + (0 if self.entry is None else self.entry.num_virtual_tokens)
+            return self.copies
+        return (len(self.ids) + (0 if self.entry is None else self.entry.num_virtual_tokens)) * self.copies
 
     @property
     def queued_tokens(self) -> int:
@@ -207,6 +212,9 @@ class Frontend:
                        emit: Callable[[str, Any], None] = lambda kind, value: None,
                        default_max_tokens: int = 16) -> Job:
         entry = self.resolve(model)
+        if entry is not None and entry.members:
+            raise RequestError(f"task {model!r} is an ensemble of {len(entry.members)} classification prompts: it "
+                               "classifies (POST /v1/classify), it does not generate text", param="model")
         if self.backbone.kind not in ("causal_lm", "seq2seq"):
             what = "a text encoder" if self.backbone.kind == "encoder" else "an image model"
             raise RequestError(f"model {self.model_name!r} is {what}: it classifies (POST /v1/classify), it "

@@ -297,6 +297,9 @@ class VLLMEngine(Frontend):
 
     # --- requests -------------------------------------------------------------------------------------
     def _servable(self, entry: TaskEntry | None, model: str) -> None:
+        if entry is not None and entry.members:
+            raise RequestError(f"task {model!r} is an ensemble of prompts; serve it with the built-in engine (without "
+                               "--engine vllm)", param="model")
         if entry is not None and entry.prompt.kind != "embeddings":
             raise RequestError(f"task {model!r} is a {entry.metadata.get('method', entry.prompt.kind)} prompt "
                                f"({entry.prompt.kind}): vLLM takes input embeddings only; serve it with the built-in "
