@@ -350,15 +350,17 @@ def transfer(res: dict) -> str:
     steps = [s for s, _ in next(iter(res["curves"].values()))]
     lines = [f"{res['model']}, 20-token prompts, batch {res['batch_size']}; validation accuracy (300 rows) by step.", "",
              "| target, start | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    names = {"rt": "Rotten Tomatoes", "r8": "Reuters R8"}
+    names = {"rt": "Rotten Tomatoes", "r8": "Reuters R8", "food": "Fine Food"}
     for name, curve in res["curves"].items():
         task, how = name.split(" ", 1)
-        how = how.replace("from rt", "from the Rotten Tomatoes prompt").replace("from r8", "from the R8 prompt")
+        if how.startswith("from "):
+            src = how.removeprefix("from ")
+            how = f"from the {'R8' if src == 'r8' else names[src]} prompt"
         lines.append(f"| {names[task]}, {how} | " + " | ".join(f"{a:.1%}" for _, a in curve) + " |")
     lib = res["library"]
     scores = ", ".join(f"{names[k]} {v:.3f}" for k, v in lib["scores"].items())
-    lines += ["", f"Retrieval for Reuters R8 from a library of both source prompts (a {lib['probe_steps']}-step probe, "
-              f"cosine of average tokens: {scores}): chose the {names[lib['chosen']]} prompt.",
+    lines += ["", f"Retrieval for {names[lib['target']]} from a library of the source prompts (a {lib['probe_steps']}-step "
+              f"probe, cosine of average tokens: {scores}): chose the {names[lib['chosen']]} prompt.",
               f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
 
@@ -388,6 +390,7 @@ RENDERERS = {
     "ensemble_minilm_rt": (ensemble, "ensemble_minilm_rt.json"),
     "multitask": (multitask, "multitask.json"),
     "transfer": (transfer, "transfer_minilm.json"),
+    "transfer_food": (transfer, "transfer_minilm_food.json"),
     "encoder_speed": (encoder_speed, "encoder_vs_peft.json"),
     "demo": (demo, "demo.json"),
     "demo_avx2": (demo, "demo_avx2.json"),

@@ -82,6 +82,9 @@ def test_builtin_datasets_have_their_documented_splits():
     r8 = load_splits("reuters_r8")
     assert len(r8["train"]) + len(r8["validation"]) == 5485 and len(r8["test"]) == 2189
     assert {r["label"] for r in r8["test"]} == {"earn", "acq", "crude", "trade", "money-fx", "interest", "ship", "grain"}
+    food = load_splits("fine_food")  # modeldata's official 4,000 / 1,000 split
+    assert len(food["train"]) + len(food["validation"]) == 4000 and len(food["test"]) == 1000
+    assert {r["label"] for r in food["test"]} == {"great", "other"} and all(r["text"] for r in food["test"])
 
 
 def test_served_chat_through_the_http_api_with_mixed_tasks(smollm2, tmp_path):

