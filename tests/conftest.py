@@ -15,16 +15,20 @@ WORDS = ("the a movie film was is great good bad awful fine plot actors story bo
          "answer question what who why how paris france capital of").split()
 
 
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def make_tokenizer(specials=("<pad>", "<s>", "</s>", "<unk>"), template: str | None = None, **named):
+    """A word-level tokenizer over `specials` + WORDS. `template` (e.g. "[CLS] $A [SEP]") puts special tokens
+    around each text; `named`: the special tokens' roles (pad_token=..., default: the four of a causal LM)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    named = named or {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=named["unk_token"]))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    if template:
+        tk.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in vocab])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **named)
 
 
 VOCAB = 64  # >= len(specials + WORDS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import WORDS, make_backbone, synthetic_splits
+from conftest import make_backbone, make_tokenizer, synthetic_splits
 
 from softprompt import SoftPromptError
 from softprompt.backbones import EncoderBackbone, load_backbone
@@ -19,19 +19,10 @@ SPECIALS = {"bert": ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"), "roberta": (
 
 
 def make_encoder_tokenizer(arch: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     specials = SPECIALS[arch]
-    vocab = {w: i for i, w in enumerate(specials + tuple(WORDS))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[4]))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    cls, sep = ("[CLS]", "[SEP]") if arch == "bert" else ("<s>", "</s>")
-    tk.post_processor = processors.TemplateProcessing(single=f"{cls} $A {sep}", special_tokens=[
-        (cls, vocab[cls]), (sep, vocab[sep])])
-    pad, mask = ("[PAD]", "[MASK]") if arch == "bert" else ("<pad>", "<mask>")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token=pad, cls_token=cls, sep_token=sep,
-                                   mask_token=mask, unk_token=specials[4])
+    pad, cls, sep, mask = ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if arch == "bert" else ("<pad>", "<s>", "</s>", "<mask>")
+    return make_tokenizer(specials, f"{cls} $A {sep}", pad_token=pad, cls_token=cls, sep_token=sep, mask_token=mask,
+                          unk_token=specials[4])
 
 
 def make_encoder(arch: str = "bert", seed: int = 0, mlm: bool = True, init_range: float = 0.02,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SYNTH_TASK, make_backbone, synthetic_splits
+from conftest import SYNTH_TASK, make_backbone, make_tokenizer, synthetic_splits
 
 from softprompt import SoftPromptError
 from softprompt.backbones import Seq2SeqBackbone, load_backbone
@@ -15,20 +15,6 @@ from softprompt.generation import generate
 from softprompt.methods import PromptTuning, load_method
 from softprompt.model import PromptedModel
 from softprompt.tasks.spec import TaskSpec, task_encoder
-
-
-def make_seq2seq_tokenizer():
-    from conftest import WORDS
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   bos_token="<s>")
 
 
 def make_seq2seq(arch: str = "t5", seed: int = 0, init: float | None = None) -> Seq2SeqBackbone:
@@ -46,7 +32,7 @@ def make_seq2seq(arch: str = "t5", seed: int = 0, init: float | None = None) -> 
                          scale_embedding=True, init_std=init or 0.02)
     model = AutoModelForSeq2SeqLM.from_config(cfg)
     model.config._name_or_path = f"tiny-{arch}-{seed}"
-    return Seq2SeqBackbone(model, make_seq2seq_tokenizer())
+    return Seq2SeqBackbone(model, make_tokenizer(template="$A </s>"))
 
 
 def batch(bb, texts, side="left"):
@@ -126,22 +112,41 @@ def test_the_target_loss_is_the_decoders_cross_entropy_on_the_target(arch):
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_generation_equals_greedy_decoding_by_hand(arch):
-    bb = make_seq2seq(arch)
-    method = PromptTuning.create(bb, num_virtual_tokens=3, init="random")
+    bb = make_seq2seq(arch, init=5.0 if arch == "t5" else 0.5)  # weights large enough to say something: at the
+    method = PromptTuning.create(bb, num_virtual_tokens=3, init="random")  # defaults T5 says only <pad>, BART </s>
     texts = ["the movie was great", "hello world"]
     out = generate(bb, method, texts, max_new_tokens=6)
+    assert all(len(t) >= 3 and set(t) != {bb.pad_token_id} for t in out.tokens), out.tokens
     for text, toks in zip(texts, out.tokens, strict=True):
         ids = torch.tensor([bb.tokenizer(text)["input_ids"]])
         x = torch.cat([method.weight[None], bb.embed(ids)], 1)
         dec = [bb.decoder_start_token_id]
+        forced_eos = bb.model.generation_config.forced_eos_token_id is not None  # BART: EOS forced as the 6th
         with torch.no_grad():
-            for _ in range(6):  # the full forward each step: no cache
+            for step in range(6):  # the full forward each step: no cache
+                if step == 5 and forced_eos:
+                    break
                 nxt = int(bb.model(inputs_embeds=x, decoder_input_ids=torch.tensor([dec])).logits[0, -1].argmax())
                 if nxt in bb.eos_token_ids:
                     break
                 dec.append(nxt)
         assert toks == dec[1:], (toks, dec)
         assert out.texts[texts.index(text)] == bb.tokenizer.decode(dec[1:], skip_special_tokens=True)
+
+
+def test_seeded_sampling_repeats_and_leaves_the_process_random_state_alone():
+    bb = make_seq2seq("t5", init=5.0)
+    method = PromptTuning.create(bb, num_virtual_tokens=3, init="random")
+
+    def sample(seed):
+        return generate(bb, method, ["the movie was great"], max_new_tokens=8, do_sample=True, seed=seed).tokens
+
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    a = sample(7)
+    assert torch.equal(torch.rand(3), want)  # the global generator is where it was
+    assert sample(7) == a and any(sample(s) != a for s in (8, 9, 10))
 
 
 def test_a_tiny_t5_learns_the_synthetic_task_and_its_prompt_file_is_checked(tmp_path):
@@ -237,6 +242,11 @@ def test_serving_an_encoder_decoder_completes_and_classifies_as_offline(tmp_path
             want = generate(bb, gen, ["the movie was"], max_new_tokens=5)
             assert want.texts[0] and r.json()["choices"][0]["text"] == want.texts[0]
             assert r.json()["choices"][0]["finish_reason"] == want.stats["finish_reasons"][0]
+            texts = ["the movie was", "hello world", "a good film"]  # three greedy requests: one generate call
+            r = client.post("/v1/completions", json={"model": "gen", "prompt": texts, "max_tokens": 5,
+                                                      "temperature": 0})
+            assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == \
+                [generate(bb, gen, [t], max_new_tokens=5).texts[0] for t in texts]
             r = client.post("/v1/classify", json={"model": "cls", "input": ["the movie was great", "bad"]})
             assert r.status_code == 200, r.text
             enc = task_encoder(TaskSpec(**SYNTH_TASK), bb, 2)

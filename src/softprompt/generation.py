@@ -455,15 +455,19 @@ def _generate_seq2seq(backbone: Any, softs: list, input_ids: torch.Tensor, mask:
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(softs):
         groups.setdefault(id(s), []).append(i)
-    if seed is not None:
-        torch.manual_seed(seed)
-    for rows in groups.values():
-        soft = softs[rows[0]]
-        join = get_join("embeddings" if soft is None else soft.kind, backbone.kind)
-        out = join.generate(backbone, soft, input_ids[rows], mask[rows], sampling.max_new_tokens,
-                            sampling.temperature, sampling.top_k, sampling.top_p)
-        for i, toks in zip(rows, out, strict=True):
-            tokens[i] = toks
+    # transformers' generate samples from torch's global generator: seeded here, inside a fork of it, so that the
+    # process's own random state is as it was afterwards
+    devices = [backbone.device] if backbone.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for rows in groups.values():
+            soft = softs[rows[0]]
+            join = get_join("embeddings" if soft is None else soft.kind, backbone.kind)
+            out = join.generate(backbone, soft, input_ids[rows], mask[rows], sampling.max_new_tokens,
+                                sampling.temperature, sampling.top_k, sampling.top_p)
+            for i, toks in zip(rows, out, strict=True):
+                tokens[i] = toks
     texts, reasons = [], []
     for toks in tokens:
         text = backbone.tokenizer.decode(toks, skip_special_tokens=True) if backbone.tokenizer is not None else ""

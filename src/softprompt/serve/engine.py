@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Any
 
 import torch
 
@@ -262,23 +263,28 @@ class Engine(Frontend):
                                     scores=dict(zip(labels, s.tolist(), strict=True))))
 
     def _generate_whole(self, jobs: list[Job]) -> None:
-        """An encoder-decoder: each request generated to its end by transformers' generate on its prompted encoder
-        input (no continuous batching: the encoder-decoder has no running batch to join); its text arrives as one
-        delta, then done."""
+        """An encoder-decoder: requests generated to their end by transformers' generate on their prompted encoder
+        inputs (no continuous batching: the encoder-decoder has no running batch to join), greedy requests of the
+        same length and stop strings in one call (each task's rows together), a sampled one alone (its seed then
+        gives the same text as offline); each text arrives as one delta, then done."""
         from ..generation import generate
 
+        calls: dict[Any, list[Job]] = {}
         for job in jobs:
             s = job.sampling
-            out = generate(self.backbone, job.prompt, [job.ids], max_new_tokens=s.max_new_tokens,
-                           do_sample=s.temperature > 0, temperature=s.temperature or 1.0, top_p=s.top_p,
-                           seed=s.seed, stop=list(s.stop))
-            text, tokens = out.texts[0], out.tokens[0]
-            job.first_token = time.perf_counter()
-            self.metrics.finished(job, len(tokens))
-            if text:
-                job.send("delta", text)
-            job.send("done", Result(text=text, tokens=tokens, finish_reason=out.stats["finish_reasons"][0],
-                                    prompt_tokens=len(job.ids)))
+            calls.setdefault((s.max_new_tokens, s.stop) if s.temperature == 0 else id(job), []).append(job)
+        for group in calls.values():
+            s = group[0].sampling
+            out = generate(self.backbone, [j.prompt for j in group], [j.ids for j in group],
+                           max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0,
+                           temperature=s.temperature or 1.0, top_p=s.top_p, seed=s.seed, stop=list(s.stop))
+            for job, text, tokens, reason in zip(group, out.texts, out.tokens, out.stats["finish_reasons"],
+                                                 strict=True):
+                job.first_token = time.perf_counter()
+                self.metrics.finished(job, len(tokens))
+                if text:
+                    job.send("delta", text)
+                job.send("done", Result(text=text, tokens=tokens, finish_reason=reason, prompt_tokens=len(job.ids)))
 
     def _prefill(self, jobs: list[Job]) -> None:
         ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)
