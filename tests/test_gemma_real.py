@@ -61,3 +61,40 @@ def test_a_prompt_on_gemma_learns_rotten_tomatoes_and_other_models_refuse_it(gem
     other.config._name_or_path = "another-640-wide"
     with pytest.raises(sp.SoftPromptError, match="trained on backbone 'gemma3-270m'.*another-640-wide"):
         sp.load_method(res.prompt_path, sp.CausalLMBackbone(other))
+
+
+def test_gemma_served_classifies_and_completes_as_offline(gemma, tmp_path):
+    """The real Gemma behind the HTTP API: a classification prompt, a deep prompt and the bare model in one
+    server; each answer equal to the same work done offline."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.serve import PromptBank
+    from softprompt.serve.app import create_app
+    from softprompt.serve.engine import Engine
+    from softprompt.tasks.spec import BUILTIN_TASKS
+
+    cls = sp.PromptTuning.create(gemma, num_virtual_tokens=8, init="labels",
+                                 init_labels=[" positive", " negative"])
+    deep = sp.DeepPrompt.create(gemma, num_virtual_tokens=4, init="random", seed=1)
+    sp.save_prompt(tmp_path / "rt.safetensors", cls, gemma, task=BUILTIN_TASKS["rotten_tomatoes"].to_dict())
+    sp.save_prompt(tmp_path / "deep.safetensors", deep, gemma)
+    reviews = ["A warm, funny and beautifully acted film.", "Dull, lifeless and far too long."]
+    engine = Engine(PromptBank(gemma, tmp_path), max_batch=8, window_ms=100).start()
+    try:
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/classify", json={"model": "rt", "input": reviews})
+            assert r.status_code == 200, r.text
+            enc = task_encoder(load_task("rotten_tomatoes"), gemma, 8)
+            with torch.no_grad():
+                want = enc.label_scores(sp.PromptedModel(gemma, cls), enc.batch(
+                    [{"text": t, "label": "positive"} for t in reviews]))
+            for got, s in zip(r.json()["data"], want, strict=True):
+                assert [got["scores"][k] for k in ("positive", "negative")] == pytest.approx(s.tolist(), abs=2e-3)
+            for model, prompt in (("deep", deep), (gemma.name, None)):
+                r = client.post("/v1/completions", json={"model": model, "prompt": "The capital of France is",
+                                                          "max_tokens": 6, "temperature": 0})
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == \
+                    sp.generate(gemma, prompt, ["The capital of France is"], max_new_tokens=6).texts[0]
+    finally:
+        engine.stop()

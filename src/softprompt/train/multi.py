@@ -101,12 +101,14 @@ def _step(runs: list[_Run], bb: Any) -> tuple[list[float], list[int]]:
             kinds = {runs[row[0]].cfg.train.loss for row in cls_rows}
             scores = {k: label_scores(view, ids, mask, [row[2] for row in cls_rows], normalize=k == "lm",
                                       pad_id=bb.pad_token_id) for k in kinds}
-            for j, (t, _, _, y) in enumerate(cls_rows):
+            for t in dict.fromkeys(row[0] for row in cls_rows):  # each task's rows at once (its labels' count)
                 r = runs[t]
-                s = scores[r.cfg.train.loss][j]
-                nll = -s[y] if r.cfg.train.loss == "lm" else \
-                    torch.nn.functional.cross_entropy(s[None].float(), torch.tensor([y], device=device))
-                per_task[t] = per_task[t] + (nll if r.class_weights is None else nll * r.class_weights[y])
+                js = [j for j, row in enumerate(cls_rows) if row[0] == t]
+                s = torch.stack([scores[r.cfg.train.loss][j] for j in js])  # (n, K)
+                y = torch.tensor([cls_rows[j][3] for j in js], device=device)
+                nll = -s.gather(1, y[:, None])[:, 0] if r.cfg.train.loss == "lm" else \
+                    torch.nn.functional.cross_entropy(s.float(), y, reduction="none")
+                per_task[t] = per_task[t] + (nll if r.class_weights is None else nll * r.class_weights[y]).sum()
         if gen_rows:
             ids, mask, labels = left_pad([row[1] for row in gen_rows], bb.pad_token_id, device,
                                          [row[2] for row in gen_rows])
