@@ -81,7 +81,10 @@ def speed(res: dict) -> str:
                          f"(+{s['peak_rss_mb'] - s['loaded_rss_mb']:.0f}) | {p['peak_rss_mb']:.0f} MB "
                          f"(+{p['peak_rss_mb'] - p['loaded_rss_mb']:.0f}) | {m['peak_rss_ratio']:.2f} "
                          f"({m['above_loaded_ratio']:.2f}) |")
-    lines += ["", "Command: `python benchmarks/train_vs_peft.py` -> `benchmarks/results/train_vs_peft.json`."]
+    out = f"benchmarks/results/{res['_file']}"
+    cmd = "python benchmarks/train_vs_peft.py" + (f" --model {a['model']}" if a["model"] != "smollm2-135m" else "") + \
+        (f" --out {out}" if out != "benchmarks/results/train_vs_peft.json" else "")
+    lines += ["", f"Command: `{cmd}` -> `{out}`."]
     lines += [f"{note[0].upper()}{note[1:]}." for note in res.get("reruns", [])]
     return "\n".join(lines)
 
@@ -383,6 +386,7 @@ def encoder_speed(res: dict) -> str:
 RENDERERS = {
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
+    "speed_gemma": (speed, "train_vs_peft_gemma.json"),
     "redesign": (redesign, "redesign_ab.json"),
     "compare_rt": (comparison, "compare_rotten_tomatoes.json"),
     "compare_r8": (comparison, "compare_reuters_r8.json"),
@@ -411,7 +415,7 @@ def render(text: str) -> str:
         if name not in RENDERERS:
             raise SystemExit(f"report: unknown table {name!r}; known: {', '.join(RENDERERS)}")
         fn, source = RENDERERS[name]
-        return f"{m.group(1)}{fn(load(source))}\n{m.group(4)}"
+        return f"{m.group(1)}{fn({**load(source), '_file': source})}\n{m.group(4)}"
 
     return BLOCK.sub(one, text)
 
