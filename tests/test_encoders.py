@@ -169,6 +169,29 @@ def test_training_on_an_encoder_learns_a_task_head_saved_in_the_prompt_file(tmp_
     assert again["accuracy"] == result.best["accuracy"]
 
 
+def test_compare_on_a_tiny_bert_gives_every_row_with_a_head(tmp_path):
+    """compare on a text encoder with a task head: the linear probe on pooled features, prompt methods, deep
+    prompts, LoRA and full fine-tuning, each with its head; zero-shot and few-shot rows skipped (a new head knows
+    nothing before training), said in the notes."""
+    from softprompt.compare import compare
+    from softprompt.train.config import build_config
+
+    bb = make_encoder("bert")
+    bb.pooling = "mean"
+    cfg = build_config({"task": HEAD_TASK, "out_dir": str(tmp_path / "cmp"), "seed": 0,
+                        "method": {"num_virtual_tokens": 4, "init": "random"},
+                        "train": {"steps": 60, "batch_size": 16, "lr": 0.1, "eval_every": 60, "precision": "float32",
+                                  "finetune_lr": 1e-3}})
+    rows = ("zero_shot", "linear_probe", "prompt_tuning", "p_tuning_v2", "lora", "fine_tune")
+    result = compare(cfg, baselines=rows, backbone=bb, splits=synthetic_splits(), out=str(tmp_path / "cmp"),
+                     say=lambda *a: None, search_steps=0)
+    by = {r["key"]: r for r in result["rows"]}
+    assert set(by) == set(rows) - {"zero_shot"} and any("zero-shot" in n for n in result["notes"])
+    assert by["prompt_tuning"]["accuracy"] >= 0.7 and by["linear_probe"]["accuracy"] > 0.5
+    head = 2 * 32 + 2
+    assert by["prompt_tuning"]["trainable_params"] == 4 * 32 + head and by["linear_probe"]["trainable_params"] == head
+
+
 def test_training_on_a_mask_template_needs_no_head(tmp_path):
     bb = make_encoder("roberta", init_range=0.2)
     task = {**HEAD_TASK, "template": "{text} it was {mask}", "verbalizer": {"positive": "good", "negative": "bad"}}

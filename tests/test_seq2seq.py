@@ -165,6 +165,27 @@ def test_a_tiny_t5_learns_the_synthetic_task_and_its_prompt_file_is_checked(tmp_
     assert "\n" not in str(e.value)
 
 
+def test_compare_on_a_tiny_t5_gives_every_row_it_can(tmp_path):
+    """compare on an encoder-decoder: zero-shot, the prompt methods whose kind it joins, LoRA and full fine-tuning
+    on the same rows; a row it has no join for is refused in one line."""
+    from softprompt.compare import compare
+    from softprompt.train.config import build_config
+
+    bb = make_seq2seq("t5")
+    cfg = build_config({"task": SYNTH_TASK, "out_dir": str(tmp_path / "cmp"), "seed": 0,
+                        "method": {"num_virtual_tokens": 4, "init": "random"},
+                        "train": {"steps": 40, "batch_size": 16, "lr": 0.1, "eval_every": 40, "precision": "float32",
+                                  "finetune_lr": 1e-3}})
+    rows = ("zero_shot", "prompt_tuning", "residual", "p_tuning", "lora", "fine_tune")
+    result = compare(cfg, baselines=rows, backbone=bb, splits=synthetic_splits(), out=str(tmp_path / "cmp"),
+                     say=lambda *a: None, search_steps=0)
+    by = {r["key"]: r for r in result["rows"]}
+    assert list(by) == list(rows)
+    assert by["prompt_tuning"]["accuracy"] >= 0.7 and by["prompt_tuning"]["trainable_params"] == 4 * 32
+    assert by["fine_tune"]["trainable_params"] > by["lora"]["trainable_params"] > 0
+    assert all(0 <= r["accuracy"] <= 1 and r["n"] == len(synthetic_splits()["test"]) for r in by.values())
+
+
 def test_a_seq2seq_folder_loads_as_an_encoder_decoder(tmp_path):
     bb = make_seq2seq("bart")
     bb.model.save_pretrained(tmp_path / "m")
