@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +89,8 @@ def main() -> None:
                                             "scores": {Path(k).stem: v for k, v in choice["scores"].items()},
                                             "probe_steps": choice["probe_steps"]},
               "machine": machine, "command": "python benchmarks/transfer.py" + "".join(
-                  f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                  if k != "out" and v != ap.get_default(k))}
+                  f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items()
+                  if v != ap.get_default(k))}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
