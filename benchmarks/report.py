@@ -391,6 +391,7 @@ RENDERERS = {
     "compare_rt": (comparison, "compare_rotten_tomatoes.json"),
     "compare_r8": (comparison, "compare_reuters_r8.json"),
     "compare_minilm_rt": (comparison, "compare_minilm_rotten_tomatoes.json"),
+    "compare_gemma_rt": (comparison, "compare_gemma_rotten_tomatoes.json"),
     "ensemble_minilm_rt": (ensemble, "ensemble_minilm_rt.json"),
     "multitask": (multitask, "multitask.json"),
     "transfer": (transfer, "transfer_minilm.json"),
