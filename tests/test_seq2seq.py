@@ -174,7 +174,7 @@ def test_compare_on_a_tiny_t5_gives_every_row_it_can(tmp_path):
     bb = make_seq2seq("t5")
     cfg = build_config({"task": SYNTH_TASK, "out_dir": str(tmp_path / "cmp"), "seed": 0,
                         "method": {"num_virtual_tokens": 4, "init": "random"},
-                        "train": {"steps": 40, "batch_size": 16, "lr": 0.1, "eval_every": 40, "precision": "float32",
+                        "train": {"steps": 60, "batch_size": 16, "lr": 0.1, "eval_every": 60, "precision": "float32",
                                   "finetune_lr": 1e-3}})
     rows = ("zero_shot", "prompt_tuning", "residual", "p_tuning", "lora", "fine_tune")
     result = compare(cfg, baselines=rows, backbone=bb, splits=synthetic_splits(), out=str(tmp_path / "cmp"),

@@ -338,11 +338,13 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
     elif set(baselines) & set(IMAGE_METHODS):
         raise SoftPromptError(f"row(s) {', '.join(sorted(set(baselines) & set(IMAGE_METHODS)))} need an image task")
     probe = task_encoder(task, bb, 0)
+    skipped = []  # notes for the table: rows that do not apply to this model
     if bb.kind == "encoder":  # in-context examples are a decoder's; zero-shot needs a {mask} template's MLM head
         skip = sorted(set(baselines) & ({"few_shot"} | ({"zero_shot"} if probe.needs_head else set())))
         if skip:
-            say(f"{' and '.join(skip)} skipped: {bb.name!r} is a text encoder"
-                + (" classified through a trained head" if probe.needs_head else ""))
+            skipped.append(f"{' and '.join(s.replace('_', '-') for s in skip)} skipped: {bb.name!r} is a text "
+                           "encoder" + (" classified through a trained head" if probe.needs_head else ""))
+            say(skipped[-1])
             baselines = [b for b in baselines if b not in skip]
     test, _ = probe.check_rows(splits.get("test", []), "test", cfg.train.skip_bad_rows)
     if test_examples and len(test) > test_examples:
@@ -389,7 +391,7 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
         rows.append(row)
         say(f"{row['method']}: {_fmt(row)} ({time.perf_counter() - t0:.0f} s)")
         _write(out, {**settings, "rows": rows, "complete": False})
-    result = {**settings, "rows": rows, "notes": _notes(rows), "complete": True}
+    result = {**settings, "rows": rows, "notes": skipped + _notes(rows), "complete": True}
     _write(out, result)
     return result
 

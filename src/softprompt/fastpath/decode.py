@@ -96,6 +96,8 @@ def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """The model's RMSNorm (Llama's: normalise in float32, back to the input dtype, times the weight), in few ops:
     the row norms of (B, H) rows, then one scale per row."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:  # one fused op: same sums, float32 throughout
+        return nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, eps)
     x32 = x.float()
     scale = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     return norm.weight * (x32 * scale).to(x.dtype)
