@@ -126,6 +126,20 @@ def weight_floor(bb, repeats: int = 9) -> float:
 PLAIN = "softprompt, lean decode step and packed weights off"
 
 
+def _public(argv: list[str]) -> list[str]:
+    """The command's arguments as a reader reruns them: a machine's own path to vLLM's Python left out (the
+    default, .venv-vllm, is what `bash .ci/run` makes)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--vllm-python":
+            skip = True
+        elif not a.startswith("--vllm-python="):
+            out.append(a)
+    return out
+
+
 def decode_speed(args) -> None:
     import threading
 
@@ -244,7 +258,7 @@ def decode_speed(args) -> None:
               "torch": torch.__version__, "cpu_flags": flags, "repeats": args.repeats,
               "weights_mb": sum(q.numel() * q.element_size() for q in bb.model.parameters()) / 1e6,
               "floor_ms": 1000 * floor, "rows": rows,
-              "command": "python benchmarks/generation.py " + " ".join(sys.argv[1:])}
+              "command": "python benchmarks/generation.py " + " ".join(_public(sys.argv[1:]))}
     out = Path(args.out or "benchmarks/results/decode_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -208,7 +208,9 @@ class Decoding:
         cache. Returns the indices of the rows that got a token or finished. `advance()` then runs the step."""
         tok = self.backbone.tokenizer
         changed, nxt = [], {}  # batch position -> picked token
-        greedy = self.logits.argmax(-1).tolist()  # one op for every greedy row
+        # one op for every greedy row; max's indices (the first maximum, like argmax) cost a quarter of argmax's
+        # on a CPU at (8, 49152)
+        greedy = self.logits.max(-1).indices.tolist()
         for b, i in enumerate(self.running):
             row = self.rows[i]
             changed.append(i)
