@@ -130,6 +130,8 @@ class PromptBank:
         if path.is_file():
             return self.add(name, path, replace=True)
         files = sorted(path.glob("*.safetensors"))
+        for f in files:
+            _no_link(f)
         how = path / "ensemble.json"
         combine = "mean"
         if how.exists():
