@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -192,8 +193,9 @@ def test_a_server_with_other_weights_is_refused_at_start(setup):
 
 
 def test_a_dead_vllm_server_fails_requests_and_health_says_so(setup):
-    """kill -9 of the vLLM server mid-generation: the request in flight gets an error (no hang), /health turns 503,
-    new requests are refused with 503."""
+    """kill -9 of the vLLM server with a request in flight: the request gets an error (no hang), /health turns 503,
+    new requests are refused with 503. The server is stopped (SIGSTOP) before the request goes out, so that it is
+    still in flight at the kill: a tiny model could otherwise finish the whole answer before the kill lands."""
     import signal
 
     tmp = setup["tmp"]
@@ -208,16 +210,16 @@ def test_a_dead_vllm_server_fails_requests_and_health_says_so(setup):
             done = threading.Event()
 
             def emit(kind, value):
-                if kind == "delta":  # killed at its first streamed text: the rest is still to be generated
-                    if not got.get("killed"):
-                        got["killed"] = True
-                        os.killpg(server.process.pid, signal.SIGKILL)
-                    return
-                got[kind] = value
-                done.set()
+                if kind != "delta":
+                    got[kind] = value
+                    done.set()
 
             job.emit = emit
+            server.pause()  # it cannot answer now: the request waits on it
             eng.submit(job)
+            time.sleep(1.0)
+            assert not done.is_set()
+            os.killpg(server.process.pid, signal.SIGKILL)
             assert done.wait(60), "the request in flight was never answered"
             assert "error" in got and "vLLM" in got["error"]
             server.process.wait(10)
