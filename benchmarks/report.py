@@ -241,7 +241,7 @@ def serving_continuous(res: dict) -> str:
     for r in rows:
         lines.append(f"| {names[r['mode']]} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s | "
-                     f"{r['latency_p99_s'] / r['latency_p50_s']:.1f} |")
+                     f"{r['latency_p99_s'] / r['latency_p50_s']:.2f} |")
     command = meta.get("command", "python benchmarks/serving.py")
     out = command.split("--out ", 1)[1].split()[0] if "--out " in command else "benchmarks/results/serving.json"
     lines += ["", f"Command: `{command}` -> `{out}`."]
@@ -401,6 +401,7 @@ RENDERERS = {
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
+    "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),

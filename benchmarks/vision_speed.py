@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import softprompt as sp
+from softprompt.compare import lora_targets
 from softprompt.methods import VPT, PixelPrompting
 from softprompt.model import MixedPromptedModel, PromptedModel
 from softprompt.precision import autocast, resolve_precision
@@ -74,7 +75,7 @@ def main() -> None:
         net = copy.deepcopy(bb.model)
         head = torch.nn.Linear(bb.hidden_size, len(labels))
         if kind == "lora":
-            net = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+            net = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=lora_targets(net)))
         else:
             net.requires_grad_(True)
         params = [p for p in net.parameters() if p.requires_grad] + list(head.parameters())

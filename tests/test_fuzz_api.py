@@ -31,7 +31,8 @@ def test_no_request_gets_a_server_error(served):
     """Each operation of the schema, valid and invalid bodies generated from it (schemathesis' strategies, driven by
     hypothesis directly: its pytest plugin does not support this pytest)."""
     operations = _operations(served)
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
+                                            "/v1/classify", "/v1/detect"}
     tried = 0
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

@@ -113,7 +113,7 @@ def test_the_model_itself_is_untouched_outside_a_prompted_forward():
     torch.testing.assert_close(model.classify(x).shape, torch.Size([2, 3]))  # re-installed on demand
 
 
-def test_vpt_on_a_transformers_vit_and_a_linear_probe():
+def test_vpt_on_a_transformers_vit_and_a_linear_probe(tmp_path):
     bb = tiny_vit()
     vpt = VPT.create(bb, num_virtual_tokens=2, deep=True, dropout=0.0, init_labels=LABELS)
     x = torch.randn(2, 3, 16, 16)
@@ -131,6 +131,12 @@ def test_vpt_on_a_transformers_vit_and_a_linear_probe():
     probe = VPT.create(bb, num_virtual_tokens=0, init_labels=LABELS)  # zero tokens: the head alone
     torch.testing.assert_close(PromptedModel(bb, probe).classify(x),
                                m(pixel_values=x).last_hidden_state[:, 0] @ probe.head_weight.T + probe.head_bias)
+    from softprompt.files import load_prompt, save_prompt
+    from softprompt.methods import from_file
+
+    path = save_prompt(tmp_path / "probe.safetensors", probe, bb)  # a head-only file loads back (no tokens)
+    again = from_file(load_prompt(path, backbone=bb))
+    torch.testing.assert_close(PromptedModel(bb, again).classify(x), PromptedModel(bb, probe).classify(x))
 
 
 def test_pixel_prompt_border_and_patch_on_a_cnn():

@@ -82,12 +82,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .files import check_prompt, read_prompt
     from .methods import from_file
     from .model import PromptedModel
+    from .tasks.detection import DetectionEncoder
     from .tasks.images import ImageEncoder
     from .tasks.spec import load_task
 
     pf = read_prompt(args.prompt)
     task = pf.metadata.get("task") or {}
-    if task.get("modality") != "image":
+    if task.get("modality") not in ("image", "detection"):
         raise SoftPromptError(f"{args.prompt} is not an image task's prompt; predict classifies images (for text "
                               "use softprompt eval or serve)")
     model = args.model or (pf.metadata.get("backbone") or {}).get("name")
@@ -95,9 +96,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise SoftPromptError(f"{args.prompt} names no backbone; pass --model")
     bb = load_backbone(model)
     check_prompt(pf, bb)
-    enc = ImageEncoder(load_task(task), pf.metadata.get("preprocessing") or bb.preprocessing)
+    pre = pf.metadata.get("preprocessing") or bb.preprocessing
     prompted = PromptedModel(bb, from_file(pf, bb.device))
     out = []
+    if task["modality"] == "detection":  # each image's objects, boxes in its own pixels
+        det = DetectionEncoder(load_task(task), pre)
+        for f in args.images:
+            pixels, (w, h) = det.read(f, bb.device)
+            with torch.no_grad():
+                logits, boxes = prompted.detect(pixels)
+            out.append({"file": f, "objects": det.objects(logits[0], boxes[0], w, h, args.threshold)})
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return
+        for r in out:
+            found = ", ".join(f"{o['label']} {o['score']:.2f} at {o['box']}" for o in r["objects"]) or "nothing"
+            print(f"{r['file']}: {found}")
+        return
+    enc = ImageEncoder(load_task(task), pre)
     for start in range(0, len(args.images), 16):
         files = args.images[start:start + 16]
         with torch.no_grad():
@@ -400,13 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", metavar="FILE", help="a pixel prompt: write a picture of the learned pixels")
     i.set_defaults(func=cmd_inspect)
 
-    r = sub.add_parser("predict", help="classify image files with an image prompt",
-                       description="The label and scores of each image under an image task's prompt file (the "
-                                   "backbone named in the file unless --model is given).")
+    r = sub.add_parser("predict", help="classify image files (or find objects in them) with an image prompt",
+                       description="The label and scores of each image under an image task's prompt file, or the "
+                                   "objects a detection task's prompt finds (label, score, box in the image's "
+                                   "pixels); the backbone named in the file unless --model is given.")
     r.add_argument("prompt", help="prompt file of an image task")
     r.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     r.add_argument("--model", help="backbone (default: the one named in the file)")
     r.add_argument("--top", type=int, default=3, help="labels shown per image")
+    r.add_argument("--threshold", type=float, default=0.5, help="detection: the lowest score of an object shown")
     r.add_argument("--json", action="store_true", help="print one JSON document")
     r.set_defaults(func=cmd_predict)
 

@@ -45,6 +45,8 @@ from .train.memory import peak_memory, reset_peak
 IMAGE_METHODS = {"vpt": {"name": "vpt"}, "vpt_deep": {"name": "vpt", "deep": True},
                  "pixel_prompt": {"name": "pixel_prompt"}, "coop": {"name": "coop"},
                  "cocoop": {"name": "cocoop"}}  # row -> method args (image tasks; coop/cocoop: a CLIP backbone)
+DETECTION_METHODS = {"linear_probe": {"name": "vpt", "num_virtual_tokens": 0}, "vpt": {"name": "vpt"},
+                     "vpt_deep": {"name": "vpt", "deep": True}}  # detection rows trained by the loop (set loss)
 PROMPT_METHODS = ("prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2", *IMAGE_METHODS)
 BASELINES = ("zero_shot", "few_shot", "linear_probe", *PROMPT_METHODS, "lora", "fine_tune")
 TEXT_ONLY = {"zero_shot", "few_shot", "prompt_tuning", "residual", "p_tuning", "prefix_tuning", "p_tuning_v2"}
@@ -59,6 +61,7 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "prefix_tuning": (3e-4, 1e-3, 3e-3), "p_tuning_v2": (3e-3, 1e-2, 3e-2), "lora": (1e-4, 3e-4, 1e-3),
     "fine_tune": (1e-5, 2e-5, 5e-5), "vpt": (3e-3, 1e-2, 3e-2), "vpt_deep": (3e-3, 1e-2, 3e-2),
     "pixel_prompt": (3e-3, 1e-2, 3e-2), "coop": (3e-4, 1e-3, 2e-3), "cocoop": (3e-4, 1e-3, 2e-3),
+    "linear_probe": (3e-3, 1e-2, 3e-2),  # a detector's class head alone, trained by the loop (text/images: L-BFGS)
 }
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 
@@ -69,7 +72,7 @@ NAMES = {"zero_shot": "zero-shot (template only)", "few_shot": "few-shot ({k} ex
          "lora": "LoRA (r 8, q/v projections)", "fine_tune": "full fine-tuning (all weights)",
          "vpt": "VPT-shallow ({p} tokens)", "vpt_deep": "VPT-deep ({p} tokens per layer)",
          "pixel_prompt": "pixel prompt (border)", "coop": "CoOp ({p} context tokens)",
-         "cocoop": "CoCoOp ({p} context tokens)"}
+         "cocoop": "CoCoOp ({p} context tokens)", "detection_probe": "class head only (frozen detector)"}
 SHARES = {"lora": "no: its own weights", "fine_tune": "no: its own model"}  # every other row: yes
 
 
@@ -97,7 +100,7 @@ def few_shot_prefix(task: TaskSpec, tokenizer, train_rows: list[dict], k: int, s
 def _row(key: str, name: str, metrics: dict, trainable: int, bytes_per_task: int, train_s: float, memory: dict,
          **extra: Any) -> dict:
     return {"key": key, "method": name, "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
-            "exact_match": metrics.get("exact_match"), "recall": metrics.get("recall"), "n": metrics.get("n"),
+            "exact_match": metrics.get("exact_match"), "map": metrics.get("map"), "test_loss": metrics.get("loss"), "recall": metrics.get("recall"), "n": metrics.get("n"),
             "trainable_params": trainable, "bytes_per_task": bytes_per_task, "train_seconds": round(train_s, 1),
             "shares_batch": SHARES.get(key, "yes"), **memory, **extra, "confusion": metrics.get("confusion")}
 
@@ -112,6 +115,7 @@ class _Compare:
         self.search_steps, self.lr_grids, self.overwrite = search_steps, lr_grids, overwrite
         self.probe = task_encoder(self.task, bb, 0)
         self.images = getattr(self.task, "modality", "text") == "image"
+        self.detection = self.task.kind == "detection"
 
     def test_metrics(self, model, enc) -> dict:
         model.eval()
@@ -146,7 +150,7 @@ class _Compare:
     def prompt_method(self, key: str) -> dict:
         from .train.loop import fit
 
-        args = IMAGE_METHODS.get(key, {"name": key})
+        args = (DETECTION_METHODS if self.detection else IMAGE_METHODS).get(key, {"name": key})
 
         def train(lr, steps, sub):
             cfg = replace(self._cfg(f"{key}/{sub}", steps, lr=lr), method=replace(self.cfg.method, **args))
@@ -168,7 +172,9 @@ class _Compare:
         enc = task_encoder(self.task, self.bb, method.num_virtual_tokens)
         m = self.test_metrics(PromptedModel(self.bb, method), enc)
         key = key or pf.method
-        name = NAMES.get(key, key).format(p=method.num_virtual_tokens)
+        name = NAMES["detection_probe" if self.detection and key == "linear_probe" else key] \
+            if key in NAMES else key
+        name = name.format(p=method.num_virtual_tokens)
         trainable = info.get("trainable_params", sum(t.numel() for t in pf.tensors.values()))
         memory = {k: info[k] for k in ("peak_rss_mb", "peak_cuda_mb") if k in info}
         return _row(key, name, m, trainable, Path(prompt_path).stat().st_size, info.get("train_seconds", 0.0),
@@ -305,8 +311,12 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, k: int, weight: torch.Tensor
 
 
 def _score(metrics: dict) -> float:
-    """The validation number that picks a learning rate: macro-F1 for classification (robust to imbalance)."""
-    return metrics.get("macro_f1", metrics.get("exact_match", 0.0))
+    """The validation number that picks a learning rate: macro-F1 for classification (robust to imbalance), mean
+    average precision for detection, exact match for generation."""
+    for k in ("macro_f1", "map", "exact_match"):
+        if metrics.get(k) is not None:
+            return metrics[k]
+    return 0.0
 
 
 def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT_BASELINES, k_shot: int = 4,
@@ -323,11 +333,18 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
     if unknown:
         raise SoftPromptError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
     task = load_task(cfg.task)
-    if task.kind != "classification" and set(baselines) & {"few_shot", "linear_probe"}:
+    if task.kind == "detection":
+        other = sorted(set(baselines) - set(DETECTION_METHODS) - {"lora", "fine_tune"})
+        if other:
+            raise SoftPromptError(f"row(s) {', '.join(other)} do not apply to a detection task; detection rows: "
+                                  f"{', '.join(DETECTION_METHODS)}, lora, fine_tune")
+    elif task.kind != "classification" and set(baselines) & {"few_shot", "linear_probe"}:
         raise SoftPromptError("few-shot and linear-probe rows need a classification task")
     bb = backbone or load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device)
     splits = splits or load_task_splits(task, seed=cfg.seed)
-    if getattr(task, "modality", "text") == "image":
+    if task.kind == "detection":
+        cfg = replace(cfg, task=task.to_dict())
+    elif getattr(task, "modality", "text") == "image":
         if not task.labels:
             task.labels = sorted({str(r[task.label_field]) for r in splits["train"]})
         text_rows = sorted(set(baselines) & TEXT_ONLY)
@@ -379,6 +396,8 @@ def compare(cfg: RunConfig, *, prompt_file: str | None = None, baselines=DEFAULT
             say(f"few-shot: scoring {len(test)} test rows with {k_shot} examples in context ...")
             m = run.test_metrics(run.bare(), enc)
             row = _row(key, NAMES[key].format(k=k_shot), m, 0, len(prefix.encode()), 0.0, peak_memory())
+        elif key == "linear_probe" and task.kind == "detection":
+            row = run.prompt_method(key)
         elif key == "linear_probe":
             say("linear probe: features of the frozen model, a balanced logistic-regression head ...")
             row = run.linear_probe()
@@ -429,6 +448,14 @@ def _finished_rows(path: Path, settings: dict) -> dict[str, dict]:
 def _notes(rows: list[dict]) -> list[str]:
     """What the table says in words: the best prompt method against the linear probe and full fine-tuning."""
     by = {r["key"]: r for r in rows}
+    if any(r.get("map") is not None for r in rows):  # detection: mean average precision; the head-only row's key
+        prompts = [r for r in rows if r["key"] in ("vpt", "vpt_deep") and r.get("map") is not None]
+        if prompts and "fine_tune" in by:
+            best = max(prompts, key=lambda r: r["map"])
+            gap = by["fine_tune"]["map"] - best["map"]
+            return [f"best prompt method ({best['method']}) is {abs(gap):.3f} mAP "
+                    f"{'behind' if gap > 0 else 'ahead of'} full fine-tuning"]
+        return []
     prompts = [r for r in rows if r["key"] in PROMPT_METHODS and r.get("macro_f1") is not None]
     notes = []
     if prompts:
@@ -450,6 +477,8 @@ def _progress(line: str) -> None:
 
 
 def _fmt(r: dict) -> str:
+    if r.get("map") is not None:
+        return f"mAP@0.5 {r['map']:.3f} (n={r['n']})"
     if r.get("accuracy") is not None:
         return f"accuracy {r['accuracy']:.1%}, macro-F1 {r['macro_f1']:.3f} (n={r['n']})"
     return f"exact match {r['exact_match']:.1%} (n={r['n']})"
@@ -465,17 +494,22 @@ def _size(n: int | None) -> str:
 
 
 def markdown_table(result: dict) -> str:
+    detection = any(r.get("map") is not None for r in result["rows"])
+    quality = "mAP@0.5" if detection else "accuracy | macro-F1"
     head = (f"{result['task']} on {result['model']}, {result['test_rows']} test rows\n\n"
-            "| method | accuracy | macro-F1 | trainable params | bytes per task | train time | peak memory | "
-            "shares a batch |\n|---|---|---|---|---|---|---|---|")
+            f"| method | {quality} | trainable params | bytes per task | train time | peak memory | "
+            f"shares a batch |\n|---|{'---|' * (1 if detection else 2)}---|---|---|---|---|")
     lines = [head]
     for r in result["rows"]:
-        acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else f"EM {r['exact_match']:.1%}"
-        f1 = f"{r['macro_f1']:.3f}" if r["macro_f1"] is not None else "-"
+        if detection:
+            score = f"{r['map']:.3f}"
+        else:
+            acc = f"{r['accuracy']:.1%}" if r["accuracy"] is not None else f"EM {r['exact_match']:.1%}"
+            score = f"{acc} | {r['macro_f1']:.3f}" if r["macro_f1"] is not None else f"{acc} | -"
         mem = f"{r['peak_rss_mb']:.0f} MB RSS" if r.get("peak_rss_mb") else "-"
         if r.get("peak_cuda_mb"):
             mem += f", {r['peak_cuda_mb']:.0f} MB CUDA"
-        lines.append(f"| {r['method']} | {acc} | {f1} | {r['trainable_params']:,} | {_size(r['bytes_per_task'])} | "
+        lines.append(f"| {r['method']} | {score} | {r['trainable_params']:,} | {_size(r['bytes_per_task'])} | "
                      f"{r['train_seconds']:.0f} s | {mem} | {r.get('shares_batch', 'yes')} |")
     for note in result.get("notes") or []:
         lines.append(f"\n{note[0].upper()}{note[1:]}.")

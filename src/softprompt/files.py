@@ -168,7 +168,8 @@ def _check_meta(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> None
             raise SoftPromptError(f"{path}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not float32, "
                                   "float16, bfloat16 or float64; the file is damaged or not a prompt")
         want = {"prompt": 2, "kv": 5}.get(key)
-        if t.ndim == 0 or 0 in t.shape or (want is not None and t.ndim != want):
+        empty = 0 in t.shape and not (key == "tokens" and t.ndim == 3 and t.shape[1] == 0 and t.shape[0] * t.shape[2])
+        if t.ndim == 0 or empty or (want is not None and t.ndim != want):  # VPT with no tokens: a head alone
             raise SoftPromptError(f"{path}: tensor {key!r} has shape {tuple(t.shape)}; the file is damaged")
 
 

@@ -179,6 +179,13 @@ class MixedPromptedModel:
 
         return classify_mixed(self.backbone, self.prompts, pixel_values)
 
+    @torch.no_grad()
+    def detect(self, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row i's (logits (N, K_i + 1), boxes (N, 4)) under its own detection prompt, in shared forwards."""
+        from .joins import detect_mixed
+
+        return detect_mixed(self.backbone, self.prompts, pixel_values)
+
     def take(self, index: torch.Tensor) -> MixedPromptedModel:
         return MixedPromptedModel(self.backbone, [self.prompts[i] for i in index.tolist()], self.reuse_prompt_cache,
                                   self.grad)

@@ -35,11 +35,11 @@ from .clip import ContextIntoCLIP
 from .encoder import EmbeddingsIntoEncoder, EncoderJoin, KVIntoEncoder
 from .module import EmbeddingsIntoModule, prefix_join
 from .seq2seq import EmbeddingsIntoSeq2Seq
-from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed
+from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed, detect_mixed
 
 __all__ = ["JOINS", "CausalJoin", "ContextIntoCLIP", "EmbeddingsIntoCausalLM", "EmbeddingsIntoEncoder", "EmbeddingsIntoModule", "EmbeddingsIntoSeq2Seq", "EncoderJoin", "ImageJoin", "Join",
            "KVIntoCausalLM", "KVIntoEncoder", "PatchTokensIntoViT", "PixelsIntoImage", "PixelsIntoViT", "Prefix", "check_mask",
-           "classify_mixed", "get_join", "input_positions", "prefix_join", "register", "run_rows", "stack_prefixes",
+           "classify_mixed", "detect_mixed", "get_join", "input_positions", "prefix_join", "register", "run_rows", "stack_prefixes",
            "truncate_to_fit"]
 
 

@@ -14,6 +14,7 @@ gets its own head.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from ..errors import SoftPromptError
 from ..prompts import Head, PatchPrompt, PixelPrompt
 from ..runtime import runtime
-from .base import Join, register
+from .base import JOINS, Join, register
 
 _TOKENS: ContextVar[torch.Tensor | None] = ContextVar("softprompt_patch_tokens", default=None)  # (B|1, D, P, H)
 _DEEP: ContextVar[torch.Tensor | None] = ContextVar("softprompt_deep_rows", default=None)  # (B,) bool, or None: all
@@ -74,7 +75,8 @@ def apply_head(head: Head, features: torch.Tensor) -> torch.Tensor:
 
 
 def apply_heads(prompts: list, features: torch.Tensor) -> list[torch.Tensor]:
-    """Each row through its own prompt's head: one batched product when the heads have the same shape."""
+    """Each row through its own prompt's head (features (B, F), or (B, N, F) per detection token): one batched
+    product when the heads have the same shape."""
     if len(prompts) == 1:
         return [apply_head(prompts[0].head, features)]
     shapes = {tuple(p.head.weight.shape) for p in prompts}
@@ -82,17 +84,19 @@ def apply_heads(prompts: list, features: torch.Tensor) -> list[torch.Tensor]:
         return [apply_head(p.head, features[i:i + 1]) for i, p in enumerate(prompts)]
     w = torch.stack([p.head.weight for p in prompts])  # (B, K, F)
     b = torch.stack([p.head.bias for p in prompts])  # (B, K)
-    logits = torch.einsum("bf,bkf->bk", features.to(w.dtype), w) + b
-    return list(logits.unsqueeze(1).unbind(0))  # B x (1, K)
+    logits = torch.einsum("b...f,bkf->b...k", features.to(w.dtype), w)
+    logits = logits + b.view(b.shape[0], *[1] * (logits.ndim - 2), b.shape[1])
+    return list(logits.unsqueeze(1).unbind(0))  # B x (1, [N,] K)
 
 
-def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor,
-                 deep: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H) final CLS states with tokens (D, P, H) for every row, or (B, D, P, H) a set per row; `deep` (B,)
-    marks the rows whose later-layer tokens apply (the others are shallow prompts padded to D layers)."""
+@contextmanager
+def patch_tokens(backbone: Any, tokens: torch.Tensor, deep: torch.Tensor | None = None):
+    """Within it, the backbone's forwards take VPT tokens (D, P, H) for every row, or (B, D, P, H) a set per row;
+    `deep` (B,) marks the rows whose later-layer tokens apply (the others are shallow prompts padded to D layers)."""
     tokens = tokens.unsqueeze(0) if tokens.ndim == 3 else tokens
     if tokens.shape[2] == 0:
-        return backbone.features(pixel_values)
+        yield
+        return
     D = tokens.shape[1]
     if D not in (1, backbone.num_layers):
         raise SoftPromptError(f"a VPT prompt of depth {D} does not fit backbone {backbone.name!r} with "
@@ -100,10 +104,17 @@ def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor
     install_hooks(backbone)
     reset, reset_deep = _TOKENS.set(tokens), _DEEP.set(deep)
     try:
-        return backbone.features(pixel_values)
+        yield
     finally:
         _TOKENS.reset(reset)
         _DEEP.reset(reset_deep)
+
+
+def vit_features(backbone: Any, tokens: torch.Tensor, pixel_values: torch.Tensor,
+                 deep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H) final CLS states with VPT tokens (see `patch_tokens`)."""
+    with patch_tokens(backbone, tokens, deep):
+        return backbone.features(pixel_values)
 
 
 def check_images(backbone: Any, pixel_values: torch.Tensor, size: int | None = None) -> None:
@@ -141,18 +152,21 @@ class PatchTokensIntoViT(ImageJoin):
 
     def classify_rows(self, backbone, prompts: list[PatchPrompt], pixel_values):
         check_images(backbone, pixel_values)
-        deep = None
-        if len(prompts) == 1:
-            tokens = prompts[0].tokens
-        elif len({p.depth for p in prompts}) == 1:
-            tokens = torch.stack([p.tokens for p in prompts])
-        else:  # shallow rows padded to every layer (their later slots unused), deep rows marked
-            L = max(p.depth for p in prompts)
-            tokens = torch.stack([p.tokens if p.depth == L else
-                                  torch.cat([p.tokens, p.tokens.new_zeros(L - 1, *p.tokens.shape[1:])])
-                                  for p in prompts])
-            deep = torch.tensor([p.depth == L for p in prompts], device=pixel_values.device)
+        tokens, deep = row_tokens(prompts)
         return apply_heads(prompts, vit_features(backbone, tokens, pixel_values, deep))
+
+
+def row_tokens(prompts: list[PatchPrompt]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token sets of rows whose VPT prompts have one length: (D, P, H) for one prompt (every row), else
+    (B, D, P, H) a set per row, shallow rows padded to every layer and the deep rows marked ((B,) bool)."""
+    if len(prompts) == 1:
+        return prompts[0].tokens, None
+    if len({p.depth for p in prompts}) == 1:
+        return torch.stack([p.tokens for p in prompts]), None
+    L = max(p.depth for p in prompts)
+    tokens = torch.stack([p.tokens if p.depth == L else
+                          torch.cat([p.tokens, p.tokens.new_zeros(L - 1, *p.tokens.shape[1:])]) for p in prompts])
+    return tokens, torch.tensor([p.depth == L for p in prompts], device=tokens.device)
 
 
 @register
@@ -180,8 +194,6 @@ class PixelsIntoViT(PixelsIntoImage):
 
 def classify_mixed(backbone: Any, prompts: list, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Row i's logits (K_i,) under prompts[i]: rows whose prompts share a join and a group run in one forward."""
-    from .base import JOINS
-
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(prompts):
         join = JOINS.get((p.kind, backbone.kind))
@@ -206,20 +218,45 @@ class PatchTokensIntoDetector(ImageJoin):
     prompt_kind = "patch_tokens"
     backbone_kind = "detector"
 
+    def group(self, prompt: PatchPrompt) -> tuple:
+        return (prompt.num_virtual_tokens,)
+
     def detect(self, model: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits (B, N, K + 1), boxes (B, N, 4) normalised centre x, centre y, width, height)."""
-        bb = model.backbone
-        check_images(bb, pixel_values)
-        prompt = model.method()
-        if prompt.num_virtual_tokens and getattr(bb.model.config, "use_mid_position_embeddings", False):
-            raise SoftPromptError(f"{bb.name!r} adds position embeddings between its layers (YOLOS small/base): "
+        return self.detect_rows(model.backbone, [model.method()], pixel_values)[0]
+
+    def detect_rows(self, backbone: Any, prompts: list[PatchPrompt],
+                    pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward for rows that each have a VPT prompt of one length (one prompt: every row); per prompt its
+        rows' (logits, boxes)."""
+        check_images(backbone, pixel_values)
+        if any(p.num_virtual_tokens for p in prompts) and \
+                getattr(backbone.model.config, "use_mid_position_embeddings", False):
+            raise SoftPromptError(f"{backbone.name!r} adds position embeddings between its layers (YOLOS small/base): "
                                   "tokens cannot be inserted there; use a YOLOS without them (yolos-tiny)")
-        tokens = prompt.tokens.unsqueeze(0) if prompt.tokens.ndim == 3 else prompt.tokens
-        if tokens.shape[2]:
-            install_hooks(bb)
-        reset = _TOKENS.set(tokens if tokens.shape[2] else None)
-        try:
-            states = bb.detection_states(pixel_values)
-        finally:
-            _TOKENS.reset(reset)
-        return apply_head(prompt.head, states), bb.boxes(states)
+        tokens, deep = row_tokens(prompts)
+        with patch_tokens(backbone, tokens, deep):
+            states = backbone.detection_states(pixel_values)
+        boxes = backbone.boxes(states)
+        logits = apply_heads(prompts, states)
+        if len(prompts) == 1:
+            return [(logits[0], boxes)]
+        return [(x, boxes[i:i + 1]) for i, x in enumerate(logits)]
+
+
+def detect_mixed(backbone: Any, prompts: list, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row i's (logits (N, K_i + 1), boxes (N, 4)) under prompts[i]: rows whose prompts have one length share a
+    forward."""
+    join = JOINS.get(("patch_tokens", backbone.kind))
+    if not isinstance(join, PatchTokensIntoDetector) or any(p.kind != "patch_tokens" for p in prompts):
+        raise SoftPromptError(f"detection needs VPT prompts on a detector backbone; got "
+                              f"{sorted({p.kind for p in prompts})} on a {backbone.kind!r} backbone")
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(join.group(p), []).append(i)
+    out: list = [None] * len(prompts)
+    for rows in groups.values():
+        for i, (logits, boxes) in zip(rows, join.detect_rows(backbone, [prompts[i] for i in rows],
+                                                             pixel_values[rows]), strict=True):
+            out[i] = (logits[0], boxes[0])
+    return out

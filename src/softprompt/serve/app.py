@@ -79,6 +79,18 @@ class ClassifyRequest(BaseModel):
     input: str | dict[str, str] | list[str | dict[str, str]]
 
 
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: dict[str, str] | list[dict[str, str]]  # {"image": base64 or a data: URL}
+    threshold: float = Field(0.5, ge=0.0, le=1.0)  # the lowest score of an object kept
+
+
+def _body(schema: type[BaseModel]) -> dict:
+    """The OpenAPI request body of an endpoint that reads its body itself (JSON, or a multipart upload)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+
+
 # --- errors -----------------------------------------------------------------------------------------------
 
 
@@ -421,42 +433,66 @@ def create_app(engine: Frontend, api_key: str | None = None, prompts_dir: str | 
                             default_max_tokens=engine.chat_max_tokens, **sampling_args(req, max_tokens))
         return await run([job], True, req, request)
 
-    @app.post("/v1/classify", dependencies=[Depends(authorize)])
-    async def classify(request: Request):
-        """JSON {"model", "input"} (text, fields, or {"image": base64}); or a multipart upload: a `model` field
-        and one or more `image` files."""
+    async def read_items(request: Request, schema: type[BaseModel]) -> tuple[BaseModel, list]:
+        """A JSON body of `schema`, or a multipart upload (a `model` field, one or more `image` files, the other
+        fields of the schema as form fields): the request and its input items."""
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form()
             files = form.getlist("image")
             if not isinstance(form.get("model"), str) or not files:
                 raise RequestError("a multipart request needs a 'model' field and at least one 'image' file",
                                    param="image")
-            req = ClassifyRequest(model=form["model"], input=[{"image": "upload"} for _ in files])
-            uploads = [await f.read() if hasattr(f, "read") else str(f).encode() for f in files]
-        else:
-            try:  # the same answers as a JSON body FastAPI validates itself
-                req = ClassifyRequest.model_validate(json.loads(await request.body()))
-            except json.JSONDecodeError as e:
-                raise RequestValidationError([{"type": "json_invalid", "msg": str(e), "loc": ("body",)}]) from None
+            fields = {k: v for k, v in form.items() if k not in ("model", "image") and isinstance(v, str)}
+            try:
+                req = schema.model_validate({**fields, "model": form["model"],
+                                             "input": [{"image": "upload"} for _ in files]})
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
-            uploads = None
-        items = req.input if isinstance(req.input, list) else [req.input]
-        if uploads is not None:
-            items = [{"image": u} for u in uploads]
+            items = [{"image": await f.read() if hasattr(f, "read") else str(f).encode()} for f in files]
+        else:
+            try:  # the same answers as a JSON body FastAPI validates itself
+                req = schema.model_validate(json.loads(await request.body()))
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:  # not JSON, or not text at all
+                raise RequestValidationError([{"type": "json_invalid", "msg": str(e), "loc": ("body",)}]) from None
+            items = req.input if isinstance(req.input, list) else [req.input]
         if not items:
-            raise RequestError("input is empty; send some text", param="input")
+            raise RequestError("input is empty; send some text or an image", param="input")
         if len(items) > engine.max_batch:
             raise RequestError(f"at most {engine.max_batch} inputs per request", param="input")
-        jobs = await prepare(lambda: [engine.classify_job(req.model, item) for item in items])
+        return req, items
+
+    async def answer_all(jobs: list[Job], request: Request) -> dict[int, Result] | JSONResponse:
         events = listen(jobs)
         engine.submit_all(jobs)
-        results = await collect(jobs, events, request)
+        return await collect(jobs, events, request)
+
+    @app.post("/v1/classify", dependencies=[Depends(authorize)], openapi_extra=_body(ClassifyRequest))
+    async def classify(request: Request):
+        """JSON {"model", "input"} (text, fields, or {"image": base64}); or a multipart upload: a `model` field
+        and one or more `image` files."""
+        req, items = await read_items(request, ClassifyRequest)
+        jobs = await prepare(lambda: [engine.classify_job(req.model, item) for item in items])
+        results = await answer_all(jobs, request)
         if isinstance(results, JSONResponse):
             return results
         data = [{"index": i, "label": results[i].label, "scores": results[i].scores} for i in range(len(jobs))]
         return {"object": "list", "model": req.model, "data": data,
                 "usage": {"prompt_tokens": sum(r.prompt_tokens for r in results.values())}}
+
+    @app.post("/v1/detect", dependencies=[Depends(authorize)], openapi_extra=_body(DetectRequest))
+    async def detect(request: Request):
+        """Objects in images for a detection task: JSON {"model", "input": {"image": base64}, "threshold"} (a list
+        of inputs too), or a multipart upload (`model`, optional `threshold`, `image` files). Each image's objects:
+        label, score, box [x0, y0, x1, y1] in the image's pixels, best first."""
+        req, items = await read_items(request, DetectRequest)
+        jobs = await prepare(lambda: [engine.detect_job(req.model, item, req.threshold) for item in items])
+        results = await answer_all(jobs, request)
+        if isinstance(results, JSONResponse):
+            return results
+        return {"object": "list", "model": req.model,
+                "data": [{"index": i, "objects": results[i].objects} for i in range(len(jobs))]}
 
     @app.post("/admin/reload", dependencies=[Depends(authorize)])
     async def reload() -> dict:
@@ -486,8 +522,9 @@ def build_server(model: str, prompts: str | None = None, *, dtype: str | None = 
     if engine not in ("builtin", "vllm"):
         raise SoftPromptError(f"unknown engine {engine!r}; use builtin or vllm")
     bb = load_backbone(model, dtype=dtype, device=device)
-    if bb.kind not in ("causal_lm", "encoder", "vit", "image", "clip"):
-        raise SoftPromptError(f"serving needs a causal LM, a text encoder or an image model; {model!r} is a {bb.kind}")
+    if bb.kind not in ("causal_lm", "seq2seq", "encoder", "vit", "image", "clip", "detector"):
+        raise SoftPromptError(f"serving needs a language model, a text encoder or an image model; {model!r} is a "
+                              f"{bb.kind}")
     if engine == "vllm" and bb.kind != "causal_lm":
         raise SoftPromptError(f"--engine vllm serves causal LMs; {model!r} is a {bb.kind} model: use the built-in engine")
     bank = PromptBank(bb, prompts)

@@ -165,7 +165,7 @@ class Engine(Frontend):
                     with self.metrics.lock:
                         self.metrics.cancelled += 1
                     continue
-                if job.kind == "classify":
+                if job.kind != "generate":  # classification and detection: scored in this step, no running row
                     if (classify and classify + job.copies > self.max_batch) or (job.cost > budget and taken):
                         break
                     classify += job.copies
@@ -208,6 +208,7 @@ class Engine(Frontend):
         """Score the classification requests now; prefill the generations and merge them into the running batch."""
         generate = self._generate_whole if self.backbone.kind == "seq2seq" else self._prefill
         groups = [([j for j in jobs if j.kind == "classify"], self._classify),
+                  ([j for j in jobs if j.kind == "detect"], self._detect),
                   ([j for j in jobs if j.kind == "generate" and not j.row.cancelled], generate)]
         if not self.mix_tasks:  # the per-adapter baseline: a batch per task, each decoded to its end
             groups = [([j for j in group if j.task == task], runner) for group, runner in groups
@@ -261,6 +262,21 @@ class Engine(Frontend):
             self.metrics.finished(job, 0)
             job.send("done", Result(prompt_tokens=len(job.ids), label=labels[best],
                                     scores=dict(zip(labels, s.tolist(), strict=True))))
+
+    def _detect(self, jobs: list[Job]) -> None:
+        """Every detection request in one mixed batch (one forward per image size and prompt length), each row under
+        its task's prompt and class head."""
+        by_size: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            by_size.setdefault(tuple(job.pixels.shape), []).append(job)
+        for group in by_size.values():
+            out = MixedPromptedModel(self.backbone, [j.prompt for j in group]).detect(
+                torch.cat([j.pixels for j in group]))
+            for job, (logits, boxes) in zip(group, out, strict=True):
+                objects = job.encoder.objects(logits, boxes, *job.image_size, threshold=job.threshold)
+                job.first_token = time.perf_counter()
+                self.metrics.finished(job, 0)
+                job.send("done", Result(objects=objects))
 
     def _generate_whole(self, jobs: list[Job]) -> None:
         """An encoder-decoder: requests generated to their end by transformers' generate on their prompted encoder

@@ -49,11 +49,12 @@ class Result:
     prompt_tokens: int = 0
     label: str | None = None
     scores: dict[str, float] | None = None  # classification: label -> log-likelihood of its words
+    objects: list[dict] | None = None  # detection: {"label", "score", "box": [x0, y0, x1, y1] in the image's pixels}
 
 
 @dataclass
 class Job:
-    kind: str  # "generate" | "classify"
+    kind: str  # "generate" | "classify" | "detect"
     task: str  # the task name, or the backbone's name for the bare model
     entry: TaskEntry | None  # None: the bare backbone, no prompt
     ids: list[int]
@@ -61,6 +62,8 @@ class Job:
     sampling: Sampling | None = None
     encoder: TaskEncoder | None = None
     pixels: torch.Tensor | None = None  # an image task's request: (1, C, S, S) normalised
+    image_size: tuple[int, int] | None = None  # a detection request's image (width, height): boxes come back in it
+    threshold: float = 0.5  # a detection request's lowest score kept
     row: Row | None = None
     sent: int = 0  # characters of text already streamed
     created: float = field(default_factory=time.perf_counter)
@@ -275,10 +278,12 @@ class Frontend:
         if enc is None:
             spec = entry.task
             bb = self.backbone
-            if spec and spec.get("modality") == "image":
+            if spec and spec.get("modality") in ("image", "detection"):
+                from ..tasks.detection import DetectionEncoder
                 from ..tasks.images import ImageEncoder
 
-                enc = ImageEncoder(load_task(dict(spec)), entry.metadata.get("preprocessing") or bb.preprocessing)
+                cls = DetectionEncoder if spec["modality"] == "detection" else ImageEncoder
+                enc = cls(load_task(dict(spec)), entry.metadata.get("preprocessing") or bb.preprocessing)
             elif not spec or not spec.get("verbalizer"):
                 raise RequestError(f"task {model!r} is not a classification task (its prompt file has no "
                                    "verbalizer); use /v1/completions", param="model")
@@ -297,6 +302,8 @@ class Frontend:
         if entry is None:
             raise RequestError(f"{model!r} is the bare model; classification needs a task", param="model")
         enc = self.encoder(model, entry)
+        if enc.task.kind == "detection":
+            raise RequestError(f"task {model!r} detects objects; use /v1/detect", param="model")
         if getattr(enc.task, "modality", "text") == "image":
             return self._image_job(model, entry, enc, item, emit)
         fields = enc.task.fields
@@ -315,23 +322,28 @@ class Frontend:
             raise RequestError(str(e), param="input") from None
         return Job("classify", model, entry, ids, emit, encoder=enc)
 
+    def detect_job(self, model: str, item: Any, threshold: float = 0.5,
+                   emit: Callable[[str, Any], None] = lambda k, v: None) -> Job:
+        """A detection task's request: one image, as for classification; objects scored >= threshold come back."""
+        entry = self.resolve(model)
+        enc = self.encoder(model, entry) if entry is not None else None
+        if enc is None or enc.task.kind != "detection":
+            raise RequestError(f"{model!r} is not a detection task; /v1/detect serves the detection tasks in the "
+                               "prompts folder", param="model")
+        if not 0.0 <= threshold <= 1.0:
+            raise RequestError(f"threshold must be in [0, 1] (got {threshold})", param="threshold")
+        try:
+            pixels, size = enc.read(_image_bytes(model, item, "detects objects in images"),
+                                    self.backbone.device)
+        except SoftPromptError as e:
+            raise RequestError(str(e), param="input") from None
+        return Job("detect", model, entry, [], emit, encoder=enc, pixels=pixels, image_size=size,
+                   threshold=threshold)
+
     def _image_job(self, model: str, entry: TaskEntry, enc: Any, item: Any, emit) -> Job:
         """An image task's request: {"image": base64 (or a data: URL)} in JSON, or the bytes of an upload."""
-        import base64
-        import binascii
-
-        image = item.get("image") if isinstance(item, dict) else None
-        if image is None:
-            raise RequestError(f"task {model!r} classifies images; send {{\"image\": \"<base64 PNG or JPEG>\"}} or a "
-                               "multipart upload", param="input")
-        if isinstance(image, str):
-            data = image.split(",", 1)[1] if image.startswith("data:") else image
-            try:
-                image = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError):
-                raise RequestError("image is not valid base64", param="input") from None
         try:
-            pixels = enc.pixels([bytes(image)], self.backbone.device)
+            pixels = enc.pixels([_image_bytes(model, item)], self.backbone.device)
         except SoftPromptError as e:
             raise RequestError(str(e), param="input") from None
         return Job("classify", model, entry, [], emit, encoder=enc, pixels=pixels)
@@ -341,3 +353,21 @@ class Frontend:
 
     def submit_all(self, jobs: list[Job]) -> list[Job]:
         raise NotImplementedError
+
+
+def _image_bytes(model: str, item: Any, what: str = "classifies images") -> bytes:
+    """The image of a request item: {"image": base64 or a data: URL} in JSON, or the bytes of an upload."""
+    import base64
+    import binascii
+
+    image = item.get("image") if isinstance(item, dict) else None
+    if image is None:
+        raise RequestError(f"task {model!r} {what}; send {{\"image\": \"<base64 PNG or JPEG>\"}} or a "
+                           "multipart upload", param="input")
+    if isinstance(image, str):
+        data = image.split(",", 1)[1] if image.startswith("data:") else image
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("image is not valid base64", param="input") from None
+    return bytes(image)

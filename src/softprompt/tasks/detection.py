@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import SoftPromptError
-from .images import preprocess
+from .images import preprocess, to_tensor
 
 SHAPE_LABELS = ["red", "green", "blue"]
 
@@ -158,6 +158,27 @@ class DetectionEncoder:
         cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], dim=1)
         labels = torch.tensor([self.task.labels.index(o["label"]) for o in row["objects"]], dtype=torch.long)
         return {"class_labels": labels, "boxes": cxcywh}
+
+    def pixels(self, images: list, device=None) -> torch.Tensor:
+        return preprocess(images, self.size, self.mean, self.std, self.channels, device)
+
+    def read(self, image: Any, device=None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image (array, PIL image, path or encoded bytes) -> its pixels (1, C, S, S) and its (width, height)."""
+        x = to_tensor(image, self.channels)
+        return self.pixels([x.permute(1, 2, 0).numpy()], device), (int(x.shape[2]), int(x.shape[1]))
+
+    def objects(self, logits: torch.Tensor, boxes: torch.Tensor, width: int, height: int,
+                threshold: float = 0.5) -> list[dict]:
+        """One image's detections: each detection token's most likely class (not "no object") and its probability,
+        kept at >= threshold, best first; boxes as corners (x0, y0, x1, y1) in the image's pixels."""
+        probs = logits.float().softmax(-1)[..., :-1]
+        scores, labels = probs.max(-1)
+        xyxy = corners(boxes.float()) * torch.tensor([width, height, width, height], dtype=torch.float32,
+                                                     device=boxes.device)
+        keep = (scores >= threshold).nonzero().flatten().tolist()
+        keep.sort(key=lambda i: -float(scores[i]))
+        return [{"label": self.task.labels[int(labels[i])], "score": round(float(scores[i]), 4),
+                 "box": [round(float(v), 1) for v in xyxy[i]]} for i in keep]
 
     def batch(self, rows: list[dict], device=None) -> dict:
         px = preprocess([r["image"] for r in rows], self.size, self.mean, self.std, self.channels, device)

@@ -414,7 +414,7 @@ def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None, task_hea
             method = Headed.create_for(method, bb, len(labels), cfg.seed)
         return Trainable(method)
     empty, head = PromptTuning(torch.empty(0, bb.hidden_size)).to(bb.device), {}  # no prompt: the weights change
-    if getattr(task, "modality", "text") == "image":  # an image task's head trains with the weights
+    if getattr(task, "modality", "text") in ("image", "detection"):  # an image task's head trains with the weights
         empty = _head_only(bb, labels, cfg.seed, getattr(task, "image_size", None))
         head = {f"task_head.{k}": p for k, p in empty.named_parameters() if p.requires_grad}
     elif task_head:  # so does a text encoder's
@@ -434,10 +434,11 @@ def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None, task_hea
 
 
 def _head_only(bb: Any, labels: list[str], seed: int, image_size: int | None):
-    """A task head alone for an image backbone: VPT with no tokens (a ViT), a pixel prompt with no pixels (any)."""
+    """A task head alone for an image backbone: VPT with no tokens (a ViT, a detector), a pixel prompt with no pixels
+    (any)."""
     from ..methods import VPT, PixelPrompting
 
-    if bb.kind == "vit":
+    if bb.kind in ("vit", "detector"):
         return VPT.create(bb, num_virtual_tokens=0, init_labels=labels, seed=seed, dropout=0.0)
     m = PixelPrompting.create(bb, init_labels=labels, seed=seed, image_size=image_size or 0, width=1)
     m.mask.zero_()
