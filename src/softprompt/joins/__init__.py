@@ -35,7 +35,14 @@ from .clip import ContextIntoCLIP
 from .encoder import EmbeddingsIntoEncoder, EncoderJoin, KVIntoEncoder
 from .module import EmbeddingsIntoModule, prefix_join
 from .seq2seq import EmbeddingsIntoSeq2Seq
-from .vision import ImageJoin, PatchTokensIntoViT, PixelsIntoImage, PixelsIntoViT, classify_mixed, detect_mixed
+from .vision import (
+    ImageJoin,
+    PatchTokensIntoViT,
+    PixelsIntoImage,
+    PixelsIntoViT,
+    classify_mixed,
+    detect_mixed,
+)
 
 __all__ = ["JOINS", "CausalJoin", "ContextIntoCLIP", "EmbeddingsIntoCausalLM", "EmbeddingsIntoEncoder", "EmbeddingsIntoModule", "EmbeddingsIntoSeq2Seq", "EncoderJoin", "ImageJoin", "Join",
            "KVIntoCausalLM", "KVIntoEncoder", "PatchTokensIntoViT", "PixelsIntoImage", "PixelsIntoViT", "Prefix", "check_mask",
