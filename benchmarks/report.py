@@ -169,6 +169,50 @@ def comparison(res: dict) -> str:
     return "\n".join(lines)
 
 
+def vision_compare(res: dict) -> str:
+    """benchmarks/run_vision_compare.py: each image row's test accuracy at every few-shot setting run, then the
+    whole table of the largest setting run (cost columns, learning rates)."""
+    order = [k for k in ("1", "2", "4", "8", "16", "full") if k in res["settings"]] + \
+        [k for k in res["settings"] if k not in ("1", "2", "4", "8", "16", "full")]
+    label = {k: "all training images" if k == "full" else f"{k} per class" for k in order}
+    methods: dict[str, dict] = {}
+    for k in order:
+        for r in res["settings"][k]["rows"]:
+            methods.setdefault(r["key"], {"name": r["method"], "params": r["trainable_params"],
+                                          "bytes": r["bytes_per_task"]})[k] = r
+    first = res["settings"][order[0]]
+    lines = [f"{first['task']} on {first['model']}: test accuracy (macro-F1) on {first['test_rows']:,} test images, "
+             f"each row's lr chosen on validation.", "",
+             "| method | " + " | ".join(label[k] for k in order) + " | trainable params | bytes per task |",
+             "|---|" + "---|" * len(order) + "---|---|"]
+    for m in methods.values():
+        cells = [f"{m[k]['accuracy']:.1%} ({m[k]['macro_f1']:.3f})" if k in m else "-" for k in order]
+        lines.append(f"| {m['name']} | {' | '.join(cells)} | {m['params']:,} | {_size(m['bytes'])} |")
+    last = "16" if "16" in order else order[-1]  # the setting the goals speak of
+    detail = {**res["settings"][last], "machine": res.get("machine")}
+    lines += ["", f"The {label[last]} setting in full:", "", comparison(detail)]
+    return "\n".join(lines)
+
+
+def vision_speed(res: dict) -> str:
+    """benchmarks/vision_speed.py: a training step of each image row against PEFT's LoRA, and mixed-task serving."""
+    names = {"vpt_shallow": "VPT-shallow (10 tokens)", "vpt_deep": "VPT-deep (10 tokens per layer)",
+             "pixel_prompt": "pixel prompt (border)", "lora_peft": "LoRA (PEFT, r 8 on q/v)",
+             "fine_tune": "full fine-tuning"}
+    lines = [f"{res['model']}, {res['image_size']} px, batch {res['batch']}, {res['precision']}, median of "
+             f"{res['repeats']} steps, every row in one process, alternating.", "",
+             "| row | trainable params | seconds per step | vs LoRA | peak RSS added |", "|---|---|---|---|---|"]
+    for k, r in res["train"].items():
+        lines.append(f"| {names.get(k, k)} | {r['trainable_params']:,} | {r['seconds_per_step']:.3f} s | "
+                     f"{r['vs_lora']:.2f}x | {r['peak_rss_added_mb']:.0f} MB |")
+    sv = res["serving"]
+    lines += ["", f"Serving: {sv['images']} images in batches of {sv['batch']}: one task "
+              f"{sv['one_task_images_per_s']:.1f} images/s, three tasks (VPT-shallow, VPT-deep, pixel prompt) mixed "
+              f"row by row {sv['three_tasks_mixed_images_per_s']:.1f} images/s ({sv['mixed_vs_one']:.2f}x).", "",
+              f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
 def demo(res: dict) -> str:
     """The demo's table, from one run (benchmarks/run_demo.py)."""
     rows = res["result"]["rows"]
@@ -233,7 +277,8 @@ def serving_continuous(res: dict) -> str:
     top = rows[0]
     lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
              f"torch {meta['torch']}): {meta['requests']} completion requests over {top['tasks']} tasks, "
-             f"{meta['max_tokens']} new tokens each (per request, seeded), {top['concurrency']} closed-loop clients, "
+             f"{meta['max_tokens']} new tokens each{' (per request, seeded)' if '-' in str(meta['max_tokens']) else ''}, "
+             f"{top['concurrency']} closed-loop clients, "
              f"median of {meta['repeats']} runs with the engines alternated."
              + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else ""), "",
              "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
@@ -245,6 +290,26 @@ def serving_continuous(res: dict) -> str:
     command = meta.get("command", "python benchmarks/serving.py")
     out = command.split("--out ", 1)[1].split()[0] if "--out " in command else "benchmarks/results/serving.json"
     lines += ["", f"Command: `{command}` -> `{out}`."]
+    return "\n".join(lines)
+
+
+def serving_profile(res: dict) -> str:
+    """benchmarks/serving_profile.py: the engine's time by part, continuous against batch-to-end, and prefill alone."""
+    names = {"d_mixed_kv_reuse": "continuous batching", "f_batch_to_end": "a batch runs to its end (before)"}
+    a = res["args"]
+    lines = [f"{a['model']}: {a['requests']} requests of {a['max_tokens']} new tokens over {a['tasks']} tasks, "
+             f"{a['concurrency']} closed-loop clients; seconds spent in each part of the worker (calls).", "",
+             "| engine | requests/s | prefill forwards | decode steps | picking tokens | merging new rows | "
+             "dropping finished rows |", "|---|---|---|---|---|---|---|"]
+    for mode, r in res["engines"].items():
+        cells = [f"{r['parts_s'][k]:.2f} s ({r['calls'][k]})" if k in r["parts_s"] else "-"
+                 for k in ("prefill", "decode_step", "pick", "merge", "drop_finished")]
+        lines.append(f"| {names.get(mode, mode)} | {r['requests_per_s']:.2f} | {' | '.join(cells)} |")
+    lines += ["", "A prefill alone (the same mixed tasks, no load):", "", "| rows | tokens | time | per request |",
+              "|---|---|---|---|"]
+    for r in sorted(res["prefill_alone"], key=lambda r: r["rows"]):
+        lines.append(f"| {r['rows']} | {r['tokens']} | {1000 * r['seconds']:.0f} ms | {r['ms_per_request']:.0f} ms |")
+    lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
 
 
@@ -402,11 +467,15 @@ RENDERERS = {
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
+    "serving_profile": (serving_profile, "serving_profile.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
+    "vision_compare": (vision_compare, "compare_fashion_mnist.json"),
+    "vision_compare_cnn": (vision_compare, "compare_fashion_mnist_efficientnet.json"),
+    "vision_speed": (vision_speed, "vision_speed.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

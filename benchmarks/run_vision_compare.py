@@ -5,6 +5,11 @@ as a user runs it; each setting resumable (a stopped setting keeps its finished 
     python benchmarks/run_vision_compare.py [--shots 1,4,16,full] [--full-steps 600]
         -> benchmarks/results/compare_fashion_mnist.json (one entry per setting, merged as they finish)
 
+A pixel prompt on a CNN against a linear probe and full fine-tuning (EfficientNet-Lite0, 224 px):
+
+    python benchmarks/run_vision_compare.py --config configs/compare_fashion_mnist_efficientnet.yaml \
+        --rows linear_probe,pixel_prompt,fine_tune --shots 16 --out benchmarks/results/compare_fashion_mnist_efficientnet.json
+
 Every setting tests on the full test split (10,000 images).
 """
 
@@ -27,6 +32,8 @@ def main() -> None:
     ap.add_argument("--shots", default="1,4,16,full")
     ap.add_argument("--full-steps", type=int, default=600, help="step budget on the whole training set")
     ap.add_argument("--out", default="benchmarks/results/compare_fashion_mnist.json")
+    ap.add_argument("--config", default=CONFIG)
+    ap.add_argument("--rows", default=ROWS)
     args = ap.parse_args()
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {"settings": {}}
@@ -34,10 +41,11 @@ def main() -> None:
                                                   check=True).stdout.strip().splitlines()[-1])
     cli = Path(sys.executable).with_name("softprompt")
     for shots in args.shots.split(","):
-        folder = Path("runs") / f"compare_fashion_{shots}"
+        folder = Path("runs") / (f"compare_fashion_{shots}" if args.config == CONFIG else
+                                 f"{Path(args.config).stem}_{shots}")
         extra = ["--task.shots", "null", "--train.steps", str(args.full_steps)] if shots == "full" else \
             ["--task.shots", shots]
-        cmd = ["softprompt", "compare", CONFIG, "--baselines", ROWS, "--out", str(folder), "--resume",
+        cmd = ["softprompt", "compare", args.config, "--baselines", args.rows, "--out", str(folder), "--resume",
                "--out_dir", str(folder / "runs"), *extra]
         subprocess.run([str(cli), *cmd[1:]], check=True)
         result = json.loads((folder / "compare.json").read_text())

@@ -1,6 +1,7 @@
 """compare / eval / train through the CLI on a tiny model folder and local JSONL files."""
 
 import json
+import math
 
 import pytest
 from conftest import SYNTH_TASK, synthetic_splits, write_model_and_data
@@ -165,3 +166,31 @@ def test_a_stopped_compare_resumes_keeping_its_finished_rows(folder, tmp_path, m
     assert main([*args[:-2], "--train.steps", "48", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "settings differ (steps 24 -> 48)" in err[0] and "--overwrite" in err[0]
+
+
+def test_a_learning_rate_at_the_edge_of_the_grid_gets_one_step_beyond(tmp_path):
+    """The winner at the top (or bottom) of a grid of three is tried once more a grid step beyond; a winner inside
+    the grid, or a grid of two, is taken as it is. Every trial is recorded."""
+    from types import SimpleNamespace
+
+    from softprompt.compare import _Compare
+
+    def run(grid, best_at):
+        tried = []
+
+        def train(lr, steps, sub):
+            tried.append(lr)
+            return SimpleNamespace(best={"macro_f1": -abs(math.log(lr / best_at))})
+
+        cmp = _Compare.__new__(_Compare)
+        cmp.lr_grids, cmp.search_steps, cmp.say = {"prompt_tuning": grid}, 3, lambda *a: None
+        lr, info = cmp.choose_lr("prompt_tuning", train)
+        return lr, tried, info
+
+    lr, tried, info = run((3e-3, 1e-2, 3e-2), best_at=0.2)
+    assert tried == [3e-3, 1e-2, 3e-2, 0.09] and lr == 0.09 and info["lr_grid"] == [3e-3, 1e-2, 3e-2, 0.09]
+    assert set(info["lr_validation"]) == {"0.003", "0.01", "0.03", "0.09"}
+    lr, tried, _ = run((3e-3, 1e-2, 3e-2), best_at=1e-4)
+    assert tried == [3e-3, 1e-2, 3e-2, 0.0009] and lr == 0.0009
+    assert run((3e-3, 1e-2, 3e-2), best_at=1e-2)[1] == [3e-3, 1e-2, 3e-2]  # inside: no extra trial
+    assert run((1e-3, 1e-2), best_at=1.0)[1] == [1e-3, 1e-2]  # a grid of two: no extra trial

@@ -128,16 +128,30 @@ class _Compare:
     # --- learning rates chosen on validation -----------------------------------------------------------
     def choose_lr(self, key: str, train) -> tuple[float | None, dict]:
         """Each lr of the grid trained for search_steps; the best validation score wins (recorded)."""
-        grid = self.lr_grids.get(key) or ()
+        grid = tuple(sorted(self.lr_grids.get(key) or ()))
         if len(grid) <= 1:
             return (grid[0] if grid else None), {}
-        scores = {}
-        for lr in grid:
+        scores: dict[str, float] = {}
+
+        def trial(lr: float) -> None:
             res = train(lr, self.search_steps, f"search/lr_{lr:g}")
-            scores[f"{lr:g}"] = res.best and _score(res.best)
+            scores[f"{lr:g}"] = (res.best and _score(res.best)) or 0.0
             self.say(f"  {key}: lr {lr:g} -> validation {scores[f'{lr:g}']:.4f} ({self.search_steps} steps)")
-        best = max(grid, key=lambda lr: scores[f"{lr:g}"])
-        return best, {"lr_grid": list(grid), "lr_validation": scores, "search_steps": self.search_steps}
+
+        for lr in grid:
+            trial(lr)
+        tried = list(grid)
+        best = max(tried, key=lambda lr: scores[f"{lr:g}"])
+        # the winner at an edge of a grid of three or more: one more step beyond it (the grid's own ratio), once, so
+        # that a grid stopping short of the best value does not report its edge as the choice
+        edge = {grid[-1]: grid[-1] * grid[-1] / grid[-2], grid[0]: grid[0] * grid[0] / grid[1]}.get(best) \
+            if len(grid) >= 3 else None
+        if edge is not None:
+            edge = float(f"{edge:.3g}")
+            trial(edge)
+            tried.append(edge)
+            best = max(tried, key=lambda lr: scores[f"{lr:g}"])
+        return best, {"lr_grid": sorted(tried), "lr_validation": scores, "search_steps": self.search_steps}
 
     def _cfg(self, sub: str, steps: int, **train) -> RunConfig:
         out = str(Path(self.out or self.cfg.out_dir) / sub)

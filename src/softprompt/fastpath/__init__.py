@@ -89,9 +89,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     plan = _ACTIVE.get()
-    if (plan is None or not (plan.gqa or plan.math) or attention_mask is None or query.device.type != "cpu"
-            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or kwargs.get("output_attentions")):
+    if (plan is None or not (plan.gqa or plan.math) or (attention_mask is None and not plan.math)
+            or query.device.type != "cpu" or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
@@ -101,11 +101,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if plan.math:
         # the math op adds its mask to the scores (SDPA's front end converts a boolean mask first): masked = the
         # dtype's lowest value, finite, so that a row with nothing to attend to (padding) stays finite
-        mask = attention_mask
-        if mask.dtype == torch.bool:
+        mask, causal = attention_mask, False
+        if mask is None:  # no padding (a prompt's own run): transformers left the causal mask out (then q = k long)
+            causal = query.shape[2] > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        elif mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(query.dtype).min)
-        out = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, mask, dropout, False,
+        # the math kernel there too: SDPA's default (flash) kernel costs ~20x more at a prompt's few tokens in bf16
+        out = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, mask, dropout, causal,
                                                                  scale=scaling, enable_gqa=gqa)[0]
     else:
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,

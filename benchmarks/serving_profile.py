@@ -1,0 +1,113 @@
+"""Where the serving engine's time goes: the continuous engine against the engine before it (a batch runs to its
+end) on the same closed-loop load, with the time spent in each part of the worker summed (prefill forwards,
+decode steps, picking tokens, merging new rows into the running cache, dropping finished rows), and a prefill
+alone at 4 to 24 rows (the cost per request and per forward).
+
+    python benchmarks/serving_profile.py [--max-tokens 8] [--requests 128] [--concurrency 32] [--tasks 16]
+        -> benchmarks/results/serving_profile.json
+
+The parts are timed by wrapping the engine's and the decoder's own methods in this process (nothing else changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from serving import MODES, drive, make_tasks, review_prompts, task_mix
+
+import softprompt as sp
+from softprompt import generation
+from softprompt.serve import PromptBank
+from softprompt.serve.engine import Engine
+from softprompt.tasks.encode import left_pad
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run_demo import PROBE  # noqa: E402
+
+PARTS = {"prefill": (Engine, "_prefill"), "decode_step": (generation.Decoding, "advance"),
+         "pick": (generation.Decoding, "pick"), "merge": (generation.Decoding, "merge"),
+         "drop_finished": (generation.Decoding, "_select")}
+
+
+def timed_parts() -> tuple[dict, collections.Counter]:
+    spent, calls = collections.defaultdict(float), collections.Counter()
+    for part, (cls, name) in PARTS.items():
+        inner = getattr(cls, name)
+
+        def wrapper(*a, _inner=inner, _part=part, **k):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                spent[_part] += time.perf_counter() - t
+                calls[_part] += 1
+        setattr(cls, name, wrapper)
+    return spent, calls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--out", default="benchmarks/results/serving_profile.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bb = sp.load_backbone(args.model)
+    texts = review_prompts(bb, args.requests)
+    spent, calls = timed_parts()
+    out: dict = {"engines": {}, "prefill_alone": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        names = make_tasks(bb, Path(tmp), args.tasks)
+        bank = PromptBank(bb, Path(tmp))
+        warm = Engine(bank, max_batch=32).start()
+        drive(warm, [(n, texts[0]) for n in names], 8, 2)
+        warm.stop()
+        requests = list(zip(task_mix(names, args.requests, "uniform"), texts, strict=True))
+        for mode in ("d_mixed_kv_reuse", "f_batch_to_end"):
+            spent.clear()
+            calls.clear()
+            engine = Engine(bank, max_batch=32, **MODES[mode]).start()
+            load = drive(engine, requests, args.concurrency, args.max_tokens)
+            engine.stop()
+            if "merge" in spent:  # the prefill part includes its merge: counted once, under merge
+                spent["prefill"] -= spent["merge"]
+            out["engines"][mode] = {**{k: round(v, 4) for k, v in load.items()},
+                                    "parts_s": {k: round(spent[k], 3) for k in PARTS if k in spent},
+                                    "calls": {k: calls[k] for k in PARTS if k in calls}}
+            print(mode, json.dumps(out["engines"][mode]), flush=True)
+        ids = [bb.tokenizer(t)["input_ids"] for t in texts]
+        prompts = [bank.get(names[i % len(names)]).prompt for i in range(len(ids))]
+        for rows in (4, 8, 16, 24, 4, 8, 16, 24):  # the first pass warms every size
+            x, m = left_pad(ids[:rows], bb.pad_token_id, bb.device)
+            runs = []
+            for _ in range(3):
+                t = time.perf_counter()
+                with torch.inference_mode():
+                    generation.Decoding(bb, prompts[:rows], x, m,
+                                        [generation.Row(generation.Sampling(max_new_tokens=8)) for _ in range(rows)])
+                runs.append(time.perf_counter() - t)
+            out["prefill_alone"] = [r for r in out["prefill_alone"] if r["rows"] != rows] + [{
+                "rows": rows, "tokens": int(m.sum()), "seconds": round(statistics.median(runs), 4),
+                "ms_per_request": round(1000 * statistics.median(runs) / rows, 1)}]
+    out["machine"] = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                                               check=True).stdout.strip().splitlines()[-1])
+    out["args"] = vars(args)
+    out["command"] = "python benchmarks/serving_profile.py " + " ".join(sys.argv[1:])
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out["prefill_alone"]))
+
+
+if __name__ == "__main__":
+    main()
