@@ -155,6 +155,8 @@ def test_served_detection_tasks_share_a_batch_and_each_equals_its_task_alone(tmp
                 for a, b in zip(got, want, strict=True):
                     assert abs(a["score"] - b["score"]) < 1e-3
                     assert max(abs(x - y) for x, y in zip(a["box"], b["box"], strict=True)) < 0.2
+            listed = {m["id"]: m["softprompt"] for m in client.get("/v1/models").json()["data"]}
+            assert listed["deep"]["kind"] == "detection" and listed["deep"]["labels"] == ["square", "other"]
             high = client.post("/v1/detect", data={"model": "deep", "threshold": "0.99"},
                                files=[("image", ("a.png", _png(images[0]), "image/png"))])
             assert high.status_code == 200, high.text

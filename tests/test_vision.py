@@ -437,6 +437,9 @@ def test_serving_image_tasks_mixed_in_one_batch_over_http(tmp_path):
                 assert got["label"] == LABELS[int(want.argmax())]
                 for k, label in enumerate(LABELS):
                     assert abs(got["scores"][label] - float(want[k])) < 1e-4
+            listed = {m["id"]: m["softprompt"] for m in client.get("/v1/models").json()["data"]}
+            assert listed["deep"]["kind"] == "classification" and listed["deep"]["labels"] == LABELS
+            assert listed["deep"]["modality"] == "image"
             r = client.post("/v1/classify", data={"model": "deep"},
                             files=[("image", ("a.png", pngs[0], "image/png")), ("image", ("b.png", pngs[1], "image/png"))])
             assert r.status_code == 200, r.text

@@ -289,10 +289,12 @@ def create_app(engine: Frontend, api_key: str | None = None, prompts_dir: str | 
             except UnknownTask:  # removed meanwhile
                 continue
             task = entry.task or {}
+            labels = list(task.get("verbalizer") or {}) or list(task.get("labels") or []) or None  # text / images
+            kind = "detection" if task.get("modality") == "detection" else \
+                "classification" if labels else "generation"
             data.append({"id": name, "object": "model", "created": created, "owned_by": "softprompt",
                          "parent": engine.model_name, "softprompt": {
-                             "kind": "classification" if task.get("verbalizer") else "generation",
-                             "labels": list(task.get("verbalizer") or {}) or None,
+                             "kind": kind, "modality": task.get("modality", "text"), "labels": labels,
                              "method": entry.metadata.get("method", "prompt_tuning"),
                              "prompt_kind": entry.prompt.kind,
                              "num_virtual_tokens": entry.num_virtual_tokens,
