@@ -188,6 +188,14 @@ def vision_compare(res: dict) -> str:
     for m in methods.values():
         cells = [f"{m[k]['accuracy']:.1%} ({m[k]['macro_f1']:.3f})" if k in m else "-" for k in order]
         lines.append(f"| {m['name']} | {' | '.join(cells)} | {m['params']:,} | {_size(m['bytes'])} |")
+    if len(order) > 1:  # each setting's budget, and what its table says of the goals
+        budget = "; ".join(f"{label[k]}: {res['settings'][k]['steps']} steps x {res['settings'][k]['batch_size']}"
+                           for k in order)
+        lines += ["", f"Step budget of every trained row: {budget}."]
+        for k in order:
+            said = "; ".join(res["settings"][k].get("notes") or [])
+            if said:
+                lines += ["", f"{label[k][0].upper()}{label[k][1:]}: {said}."]
     last = "16" if "16" in order else order[-1]  # the setting the goals speak of
     detail = {**res["settings"][last], "machine": res.get("machine")}
     lines += ["", f"The {label[last]} setting in full:", "", comparison(detail)]
