@@ -2,7 +2,7 @@
 with DINOv2 ViT-S/14, at k training images per class and on the whole training set, through `softprompt compare`
 as a user runs it; each setting resumable (a stopped setting keeps its finished rows).
 
-    python benchmarks/run_vision_compare.py [--shots 1,4,16,full] [--full-steps 600]
+    python benchmarks/run_vision_compare.py [--shots 1,4,16,full] [--full-steps 200]
         -> benchmarks/results/compare_fashion_mnist.json (one entry per setting, merged as they finish)
 
 A pixel prompt on a CNN against a linear probe and full fine-tuning (EfficientNet-Lite0, 224 px):
@@ -25,12 +25,13 @@ from run_demo import PROBE
 
 ROWS = "linear_probe,vpt,vpt_deep,pixel_prompt,lora,fine_tune"
 CONFIG = "configs/compare_fashion_mnist.yaml"
+CLASSES, BATCH = 10, 16  # Fashion-MNIST's classes; the configs' batch size
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shots", default="1,4,16,full")
-    ap.add_argument("--full-steps", type=int, default=600, help="step budget on the whole training set")
+    ap.add_argument("--full-steps", type=int, default=200, help="step budget on the whole training set (the few-shot settings' budget)")
     ap.add_argument("--out", default="benchmarks/results/compare_fashion_mnist.json")
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--rows", default=ROWS)
@@ -45,6 +46,8 @@ def main() -> None:
                                  f"{Path(args.config).stem}_{shots}")
         extra = ["--task.shots", "null", "--train.steps", str(args.full_steps)] if shots == "full" else \
             ["--task.shots", shots]
+        if shots != "full" and int(shots) * CLASSES < BATCH:  # 1 image per class: one batch holds the whole train split
+            extra += ["--train.batch_size", str(int(shots) * CLASSES)]
         cmd = ["softprompt", "compare", args.config, "--baselines", args.rows, "--out", str(folder), "--resume",
                "--out_dir", str(folder / "runs"), *extra]
         subprocess.run([str(cli), *cmd[1:]], check=True)
