@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 
 import softprompt as sp
-from softprompt.generation import Decoding, Row, Sampling
+from softprompt.generation import Decoding, GrowingLayer, Row, Sampling
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
 from softprompt.tasks.encode import left_pad
@@ -76,7 +76,7 @@ def test_decoding_merge_gives_every_row_its_solo_tokens():
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type):
+def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, monkeypatch):
     """A finished row frees its slot without a copy; rows merged later are written into free slots (and slots
     after the last, within the buffers' room) without rebuilding the buffers; a merge of rows wider than the batch
     rebuilds them; a batch more than half free is gathered. Every row gets its solo greedy tokens throughout, on
@@ -100,11 +100,18 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type):
         return dec.cache.layers[0]._buffer[0]
 
     with torch.no_grad():
+        failing = batch([0, 1])
+        with monkeypatch.context() as m:  # a merge that fails (out of memory) leaves the batch as it was
+            m.setattr(GrowingLayer, "holding", classmethod(lambda *a, **k: (_ for _ in ()).throw(MemoryError)))
+            with pytest.raises(MemoryError):
+                failing.merge(batch([5]))
+        assert len(failing.rows) == 2 and failing.slots == [0, 1] and failing.mask.shape[0] == 2
         first = batch([0, 1])
         for _ in range(3):  # row 1 finishes after 2 tokens: its slot is freed, the batch keeps 2 slots
             first.pick()
             first.advance()
         assert first.slots == [0, None] and first.mask.shape[0] == 2
+        assert first.position[1].item() == 0  # a free slot's position stays 0 (never past the model's positions)
         held = buffer(first)
         first.merge(batch([2, 3]))  # one into the free slot, one into a new slot within the room of 4 rows
         assert buffer(first) is held and first.slots == [0, 2, 3]

@@ -170,7 +170,8 @@ class Decoding:
     slots, so a merge writes only the new rows. Free slots still ride along in the steps (their outputs are
     ignored) until they are reused, or until more than half the slots are free: then the live rows are gathered
     into a smaller batch. Iterating yields, after each step, the indices of the rows that got a token or finished.
-    ``capacity`` is the number of rows the batch may grow to by merges (buffers are sized for it).
+    ``capacity`` is the number of rows the batch may grow to by merges: buffers get room for twice the rows they
+    hold, up to it (a merge that does not fit makes new buffers).
     """
 
     def __init__(self, backbone: CausalLMBackbone, prompts: list[Any], input_ids: torch.Tensor,
@@ -191,11 +192,12 @@ class Decoding:
                                    cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
                                    logits_to_keep=1)
         self.capacity = max(B, capacity)
-        self.cache = _growing(out.cache, self.capacity)
+        self.cache = _growing(out.cache, self._room(B))
         self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each slot
         self.prefill_logits = self.logits
         self.mask = full_mask
-        self.position = positions[:, -1:]  # (B, 1)
+        self.position = positions[:, -1:]  # (B, 1); a free slot's stays 0 (never past the model's positions)
+        self.alive = torch.ones(B, 1, dtype=positions.dtype, device=positions.device)  # 1: the slot holds a row
         self.slots: list[int | None] = list(range(B))  # batch position -> row index (None: a free slot)
         self.steps = 0
         self._feed: list[int] = []  # the tokens pick() chose, one per slot, for advance()
@@ -217,7 +219,7 @@ class Decoding:
         """Pick each running row's next token from the current logits; rows that finish free their slots. Returns
         the indices of the rows that got a token or finished. `advance()` then runs the step."""
         tok = self.backbone.tokenizer
-        changed, feed = [], [0] * len(self.slots)  # a free slot is fed token 0 (its output is never read)
+        changed, feed, freed = [], [0] * len(self.slots), []  # a free slot is fed token 0 (its output is never read)
         # one op for every greedy row; max's indices (the first maximum, like argmax) cost a quarter of argmax's
         # on a CPU at (8, 49152)
         greedy = self.logits.max(-1).indices.tolist()
@@ -240,9 +242,19 @@ class Decoding:
             if row.done:
                 row.settle(tok)
                 self.slots[b] = None
+                freed.append(b)
         self.steps += 1
         live = [b for b, i in enumerate(self.slots) if i is not None]
-        if live and 2 * len(live) < len(self.slots):  # more than half the slots free: gather the live rows
+        if not live:
+            self._feed = []
+            return changed
+        if freed:  # a free slot's position stays 0 from now on
+            idx = torch.tensor(freed, device=self.position.device)
+            self.position = self.position.index_fill(0, idx, 0)
+            self.alive = self.alive.index_fill(0, idx, 0)
+        # more than half the slots free, or more than half the columns padding no live row attends to (the batch
+        # grows a column per step while new rows keep joining it): gather the live rows, from their first column
+        if freed and (2 * len(live) < len(self.slots) or 2 * self._lead(live) > self.mask.shape[1]):
             self._select(live)
             feed = [feed[b] for b in live]
             self.slots = [self.slots[b] for b in live]
@@ -255,7 +267,7 @@ class Decoding:
         dev = self.mask.device
         B = len(tokens)
         self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
-        self.position = self.position + 1
+        self.position = self.position + self.alive
         ids = torch.tensor(tokens, device=dev).unsqueeze(1)
         with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
             lean = self.rt.decode_step()
@@ -286,7 +298,6 @@ class Decoding:
             if getattr(layer, "is_sliding", False):
                 raise SoftPromptError("continuous batching does not merge sliding-window caches")
         offset = len(self.rows)
-        self.rows = self.rows + other.rows
         theirs = [b for b, i in enumerate(other.slots) if i is not None]
         new = [offset + other.slots[b] for b in theirs]
         free = [b for b, i in enumerate(self.slots) if i is None][:len(theirs)]
@@ -299,21 +310,26 @@ class Decoding:
                     self.slots[b] = i
                 else:
                     self.slots.append(i)
-            return
-        mine = [b for b, i in enumerate(self.slots) if i is not None]
-        L = max(L, other.mask.shape[1])
-        self.capacity = max(self.capacity, len(mine) + len(theirs))
-        layers = []
-        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
-            # both sides' live rows written once into a buffer with room to grow (no padded copies, no cat)
-            layers.append(GrowingLayer.holding([(a.keys, a.values, mine), (b.keys, b.values, theirs)], L,
-                                               self.capacity))
-        self.cache = self.backbone.new_cache()
-        self.cache.layers = layers
-        self.mask = torch.cat([_pad_left(self.mask[mine], L, dim=1), _pad_left(other.mask[theirs], L, dim=1)])
-        self.position = torch.cat([self.position[mine], other.position[theirs]])
-        self.logits = torch.cat([self.logits[mine], other.logits[theirs]])
-        self.slots = [self.slots[b] for b in mine] + new
+        else:  # both batches' live rows gathered once into new buffers with room (no padded copies, no cat)
+            mine = [b for b, i in enumerate(self.slots) if i is not None]
+            L = max(L, other.mask.shape[1])
+            self.capacity = max(self.capacity, len(mine) + len(theirs))
+            room = self._room(len(mine) + len(theirs))
+            layers = [GrowingLayer.holding([(a.keys, a.values, mine), (b.keys, b.values, theirs)], L, room)
+                      for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
+            mask = torch.cat([_pad_left(self.mask[mine], L, dim=1), _pad_left(other.mask[theirs], L, dim=1)])
+            position = torch.cat([self.position[mine], other.position[theirs]])
+            alive = torch.cat([self.alive[mine], other.alive[theirs]])
+            logits = torch.cat([self.logits[mine], other.logits[theirs]])
+            cache = self.backbone.new_cache()
+            cache.layers = layers  # nothing of this batch changed before this point (a failed merge leaves it whole)
+            self.cache, self.mask, self.position, self.alive, self.logits = cache, mask, position, alive, logits
+            self.slots = [self.slots[b] for b in mine] + new
+        self.rows = self.rows + other.rows
+
+    def _room(self, rows: int) -> int:
+        """Rows a new buffer makes room for: twice those it holds, up to the batch's capacity."""
+        return min(self.capacity, max(2 * rows, rows + 4))
 
     def _write(self, other: Decoding, theirs: list[int], slots: list[int], L: int) -> None:
         """`other`'s rows `theirs` into this batch's `slots` (free ones, or new ones at the end within the buffers'
@@ -323,22 +339,28 @@ class Decoding:
         dst = torch.tensor(slots, device=dev)
         B = max(len(self.slots), slots[-1] + 1)
         pad = L - other.mask.shape[1]
-        for layer, new in zip(self.cache.layers, other.cache.layers, strict=True):
+        grow = B - len(self.slots)
+        mask, position, alive, logits = self.mask, self.position, self.alive, self.logits
+        if grow:  # new tensors first: an allocation that fails leaves this batch whole
+            mask = torch.cat([mask, mask.new_zeros(grow, L)])
+            position = torch.cat([position, position.new_zeros(grow, 1)])
+            alive = torch.cat([alive, alive.new_zeros(grow, 1)])
+            logits = torch.cat([logits, logits.new_zeros(grow, logits.shape[1])])
+        parts = [x if len(theirs) == x.shape[0] else x.index_select(0, src)
+                 for new in other.cache.layers for x in (new.keys, new.values)]
+        mask[dst] = _pad_left(other.mask[src], L, dim=1)
+        position[dst] = other.position[src]
+        alive[dst] = 1
+        logits[dst] = other.logits[src]
+        for n, layer in enumerate(self.cache.layers):
             k_buf, v_buf = layer._buffer[0], layer._buffer[1]
-            for buf, x in ((k_buf, new.keys), (v_buf, new.values)):
+            for buf, x in ((k_buf, parts[2 * n]), (v_buf, parts[2 * n + 1])):
                 if pad:
                     buf[:, :, :pad].index_fill_(0, dst, 0)
-                buf[:, :, pad:L].index_copy_(0, dst, x.index_select(0, src) if len(theirs) < x.shape[0] else x)
+                buf[:, :, pad:L].index_copy_(0, dst, x)
             layer.keys, layer.values = k_buf[:B, :, :L], v_buf[:B, :, :L]
             layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
-        grow = B - len(self.slots)
-        if grow:
-            self.mask = torch.cat([self.mask, self.mask.new_zeros(grow, L)])
-            self.position = torch.cat([self.position, self.position.new_zeros(grow, 1)])
-            self.logits = torch.cat([self.logits, self.logits.new_zeros(grow, self.logits.shape[1])])
-        self.mask[dst] = _pad_left(other.mask[src], L, dim=1)
-        self.position[dst] = other.position[src]
-        self.logits[dst] = other.logits[src]
+        self.mask, self.position, self.alive, self.logits = mask, position, alive, logits
 
     @property
     def width(self) -> int:
@@ -354,14 +376,19 @@ class Decoding:
         self.slots = [None if i is None else new[i] for i in self.slots]
         return keep
 
+    def _lead(self, rows: list[int]) -> int:
+        """The first column any of these slots attends to (the columns before it are padding for all of them)."""
+        return int((self.mask[rows].sum(0) > 0).to(torch.int8).argmax())
+
     def _select(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, device=self.mask.device)
+        lead = self._lead(keep)
         self.mask, self.position, self.logits = self.mask[idx], self.position[idx], self.logits[idx]
-        lead = int((self.mask.sum(0) > 0).to(torch.int8).argmax())  # columns every remaining row masks out
+        self.alive = self.alive[idx]
         self.mask = self.mask[:, lead:]
         if all(type(layer) is GrowingLayer for layer in self.cache.layers):
             # the kept rows, from the first column any of them attends to, gathered once into buffers with room
-            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self.capacity)
+            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self._room(len(keep)))
                                  for layer in self.cache.layers]
             return
         self.cache.batch_select_indices(idx)
