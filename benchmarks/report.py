@@ -309,7 +309,7 @@ def serving_profile(res: dict) -> str:
     lines = [f"{a['model']}: {a['requests']} requests of {a['max_tokens']} new tokens over {a['tasks']} tasks, "
              f"{a['concurrency']} closed-loop clients; seconds spent in each part of the worker (calls).", "",
              "| engine | requests/s | prefill forwards | decode steps | picking tokens | merging new rows | "
-             "dropping finished rows |", "|---|---|---|---|---|---|---|"]
+             "gathering rows (finished ones dropped) |", "|---|---|---|---|---|---|---|"]
     for mode, r in res["engines"].items():
         cells = [f"{r['parts_s'][k]:.2f} s ({r['calls'][k]})" if k in r["parts_s"] else "-"
                  for k in ("prefill", "decode_step", "pick", "merge", "drop_finished")]

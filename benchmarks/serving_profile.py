@@ -1,7 +1,7 @@
 """Where the serving engine's time goes: the continuous engine against the engine before it (a batch runs to its
 end) on the same closed-loop load, with the time spent in each part of the worker summed (prefill forwards,
-decode steps, picking tokens, merging new rows into the running cache, dropping finished rows), and a prefill
-alone at 4 to 24 rows (the cost per request and per forward).
+decode steps, picking tokens, merging new rows into the running cache, gathering the live rows when finished
+ones are dropped), and a prefill alone at 4 to 24 rows (the cost per request and per forward).
 
     python benchmarks/serving_profile.py [--max-tokens 8] [--requests 128] [--concurrency 32] [--tasks 16]
         -> benchmarks/results/serving_profile.json

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 
 import softprompt as sp
-from softprompt.generation import Decoding, Row, Sampling
+from softprompt.generation import Decoding, GrowingLayer, Row, Sampling
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
 from softprompt.tasks.encode import left_pad
@@ -73,6 +73,65 @@ def test_decoding_merge_gives_every_row_its_solo_tokens():
             want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
             assert rows[i].tokens[:len(want)] == want, i
             assert len(rows[i].tokens) == lengths[i]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, monkeypatch):
+    """A finished row frees its slot without a copy; rows merged later are written into free slots (and slots
+    after the last, within the buffers' room) without rebuilding the buffers; a merge of rows wider than the batch
+    rebuilds them; a batch more than half free is gathered. Every row gets its solo greedy tokens throughout, on
+    the lean decode step (Llama) and the model's own forward (GPT-2)."""
+    bb = make_backbone(model_type)
+    tok = bb.tokenizer
+    prompts = [sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1)(), None,
+               sp.PrefixTuning.create(bb, num_virtual_tokens=5, seed=2)(),
+               sp.PromptTuning.create(bb, num_virtual_tokens=7, seed=3)(), None,
+               sp.PrefixTuning.create(bb, num_virtual_tokens=2, seed=4)()]
+    texts = ["the movie was great and long and the cast", "hello world", "what is", "a", "b c",
+             "a much longer input than every other row here so that it is wider than the batch it joins"]
+    lengths = [14, 2, 9, 6, 3, 5]
+    rows = [Row(Sampling(max_new_tokens=n, ignore_eos=True)) for n in lengths]
+
+    def batch(idx):
+        ids, mask = left_pad([tok(texts[i])["input_ids"] for i in idx], bb.pad_token_id, bb.device)
+        return Decoding(bb, [prompts[i] for i in idx], ids, mask, [rows[i] for i in idx], capacity=4)
+
+    def buffer(dec):
+        return dec.cache.layers[0]._buffer[0]
+
+    with torch.no_grad():
+        failing = batch([0, 1])
+        with monkeypatch.context() as m:  # a merge that fails (out of memory) leaves the batch as it was
+            m.setattr(GrowingLayer, "holding", classmethod(lambda *a, **k: (_ for _ in ()).throw(MemoryError)))
+            with pytest.raises(MemoryError):
+                failing.merge(batch([5]))
+        assert len(failing.rows) == 2 and failing.slots == [0, 1] and failing.mask.shape[0] == 2
+        first = batch([0, 1])
+        for _ in range(3):  # row 1 finishes after 2 tokens: its slot is freed, the batch keeps 2 slots
+            first.pick()
+            first.advance()
+        assert first.slots == [0, None] and first.mask.shape[0] == 2
+        assert first.position[1].item() == 0  # a free slot's position stays 0 (never past the model's positions)
+        held = buffer(first)
+        first.merge(batch([2, 3]))  # one into the free slot, one into a new slot within the room of 4 rows
+        assert buffer(first) is held and first.slots == [0, 2, 3]
+        first.pick()
+        first.advance()
+        first.merge(batch([4]))  # a fourth slot, still in place
+        assert buffer(first) is held and len(first.slots) == 4
+        first.pick()
+        first.advance()
+        first.merge(batch([5]))  # wider than the batch: the buffers are rebuilt with the live rows only
+        assert buffer(first) is not held and None not in first.slots
+        while first.running:
+            first.pick()
+            assert 2 * len(first.running) >= len(first.slots) or not first.running  # mostly-free batches gathered
+            if first.running:
+                first.advance()
+    for i in range(6):
+        want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
+        assert rows[i].tokens[:len(want)] == want, i
+        assert len(rows[i].tokens) == lengths[i]
 
 
 def test_requests_arriving_mid_decode_join_the_batch_and_answer_as_alone(bank):

@@ -164,13 +164,18 @@ class Decoding:
 
     Rows may have different prompts (any kind, or none), inputs, sampling settings and lengths. The prefill is one
     forward (each row attending to its own prompt's cached prefix; with ``reuse_prompt_cache`` off each prompt's
-    prefix is recomputed for the batch); each step is one forward over the rows still running: a row that
-    finishes (EOS, a stop string, its max_new_tokens, or cancelled) is dropped from the batch and its cache.
-    Iterating yields, after each step, the indices of the rows that got a token or finished in it.
+    prefix is recomputed for the batch); each step is one forward over the batch's slots. Each row lives in a slot
+    (a batch position of the key/value buffers). A row that finishes (EOS, a stop string, its max_new_tokens, or
+    cancelled) frees its slot without a copy; rows merged in later (continuous batching) are written into free
+    slots, so a merge writes only the new rows. Free slots still ride along in the steps (their outputs are
+    ignored) until they are reused, or until more than half the slots are free: then the live rows are gathered
+    into a smaller batch. Iterating yields, after each step, the indices of the rows that got a token or finished.
+    ``capacity`` is the number of rows the batch may grow to by merges: buffers get room for twice the rows they
+    hold, up to it (a merge that does not fit makes new buffers).
     """
 
     def __init__(self, backbone: CausalLMBackbone, prompts: list[Any], input_ids: torch.Tensor,
-                 mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True):
+                 mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True, capacity: int = 0):
         B = input_ids.shape[0]
         if len(prompts) != B or len(rows) != B:
             raise SoftPromptError(f"{len(prompts)} prompts and {len(rows)} rows for {B} inputs; give one per input")
@@ -186,14 +191,21 @@ class Decoding:
             out = backbone.forward(backbone.embed(input_ids), attention_mask=full_mask, position_ids=positions,
                                    cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
                                    logits_to_keep=1)
-        self.cache = _growing(out.cache)
-        self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each running row
+        self.capacity = max(B, capacity)
+        self.cache = _growing(out.cache, self._room(B))
+        self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each slot
         self.prefill_logits = self.logits
         self.mask = full_mask
-        self.position = positions[:, -1:]  # (B, 1)
-        self.running = list(range(B))  # batch position -> row index
+        self.position = positions[:, -1:]  # (B, 1); a free slot's stays 0 (never past the model's positions)
+        self.alive = torch.ones(B, 1, dtype=positions.dtype, device=positions.device)  # 1: the slot holds a row
+        self.slots: list[int | None] = list(range(B))  # batch position -> row index (None: a free slot)
         self.steps = 0
-        self._feed: list[int] = []  # the tokens pick() chose, for advance()
+        self._feed: list[int] = []  # the tokens pick() chose, one per slot, for advance()
+
+    @property
+    def running(self) -> list[int]:
+        """The indices of the rows still decoding, in slot order."""
+        return [i for i in self.slots if i is not None]
 
     def __iter__(self):
         while self.running:
@@ -204,44 +216,58 @@ class Decoding:
             self.advance()
 
     def pick(self) -> list[int]:
-        """Pick each running row's next token from the current logits; rows that finish leave the batch and its
-        cache. Returns the indices of the rows that got a token or finished. `advance()` then runs the step."""
+        """Pick each running row's next token from the current logits; rows that finish free their slots. Returns
+        the indices of the rows that got a token or finished. `advance()` then runs the step."""
         tok = self.backbone.tokenizer
-        changed, nxt = [], {}  # batch position -> picked token
+        changed, feed, freed = [], [0] * len(self.slots), []  # a free slot is fed token 0 (its output is never read)
         # one op for every greedy row; max's indices (the first maximum, like argmax) cost a quarter of argmax's
         # on a CPU at (8, 49152)
         greedy = self.logits.max(-1).indices.tolist()
-        for b, i in enumerate(self.running):
+        for b, i in enumerate(self.slots):
+            if i is None:
+                continue
             row = self.rows[i]
             changed.append(i)
             if row.cancelled:
                 row.finish_reason = "cancelled"
-                continue
-            t = greedy[b] if row.sampling.temperature == 0 else _pick(self.logits[b], row.sampling, row.generator)
-            nxt[b] = t
-            if t in self.eos and not row.sampling.ignore_eos:
-                row.finish_reason = "stop"
             else:
-                row.add_token(t, tok)
-                if not row.done and len(row.tokens) >= row.sampling.max_new_tokens:
-                    row.finish_reason = "length"
+                t = greedy[b] if row.sampling.temperature == 0 else _pick(self.logits[b], row.sampling, row.generator)
+                feed[b] = t
+                if t in self.eos and not row.sampling.ignore_eos:
+                    row.finish_reason = "stop"
+                else:
+                    row.add_token(t, tok)
+                    if not row.done and len(row.tokens) >= row.sampling.max_new_tokens:
+                        row.finish_reason = "length"
             if row.done:
                 row.settle(tok)
+                self.slots[b] = None
+                freed.append(b)
         self.steps += 1
-        keep = [b for b, i in enumerate(self.running) if not self.rows[i].done]
-        if keep and len(keep) < len(self.running):  # drop finished rows from the batch and the cache
-            self._select(keep)
-        self._feed = [nxt[b] for b in keep]
-        self.running = [self.running[b] for b in keep]
+        live = [b for b, i in enumerate(self.slots) if i is not None]
+        if not live:
+            self._feed = []
+            return changed
+        if freed:  # a free slot's position stays 0 from now on
+            idx = torch.tensor(freed, device=self.position.device)
+            self.position = self.position.index_fill(0, idx, 0)
+            self.alive = self.alive.index_fill(0, idx, 0)
+        # more than half the slots free, or more than half the columns padding no live row attends to (the batch
+        # grows a column per step while new rows keep joining it): gather the live rows, from their first column
+        if freed and (2 * len(live) < len(self.slots) or 2 * self._lead(live) > self.mask.shape[1]):
+            self._select(live)
+            feed = [feed[b] for b in live]
+            self.slots = [self.slots[b] for b in live]
+        self._feed = feed
         return changed
 
     def advance(self) -> None:
-        """One forward over the running rows with the tokens `pick()` chose: the next logits."""
+        """One forward over the batch's slots with the tokens `pick()` chose: the next logits."""
         tokens = self._feed
         dev = self.mask.device
         B = len(tokens)
         self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
-        self.position = self.position + 1
+        self.position = self.position + self.alive
         ids = torch.tensor(tokens, device=dev).unsqueeze(1)
         with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
             lean = self.rt.decode_step()
@@ -257,45 +283,113 @@ class Decoding:
     def merge(self, other: Decoding) -> None:
         """Take in another batch that was just prefilled (continuous batching): its rows join this one and decode
         with it from the next `pick()`. Both must hold fresh logits (after a prefill or `advance()`, before
-        `pick()`). The shorter side's cache and mask are padded on the left (masked), so every row attends to what
-        it attended to alone; positions stay per row."""
+        `pick()`). The new rows' keys/values are written into free slots (and slots after the last, within the
+        buffers' room), left-padded (masked) to this batch's width, so every row attends to what it attended to
+        alone; positions stay per row. When the new rows are wider than this batch or do not fit, both batches'
+        live rows are gathered into new buffers."""
         if self._feed or other._feed:
             raise SoftPromptError("merge batches between advance() and pick(), when both hold fresh logits")
         if not other.running:
             return
         if not self.running:
-            self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "steps"})
+            self.__dict__.update({k: v for k, v in other.__dict__.items() if k not in ("steps", "capacity")})
             return
-        L = max(self.mask.shape[1], other.mask.shape[1])
-        layers = []
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            if getattr(mine, "is_sliding", False):
+        for layer in self.cache.layers:
+            if getattr(layer, "is_sliding", False):
                 raise SoftPromptError("continuous batching does not merge sliding-window caches")
-            # both sides written once into a buffer with room to grow (no padded copies, no cat, no re-buffering
-            # at the next step): a merge happens at most steps of a busy server
-            layers.append(GrowingLayer.holding([(mine.keys, mine.values), (theirs.keys, theirs.values)], L))
-        self.cache = self.backbone.new_cache()
-        self.cache.layers = layers
-        self.mask = torch.cat([_pad_left(self.mask, L, dim=1), _pad_left(other.mask, L, dim=1)])
-        self.position = torch.cat([self.position, other.position])
-        self.logits = torch.cat([self.logits, other.logits])
         offset = len(self.rows)
+        theirs = [b for b, i in enumerate(other.slots) if i is not None]
+        new = [offset + other.slots[b] for b in theirs]
+        free = [b for b, i in enumerate(self.slots) if i is None][:len(theirs)]
+        slots = free + list(range(len(self.slots), len(self.slots) + len(theirs) - len(free)))
+        L = self.mask.shape[1]
+        if other.mask.shape[1] <= L and all(_room_for(layer, slots[-1] + 1) for layer in self.cache.layers):
+            self._write(other, theirs, slots, L)
+            for b, i in zip(slots, new, strict=True):
+                if b < len(self.slots):
+                    self.slots[b] = i
+                else:
+                    self.slots.append(i)
+        else:  # both batches' live rows gathered once into new buffers with room (no padded copies, no cat)
+            mine = [b for b, i in enumerate(self.slots) if i is not None]
+            L = max(L, other.mask.shape[1])
+            self.capacity = max(self.capacity, len(mine) + len(theirs))
+            room = self._room(len(mine) + len(theirs))
+            layers = [GrowingLayer.holding([(a.keys, a.values, mine), (b.keys, b.values, theirs)], L, room)
+                      for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
+            mask = torch.cat([_pad_left(self.mask[mine], L, dim=1), _pad_left(other.mask[theirs], L, dim=1)])
+            position = torch.cat([self.position[mine], other.position[theirs]])
+            alive = torch.cat([self.alive[mine], other.alive[theirs]])
+            logits = torch.cat([self.logits[mine], other.logits[theirs]])
+            cache = self.backbone.new_cache()
+            cache.layers = layers  # nothing of this batch changed before this point (a failed merge leaves it whole)
+            self.cache, self.mask, self.position, self.alive, self.logits = cache, mask, position, alive, logits
+            self.slots = [self.slots[b] for b in mine] + new
         self.rows = self.rows + other.rows
-        self.running = self.running + [offset + i for i in other.running]
+
+    def _room(self, rows: int) -> int:
+        """Rows a new buffer makes room for: twice those it holds, up to the batch's capacity."""
+        return min(self.capacity, max(2 * rows, rows + 4))
+
+    def _write(self, other: Decoding, theirs: list[int], slots: list[int], L: int) -> None:
+        """`other`'s rows `theirs` into this batch's `slots` (free ones, or new ones at the end within the buffers'
+        room), left-padded to width `L`: only the new rows are written."""
+        dev = self.mask.device
+        src = torch.tensor(theirs, device=dev)
+        dst = torch.tensor(slots, device=dev)
+        B = max(len(self.slots), slots[-1] + 1)
+        pad = L - other.mask.shape[1]
+        grow = B - len(self.slots)
+        mask, position, alive, logits = self.mask, self.position, self.alive, self.logits
+        if grow:  # new tensors first: an allocation that fails leaves this batch whole
+            mask = torch.cat([mask, mask.new_zeros(grow, L)])
+            position = torch.cat([position, position.new_zeros(grow, 1)])
+            alive = torch.cat([alive, alive.new_zeros(grow, 1)])
+            logits = torch.cat([logits, logits.new_zeros(grow, logits.shape[1])])
+        parts = [x if len(theirs) == x.shape[0] else x.index_select(0, src)
+                 for new in other.cache.layers for x in (new.keys, new.values)]
+        mask[dst] = _pad_left(other.mask[src], L, dim=1)
+        position[dst] = other.position[src]
+        alive[dst] = 1
+        logits[dst] = other.logits[src]
+        for n, layer in enumerate(self.cache.layers):
+            k_buf, v_buf = layer._buffer[0], layer._buffer[1]
+            for buf, x in ((k_buf, parts[2 * n]), (v_buf, parts[2 * n + 1])):
+                if pad:
+                    buf[:, :, :pad].index_fill_(0, dst, 0)
+                buf[:, :, pad:L].index_copy_(0, dst, x)
+            layer.keys, layer.values = k_buf[:B, :, :L], v_buf[:B, :, :L]
+            layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
+        self.mask, self.position, self.alive, self.logits = mask, position, alive, logits
 
     @property
     def width(self) -> int:
         """Key/value positions each step attends to (padding included)."""
         return self.mask.shape[1]
 
+    def forget_finished(self) -> list[int]:
+        """Renumber the running rows 0..n-1 and forget the finished ones (so `rows` stays short in a server that
+        runs for days). Returns the old indices of the rows kept, in their new order."""
+        keep = self.running
+        new = {old: n for n, old in enumerate(keep)}
+        self.rows = [self.rows[i] for i in keep]
+        self.slots = [None if i is None else new[i] for i in self.slots]
+        return keep
+
+    def _lead(self, rows: list[int]) -> int:
+        """The first column any of these slots attends to (the columns before it are padding for all of them)."""
+        return int((self.mask[rows].sum(0) > 0).to(torch.int8).argmax())
+
     def _select(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, device=self.mask.device)
+        lead = self._lead(keep)
         self.mask, self.position, self.logits = self.mask[idx], self.position[idx], self.logits[idx]
-        lead = int((self.mask.sum(0) > 0).to(torch.int8).argmax())  # columns every remaining row masks out
+        self.alive = self.alive[idx]
         self.mask = self.mask[:, lead:]
         if all(type(layer) is GrowingLayer for layer in self.cache.layers):
             # the kept rows, from the first column any of them attends to, gathered once into buffers with room
-            self.cache.layers = [GrowingLayer.selected(layer, idx, lead) for layer in self.cache.layers]
+            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self._room(len(keep)))
+                                 for layer in self.cache.layers]
             return
         self.cache.batch_select_indices(idx)
         if lead:
@@ -304,65 +398,79 @@ class Decoding:
 
 
 class GrowingLayer(DynamicLayer):
-    """A cache layer whose keys and values live in a buffer with room to grow: a decode step writes its token into
-    the buffer instead of copying the whole cache (``torch.cat`` at every step and layer). ``keys``/``values`` are
-    views of the filled part; code that replaces them (row selection, trimming, merging) makes the next update
-    start a new buffer from them. Inference only (decoding)."""
+    """A cache layer whose keys and values live in a buffer with room to grow, in positions and in rows: a decode
+    step writes its token into the buffer instead of copying the whole cache (``torch.cat`` at every step and
+    layer), and rows merged into the batch are written into it. ``keys``/``values`` are views of the filled part
+    (the first rows and positions); code that replaces them (row selection, trimming) makes the next update start
+    a new buffer from them. ``rows`` is the number of rows a buffer is made for. Inference only (decoding)."""
+
+    rows = 0
 
     @classmethod
-    def holding(cls, parts: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> GrowingLayer:
-        """A layer holding the (keys, values) of `parts` stacked over the batch, each left-padded with zeros to
-        `length` positions, in a buffer with room to grow."""
+    def holding(cls, parts: list[tuple[torch.Tensor, torch.Tensor, list[int]]], length: int,
+                rows: int = 0) -> GrowingLayer:
+        """A layer holding the rows (the given batch indices) of each part's (keys, values) stacked over the batch,
+        each left-padded with zeros to `length` positions, in a buffer with room to grow."""
         first = parts[0][0]
-        layer, k_buf, v_buf = cls._with_room(first, sum(k.shape[0] for k, _ in parts), length)
+        n_rows = sum(len(idx) for _, _, idx in parts)
+        layer, k_buf, v_buf = cls._with_room(first, n_rows, length, rows)
         at = 0
-        for keys, values in parts:
-            n, pad = keys.shape[0], length - keys.shape[-2]
+        for keys, values, idx in parts:
+            n, pad = len(idx), length - keys.shape[-2]
+            pick = None if n == keys.shape[0] else torch.tensor(idx, device=keys.device)
             for buf, x in ((k_buf, keys), (v_buf, values)):
                 buf[at:at + n, :, :pad].zero_()
-                buf[at:at + n, :, pad:length].copy_(x)
+                buf[at:at + n, :, pad:length].copy_(x if pick is None else x.index_select(0, pick))
             at += n
         return layer
 
     @classmethod
-    def selected(cls, layer: DynamicLayer, rows: torch.Tensor, lead: int) -> GrowingLayer:
+    def selected(cls, layer: DynamicLayer, rows: torch.Tensor, lead: int, room: int = 0) -> GrowingLayer:
         """A layer holding `rows` of `layer` from position `lead` on, gathered straight into a buffer with room."""
         keys, values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
-        out, _, _ = cls._with_room(keys, len(rows), keys.shape[-2])
+        out, _, _ = cls._with_room(keys, len(rows), keys.shape[-2], room)
         torch.index_select(keys, 0, rows, out=out.keys)
         torch.index_select(values, 0, rows, out=out.values)
         return out
 
     @classmethod
-    def _with_room(cls, like: torch.Tensor, rows: int, length: int):
-        """A layer whose keys/values are the first `length` positions (to be filled) of new buffers with room."""
-        k_buf = like.new_empty(rows, like.shape[1], _room(length), like.shape[-1])
+    def _with_room(cls, like: torch.Tensor, rows: int, length: int, room: int = 0):
+        """A layer whose keys/values are the first `rows` rows and `length` positions (to be filled) of new buffers
+        with room for `room` rows and the steps to come."""
+        k_buf = like.new_empty(max(rows, room), like.shape[1], _room(length), like.shape[-1])
         v_buf = torch.empty_like(k_buf)
         layer = cls()
-        layer.device, layer.is_initialized = like.device, True
-        layer.keys, layer.values = k_buf[..., :length, :], v_buf[..., :length, :]
+        layer.device, layer.is_initialized, layer.rows = like.device, True, max(rows, room)
+        layer.keys, layer.values = k_buf[:rows, :, :length], v_buf[:rows, :, :length]
         layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
         return layer, k_buf, v_buf
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return super().update(key_states, value_states, *args, **kwargs)
-        n, add = self.keys.shape[-2], key_states.shape[-2]
+        B, n, add = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
         buf = getattr(self, "_buffer", None)
         if buf is None or buf[2] is not self.keys or buf[3] is not self.values or buf[0].shape[-2] < n + add \
-                or buf[0].shape[:2] != key_states.shape[:2]:
+                or buf[0].shape[0] < key_states.shape[0] or buf[0].shape[1] != key_states.shape[1]:
             cap = _room(n + add)
-            k = self.keys.new_empty(*self.keys.shape[:-2], cap, self.keys.shape[-1])
-            v = self.values.new_empty(*self.values.shape[:-2], cap, self.values.shape[-1])
-            k[..., :n, :] = self.keys
-            v[..., :n, :] = self.values
+            k = self.keys.new_empty(max(B, self.rows), *self.keys.shape[1:-2], cap, self.keys.shape[-1])
+            v = torch.empty_like(k)
+            k[:B, ..., :n, :] = self.keys
+            v[:B, ..., :n, :] = self.values
             buf = (k, v)
         k, v = buf[0], buf[1]
-        k[..., n:n + add, :] = key_states
-        v[..., n:n + add, :] = value_states
-        self.keys, self.values = k[..., :n + add, :], v[..., :n + add, :]
+        k[:B, ..., n:n + add, :] = key_states
+        v[:B, ..., n:n + add, :] = value_states
+        self.keys, self.values = k[:B, ..., :n + add, :], v[:B, ..., :n + add, :]
         self._buffer = (k, v, self.keys, self.values)
         return self.keys, self.values
+
+
+def _room_for(layer, rows: int) -> bool:
+    """Whether a cache layer's buffers can take `rows` rows in place (a growing layer whose views are current)."""
+    buf = getattr(layer, "_buffer", None)
+    return type(layer) is GrowingLayer and buf is not None and buf[2] is layer.keys and buf[3] is layer.values \
+        and buf[0].shape[0] >= rows
 
 
 def _room(length: int) -> int:
@@ -370,11 +478,13 @@ def _room(length: int) -> int:
     return max(2 * length, length + 64)
 
 
-def _growing(cache):
-    """The cache's plain dynamic layers made growing (same state, another update)."""
+def _growing(cache, rows: int = 0):
+    """The cache's plain dynamic layers made growing (same state, another update), their buffers to be made for
+    `rows` rows."""
     for layer in getattr(cache, "layers", []):
         if type(layer) is DynamicLayer:
             layer.__class__ = GrowingLayer
+            layer.rows = rows
     return cache
 
 

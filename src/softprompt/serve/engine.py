@@ -305,7 +305,7 @@ class Engine(Frontend):
     def _prefill(self, jobs: list[Job]) -> None:
         ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)
         dec = Decoding(self.backbone, [j.prompt for j in jobs], ids, mask, [j.row for j in jobs],
-                       reuse_prompt_cache=self.reuse_prompt_cache)
+                       reuse_prompt_cache=self.reuse_prompt_cache, capacity=self.max_batch)
         if self._decoding is None:
             self._decoding, self._rows = dec, list(jobs)
         else:
@@ -344,8 +344,5 @@ class Engine(Frontend):
             self._compact()
 
     def _compact(self) -> None:
-        dec = self._decoding
-        keep = dec.running
-        dec.rows = [dec.rows[i] for i in keep]
+        keep = self._decoding.forget_finished()
         self._rows = [self._rows[i] for i in keep]
-        dec.running = list(range(len(keep)))
