@@ -104,7 +104,7 @@ def main() -> None:
     out["machine"] = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                                                check=True).stdout.strip().splitlines()[-1])
     out["args"] = vars(args)
-    out["command"] = "python benchmarks/serving_profile.py " + " ".join(sys.argv[1:])
+    out["command"] = " ".join(["python benchmarks/serving_profile.py", *sys.argv[1:]])
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["prefill_alone"]))
 
