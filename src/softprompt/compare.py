@@ -481,7 +481,7 @@ def _notes(rows: list[dict]) -> list[str]:
                          f"linear probe (macro-F1 {probe['macro_f1']:.3f})")
         if "fine_tune" in by and by["fine_tune"].get("accuracy") is not None:
             gap = 100 * (by["fine_tune"]["accuracy"] - best["accuracy"])
-            notes.append(f"best prompt method is {gap:+.1f} accuracy points behind full fine-tuning" if gap > 0 else
+            notes.append(f"best prompt method is {gap:.1f} accuracy points behind full fine-tuning" if gap > 0 else
                          f"best prompt method is {-gap:.1f} accuracy points ahead of full fine-tuning")
     return notes
 
