@@ -285,6 +285,41 @@ def test_training_learns_and_resumes_exactly(tmp_path, method):
     assert n == sum(t.numel() for k, t in a.items() if k != "mask")
 
 
+def test_head_init_probe_starts_the_head_as_the_linear_probe_of_the_prompted_model(tmp_path):
+    from softprompt.train.loop import _setup
+    from softprompt.train.probe import fit_probe
+
+    bb = tiny_dinov2()
+    splits = {"train": stripes(24), "validation": stripes(12, 1), "test": stripes(12, 2)}
+    method = {"name": "vpt", "num_virtual_tokens": 3, "deep": True}
+    run = _setup(_cfg(tmp_path, "probe", method), False, False, bb, splits, None, True)  # head_init auto: probe
+    vpt = run.trainable.method
+    enc = run.enc
+
+    def by_hand(rows):  # the prompted model's features, computed without hooks, through an identity head
+        eye = torch.eye(bb.hidden_size)
+        return reference_logits(bb, vpt.tokens.detach(), eye, torch.zeros(bb.hidden_size),
+                                enc.batch(rows)["pixel_values"]).detach()
+
+    y = lambda rows: torch.tensor([enc.label_index(r) for r in rows])  # noqa: E731
+    head, mean, std, _ = fit_probe(by_hand(splits["train"]), y(splits["train"]), by_hand(splits["validation"]),
+                                   y(splits["validation"]), LABELS)
+    test = enc.batch(splits["test"])["pixel_values"]
+    want = head((by_hand(splits["test"]) - mean) / std)
+    with torch.no_grad():
+        got = run.model.eval().classify(test)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # the probe, folded onto raw features
+    assert (got.argmax(-1) == y(splits["test"])).float().mean() >= 0.9  # it already classifies the stripes
+
+    random_start = _setup(build_config({**_cfg(tmp_path, "random", method).to_dict(), "train": {
+        **_cfg(tmp_path, "random", method).to_dict()["train"], "head_init": "random"}}), False, False, bb, splits,
+        None, True).trainable.method
+    fresh = VPT.create(bb, num_virtual_tokens=3, deep=True, init_labels=LABELS, seed=0)
+    assert torch.equal(random_start.head_weight, fresh.head_weight)  # random: nn.Linear's seeded start
+    with pytest.raises(SoftPromptError, match="head_init must be auto, probe or random"):
+        build_config({"model": "tiny", "task": {"builtin": "sst2"}, "train": {"head_init": "linear"}})
+
+
 def test_train_and_eval_through_the_cli_on_a_folder_of_images(tmp_path, capsys):
     from PIL import Image
 

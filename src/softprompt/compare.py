@@ -41,6 +41,7 @@ from .tasks.encode import TaskEncoder, left_pad
 from .tasks.spec import TaskSpec, load_task, load_task_splits, task_encoder
 from .train.config import RunConfig
 from .train.memory import peak_memory, reset_peak
+from .train.probe import fit_probe
 
 IMAGE_METHODS = {"vpt": {"name": "vpt"}, "vpt_deep": {"name": "vpt", "deep": True},
                  "pixel_prompt": {"name": "pixel_prompt"}, "coop": {"name": "coop"},
@@ -242,18 +243,7 @@ class _Compare:
         reset_peak()
         x, y = self.features(rows), torch.tensor([self.probe.label_index(r) for r in rows])
         xv, yv = self.features(val), torch.tensor([self.probe.label_index(r) for r in val])
-        k = len(self.task.labels)
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        counts = torch.bincount(y, minlength=k).float()
-        weight = len(y) / (k * counts.clamp(min=1))
-        best = None
-        for l2 in (1e-4, 1e-3, 1e-2, 1e-1):
-            head = _fit_logistic((x - mean) / std, y, k, weight, l2)
-            pred = head((xv - mean) / std).argmax(-1)
-            score = _score(classification_metrics(pred.tolist(), yv.tolist(), self.task.labels))
-            if best is None or score > best[0]:
-                best = (score, l2, head)
-        _, l2, head = best
+        head, mean, std, l2 = fit_probe(x, y, xv, yv, self.task.labels)
         train_s = time.perf_counter() - t0
         xt = self.features(self.test)
         pred = head((xt - mean) / std).argmax(-1)
@@ -303,25 +293,6 @@ def lora_targets(model: Any) -> list[str]:
         if set(pair) <= names:
             return pair
     raise SoftPromptError(f"no q/v attention projections found in {type(model).__name__} for LoRA")
-
-
-def _fit_logistic(x: torch.Tensor, y: torch.Tensor, k: int, weight: torch.Tensor, l2: float) -> torch.nn.Linear:
-    """Weighted multinomial logistic regression, full batch, L-BFGS."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], k)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y, weight=weight) + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return head.eval().requires_grad_(False)
 
 
 def _score(metrics: dict) -> float:

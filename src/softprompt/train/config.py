@@ -76,6 +76,11 @@ class TrainArgs:
     lr: float | None = None  # None: 1e-2 for adamw (measured best on SmolLM2, see README), 0.3 for adafactor (Lester)
     weight_decay: float = 1e-5  # Lester et al.
     head_lr: float | None = None  # a text encoder's task head, and an image task's head beside the weights; None: lr
+    # where an image classification task's head starts: probe = fitted as a linear probe of the features the model
+    # gives with the prompt as initialised (on the rows the run sees, L2 chosen on validation), then prompt and head
+    # train from there | random = nn.Linear's seeded start | auto = probe for image classification, random elsewhere.
+    # Measured on Fashion-MNIST with DINOv2 (docs/vision.md)
+    head_init: str = "auto"
     warmup_steps: int = 0  # linear warm-up from 0
     schedule: str = "linear"  # after warm-up: linear (to 0 at the last step; measured best) | cosine | constant (Lester)
     max_grad_norm: float | None = 1.0  # clipping; None = off
@@ -122,6 +127,8 @@ class TrainArgs:
             raise SoftPromptError(f"train.loss must be options or lm, not {self.loss!r}")
         if self.class_weights not in ("none", "balanced"):
             raise SoftPromptError(f"train.class_weights must be none or balanced, not {self.class_weights!r}")
+        if self.head_init not in ("auto", "probe", "random"):
+            raise SoftPromptError(f"train.head_init must be auto, probe or random, not {self.head_init!r}")
         if self.select not in ("auto", "accuracy", "macro_f1", "exact_match"):
             raise SoftPromptError(f"train.select must be auto, accuracy, macro_f1 or exact_match, not {self.select!r}")
         if int(self.length_buckets) < 0:

@@ -33,6 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .distributed import Dist
 from .memory import peak_memory, reset_peak
+from .probe import probe_head
 
 PROMPT_FILE = "prompt.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -368,6 +369,9 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
     micro = args.batch_size // args.grad_accum
     if micro % ddp.world:
         raise SoftPromptError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by {ddp.world} processes")
+    probed = None
+    if not (resume and (out / CHECKPOINT).exists()):  # a resumed run's head is in its checkpoint
+        probed = _probe_head(cfg, task, model, enc, train_rows, val_rows, precision)
     head_lr = args.head_lr if args.head_lr is not None else args.lr
     optimizer = make_optimizer(trainable.groups(_weights_args(args, weights).lr, head_lr), _weights_args(args, weights))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
@@ -398,11 +402,35 @@ def _setup(cfg: RunConfig, resume: bool, overwrite: bool, backbone: Any, splits:
                                          dtype=torch.float32, device=bb.device)
     else:
         select = "map" if task.kind == "detection" else "exact_match"
+    if probed is not None:  # the probe's seconds are part of the run's training time
+        state["train_seconds"] = probed.pop("seconds")
+        if not quiet and ddp.main:
+            print(f"softprompt: the task head starts as a linear probe ({probed['rows']} rows, L2 {probed['l2']:g})",
+                  file=sys.stderr)
     reset_peak()
     return _Run(cfg=cfg, ddp=ddp, out=out, task=task, bb=bb, trainable=trainable, model=model, enc=enc,
                 train_rows=train_rows, val_rows=val_rows, lengths=lengths, precision=precision, select=select,
                 class_weights=class_weights, optimizer=optimizer, scheduler=scheduler, state=state, log=log,
                 skipped=bad.skipped, writes=writes)
+
+
+def _probe_head(cfg: RunConfig, task: Any, model: PromptedModel, enc: TaskEncoder, train_rows: list[dict],
+                val_rows: list[dict], precision: str) -> dict | None:
+    """train.head_init: an image classification task's head fitted as a linear probe of the prompted model's
+    features before training (on as many train rows as the run sees); None where the head starts random."""
+    image = getattr(task, "modality", "text") == "image" and task.kind == "classification"
+    headed = hasattr(model.method, "head_weight")  # CoOp classifies through CLIP's text encoder: no linear head
+    if cfg.train.head_init == "random" or (cfg.train.head_init == "auto" and not (image and headed)):
+        return None
+    if not (image and headed):
+        what = "this method has no linear head" if image else \
+            f"this is a {getattr(task, 'modality', 'text')} {task.kind} task"
+        raise SoftPromptError(f"train.head_init probe fits an image classification task's linear head; {what}: use "
+                              "train.head_init random or auto")
+    t0 = time.perf_counter()
+    done = probe_head(model, enc, train_rows, val_rows, task.labels, precision,
+                      rows=cfg.train.steps * cfg.train.batch_size, seed=cfg.seed)
+    return {**done, "seconds": time.perf_counter() - t0}
 
 
 def _trainable(cfg: RunConfig, bb: Any, task: Any, weights: str | None, task_head: bool = False) -> Trainable:
