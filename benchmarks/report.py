@@ -486,6 +486,7 @@ RENDERERS = {
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
+    "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
