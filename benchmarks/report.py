@@ -210,6 +210,36 @@ def vision_compare(res: dict) -> str:
     return "\n".join(lines)
 
 
+def vision_head_start(res: dict) -> str:
+    """Each trained image row's test accuracy with its head started random (compare_fashion_mnist_random_head.json)
+    and as the linear probe (compare_fashion_mnist.json), at every setting both files hold."""
+    before = load("compare_fashion_mnist_random_head.json")
+    order = [k for k in ("1", "2", "4", "8", "16", "full") if k in res["settings"] and k in before["settings"]
+             and res["settings"][k].get("head_init", "random") != "random"]
+    label = {k: "all training images" if k == "full" else f"{k} per class" for k in order}
+    acc: dict[str, dict] = {}
+    for side, data in (("random", before), ("probe", res)):
+        for k in order:
+            for r in data["settings"][k]["rows"]:
+                acc.setdefault(r["key"], {"name": r["method"]}).setdefault(k, {})[side] = r["accuracy"]
+    lines = ["Test accuracy with each trained row's head started random -> as the linear probe (train.head_init "
+             "auto); the linear probe's own row for reference.", "",
+             "| method | " + " | ".join(label[k] for k in order) + " |", "|---|" + "---|" * len(order)]
+    for key, m in acc.items():
+        cells = []
+        for k in order:
+            c = m.get(k, {})
+            if key == "linear_probe" and "probe" in c:
+                cells.append(f"{c['probe']:.1%}")
+            elif "random" in c and "probe" in c:
+                cells.append(f"{c['random']:.1%} -> {c['probe']:.1%} ({100 * (c['probe'] - c['random']):+.1f})")
+            else:
+                cells.append("-")
+        lines.append(f"| {m['name']} | {' | '.join(cells)} |")
+    lines += ["", "Random starts: " + machine_line(before.get("machine", {})) + "."]
+    return "\n".join(lines)
+
+
 def vision_speed(res: dict) -> str:
     """benchmarks/vision_speed.py: a training step of each image row against PEFT's LoRA, and mixed-task serving."""
     names = {"vpt_shallow": "VPT-shallow (10 tokens)", "vpt_deep": "VPT-deep (10 tokens per layer)",
@@ -494,6 +524,7 @@ RENDERERS = {
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
     "vision_compare": (vision_compare, "compare_fashion_mnist.json"),
+    "vision_head_start": (vision_head_start, "compare_fashion_mnist.json"),
     "vision_compare_cnn": (vision_compare, "compare_fashion_mnist_efficientnet.json"),
     "vision_speed": (vision_speed, "vision_speed.json"),
 }

@@ -10,7 +10,9 @@ A pixel prompt on a CNN against a linear probe and full fine-tuning (EfficientNe
     python benchmarks/run_vision_compare.py --config configs/compare_fashion_mnist_efficientnet.yaml \
         --rows linear_probe,pixel_prompt,fine_tune --shots 16 --out benchmarks/results/compare_fashion_mnist_efficientnet.json
 
-Every setting tests on the full test split (10,000 images).
+Every setting tests on the full test split (10,000 images). benchmarks/results/compare_fashion_mnist_random_head.json
+holds every setting with the heads started random (`--head-init random`; measured before train.head_init existed,
+when a random head was the only start), for the docs' table of what the probe start changes.
 """
 
 from __future__ import annotations
