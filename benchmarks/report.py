@@ -169,12 +169,27 @@ def comparison(res: dict) -> str:
     return "\n".join(lines)
 
 
+SHOTS = ("1", "2", "4", "8", "16", "full")  # the image settings' order in a table
+HEAD_STARTS = {"auto": "as the linear probe of the model's features (train.head_init auto)",
+               "probe": "as the linear probe of the model's features", "random": "random (train.head_init random)"}
+
+
+def settings(res: dict, keep=lambda k: True) -> tuple[list[str], dict[str, str]]:
+    """An image results file's settings in table order (k per class, then the whole set), and their labels."""
+    order = [k for k in SHOTS if k in res["settings"] and keep(k)] + \
+        [k for k in res["settings"] if k not in SHOTS and keep(k)]
+    return order, {k: "all training images" if k == "full" else f"{k} per class" for k in order}
+
+
+def head_start(setting: dict) -> str:
+    # settings run before train.head_init existed record none: their heads started random
+    return setting.get("head_init", "random")
+
+
 def vision_compare(res: dict) -> str:
     """benchmarks/run_vision_compare.py: each image row's test accuracy at every few-shot setting run, then the
     whole table of the largest setting run (cost columns, learning rates)."""
-    order = [k for k in ("1", "2", "4", "8", "16", "full") if k in res["settings"]] + \
-        [k for k in res["settings"] if k not in ("1", "2", "4", "8", "16", "full")]
-    label = {k: "all training images" if k == "full" else f"{k} per class" for k in order}
+    order, label = settings(res)
     methods: dict[str, dict] = {}
     for k in order:
         for r in res["settings"][k]["rows"]:
@@ -188,18 +203,18 @@ def vision_compare(res: dict) -> str:
     for m in methods.values():
         cells = [f"{m[k]['accuracy']:.1%} ({m[k]['macro_f1']:.3f})" if k in m else "-" for k in order]
         lines.append(f"| {m['name']} | {' | '.join(cells)} | {m['params']:,} | {_size(m['bytes'])} |")
-    if len(order) > 1:  # each setting's budget, and what its table says of the goals
+    if len(order) > 1:  # each setting's budget
         budget = "; ".join(f"{label[k]}: {res['settings'][k]['steps']} steps x {res['settings'][k]['batch_size']}"
                            for k in order)
         lines += ["", f"Step budget of every trained row: {budget}."]
-        # settings run before train.head_init existed record none: their heads started random
-        start = {k: res["settings"][k].get("head_init", "random") for k in order}
-        if len(set(start.values())) > 1:
-            said = {"auto": "as the linear probe of the model's features (train.head_init auto)",
-                    "probe": "as the linear probe of the model's features", "random": "random (train.head_init random)"}
-            lines += ["", "Where the trained rows' heads start: " + "; ".join(
-                f"{', '.join(label[k] for k in order if start[k] == v)}: {said[v]}" for v in dict.fromkeys(start.values()))
-                + "."]
+    start = {k: head_start(res["settings"][k]) for k in order}
+    if len(set(start.values())) > 1:
+        lines += ["", "Where the trained rows' heads start: " + "; ".join(
+            f"{', '.join(label[k] for k in order if start[k] == v)}: {HEAD_STARTS[v]}"
+            for v in dict.fromkeys(start.values())) + "."]
+    else:
+        lines += ["", f"Every trained row's head starts {HEAD_STARTS[start[order[0]]]}."]
+    if len(order) > 1:  # what each setting's table says of the goals
         for k in order:
             said = "; ".join(res["settings"][k].get("notes") or [])
             if said:
@@ -211,19 +226,20 @@ def vision_compare(res: dict) -> str:
 
 
 def vision_head_start(res: dict) -> str:
-    """Each trained image row's test accuracy with its head started random (compare_fashion_mnist_random_head.json)
-    and as the linear probe (compare_fashion_mnist.json), at every setting both files hold."""
-    before = load("compare_fashion_mnist_random_head.json")
-    order = [k for k in ("1", "2", "4", "8", "16", "full") if k in res["settings"] and k in before["settings"]
-             and res["settings"][k].get("head_init", "random") != "random"]
-    label = {k: "all training images" if k == "full" else f"{k} per class" for k in order}
+    """Each trained image row's test accuracy with its head started random and as the linear probe, at every setting
+    both files hold: the results file and its *_random_head.json (or *_probe_head.json where the results file's
+    heads start random, as on a CNN by default)."""
+    random_first = all(head_start(s) == "random" for s in res["settings"].values())
+    other = load(res["_file"].replace(".json", "_probe_head.json" if random_first else "_random_head.json"))
+    rand, probe = (res, other) if random_first else (other, res)
+    order, label = settings(probe, lambda k: k in rand["settings"] and head_start(probe["settings"][k]) != "random")
     acc: dict[str, dict] = {}
-    for side, data in (("random", before), ("probe", res)):
+    for side, data in (("random", rand), ("probe", probe)):
         for k in order:
             for r in data["settings"][k]["rows"]:
                 acc.setdefault(r["key"], {"name": r["method"]}).setdefault(k, {})[side] = r["accuracy"]
-    lines = ["Test accuracy with each trained row's head started random -> as the linear probe (train.head_init "
-             "auto); the linear probe's own row for reference.", "",
+    lines = ["Test accuracy with each trained row's head started random -> as the linear probe; the linear probe's "
+             "own row for reference.", "",
              "| method | " + " | ".join(label[k] for k in order) + " |", "|---|" + "---|" * len(order)]
     for key, m in acc.items():
         cells = []
@@ -236,7 +252,27 @@ def vision_head_start(res: dict) -> str:
             else:
                 cells.append("-")
         lines.append(f"| {m['name']} | {' | '.join(cells)} |")
-    lines += ["", "Random starts: " + machine_line(before.get("machine", {})) + "."]
+    if machine_line(other.get("machine", {})) != machine_line(res.get("machine", {})):
+        lines += ["", f"{'Probe' if random_first else 'Random'} starts: " + machine_line(other.get("machine", {})) + "."]
+    return "\n".join(lines)
+
+
+def vision_paired(res: dict) -> str:
+    """benchmarks/vision_paired.py: a row against the linear probe on the same test images, per setting."""
+    order, label = settings(res)
+    name = {"vpt_deep": "VPT-deep", "vpt": "VPT-shallow", "pixel_prompt": "pixel prompt"}.get(res["row"], res["row"])
+    lines = [f"{name} against the linear probe, image by image on the same {res['settings'][order[0]]['n']:,} test "
+             "images: the difference in accuracy with its 95% interval (paired), and McNemar's exact test on the images "
+             "only one of the two gets right.", "",
+             f"| setting | linear probe | {name} | difference (95% interval) | only the probe right | only {name} right "
+             "| p |", "|---|---|---|---|---|---|---|"]
+    for k in order:
+        s = res["settings"][k]
+        lo, hi = s["ci95"]
+        lines.append(f"| {label[k]} | {s['linear_probe']:.2%} | {s[res['row']]:.2%} | {100 * s['difference']:+.2f} "
+                     f"({100 * lo:+.2f} to {100 * hi:+.2f}) | {s['only_probe_right']} | {s['only_row_right']} | "
+                     f"{s['mcnemar_p']:.2g} |")
+    lines += ["", f"Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
 
 
@@ -526,7 +562,9 @@ RENDERERS = {
     "vision_compare": (vision_compare, "compare_fashion_mnist.json"),
     "vision_head_start": (vision_head_start, "compare_fashion_mnist.json"),
     "vision_compare_cnn": (vision_compare, "compare_fashion_mnist_efficientnet.json"),
+    "vision_head_start_cnn": (vision_head_start, "compare_fashion_mnist_efficientnet.json"),
     "vision_speed": (vision_speed, "vision_speed.json"),
+    "vision_paired": (vision_paired, "vision_paired.json"),
 }
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table -->)", re.S)
 

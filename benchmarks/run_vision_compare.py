@@ -10,8 +10,8 @@ A pixel prompt on a CNN against a linear probe and full fine-tuning (EfficientNe
     python benchmarks/run_vision_compare.py --config configs/compare_fashion_mnist_efficientnet.yaml \
         --rows linear_probe,pixel_prompt,fine_tune --shots 16 --out benchmarks/results/compare_fashion_mnist_efficientnet.json
 
-Every setting tests on the full test split (10,000 images). benchmarks/results/compare_fashion_mnist_random_head.json
-holds every setting with the heads started random (`--head-init random`; measured before train.head_init existed,
+Every setting tests on the full test split (10,000 images). Each results file's *_random_head.json (e.g.
+benchmarks/results/compare_fashion_mnist_random_head.json) holds every setting with the heads started random (`--head-init random`; measured before train.head_init existed,
 when a random head was the only start), for the docs' table of what the probe start changes.
 """
 
@@ -45,8 +45,8 @@ def main() -> None:
                                                   check=True).stdout.strip().splitlines()[-1])
     cli = Path(sys.executable).with_name("softprompt")
     for shots in args.shots.split(","):
-        folder = Path("runs") / (f"compare_fashion_{shots}" if args.config == CONFIG else
-                                 f"{Path(args.config).stem}_{shots}")
+        folder = Path("runs") / ((f"compare_fashion_{shots}" if args.config == CONFIG else
+                                  f"{Path(args.config).stem}_{shots}") + (f"_{args.head_init}" if args.head_init else ""))
         extra = ["--task.shots", "null", "--train.steps", str(args.full_steps)] if shots == "full" else \
             ["--task.shots", shots]
         if shots != "full" and int(shots) * CLASSES < BATCH:  # 1 image per class: one batch holds the whole train split

@@ -316,6 +316,14 @@ def test_head_init_probe_starts_the_head_as_the_linear_probe_of_the_prompted_mod
         None, True).trainable.method
     fresh = VPT.create(bb, num_virtual_tokens=3, deep=True, init_labels=LABELS, seed=0)
     assert torch.equal(random_start.head_weight, fresh.head_weight)  # random: nn.Linear's seeded start
+
+    cnn = ImageBackbone(TinyCNN(), name="tiny-cnn", image_size=16)  # auto on a CNN: random (measured better there)
+    pixel = {"name": "pixel_prompt", "width": 2}
+    starts = {init: _setup(build_config({**_cfg(tmp_path, f"cnn_{init}", pixel).to_dict(), "train": {
+        **_cfg(tmp_path, f"cnn_{init}", pixel).to_dict()["train"], "head_init": init}}), False, False, cnn, splits,
+        None, True).trainable.method.head_weight for init in ("auto", "probe")}
+    assert torch.equal(starts["auto"], PixelPrompting.create(cnn, width=2, init_labels=LABELS, seed=0).head_weight)
+    assert not torch.equal(starts["auto"], starts["probe"])
     with pytest.raises(SoftPromptError, match="head_init must be auto, probe or random"):
         build_config({"model": "tiny", "task": {"builtin": "sst2"}, "train": {"head_init": "linear"}})
 

@@ -78,8 +78,8 @@ class TrainArgs:
     head_lr: float | None = None  # a text encoder's task head, and an image task's head beside the weights; None: lr
     # where an image classification task's head starts: probe = fitted as a linear probe of the features the model
     # gives with the prompt as initialised (on the rows the run sees, L2 chosen on validation), then prompt and head
-    # train from there | random = nn.Linear's seeded start | auto = probe for image classification, random elsewhere.
-    # Measured on Fashion-MNIST with DINOv2 (docs/vision.md)
+    # train from there | random = nn.Linear's seeded start | auto = probe for image classification on a vision
+    # transformer, random elsewhere (a CNN included). Measured on Fashion-MNIST (docs/vision.md)
     head_init: str = "auto"
     warmup_steps: int = 0  # linear warm-up from 0
     schedule: str = "linear"  # after warm-up: linear (to 0 at the last step; measured best) | cosine | constant (Lester)
