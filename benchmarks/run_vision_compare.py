@@ -10,9 +10,11 @@ A pixel prompt on a CNN against a linear probe and full fine-tuning (EfficientNe
     python benchmarks/run_vision_compare.py --config configs/compare_fashion_mnist_efficientnet.yaml \
         --rows linear_probe,pixel_prompt,fine_tune --shots 16 --out benchmarks/results/compare_fashion_mnist_efficientnet.json
 
-Every setting tests on the full test split (10,000 images). Each results file's *_random_head.json (e.g.
-benchmarks/results/compare_fashion_mnist_random_head.json) holds every setting with the heads started random (`--head-init random`; measured before train.head_init existed,
-when a random head was the only start), for the docs' table of what the probe start changes.
+Every setting tests on the full test split (10,000 images). Beside a results file, its *_random_head.json (the heads
+started random: `--head-init random`; for DINOv2 measured before train.head_init existed) or *_probe_head.json (the
+heads started as the probe: `--head-init probe`, where the default start is random, as on a CNN) holds the same
+settings with the other start, for the docs' tables of what the probe start changes. `--head-init` runs in its own
+folder (runs/<config>_<shots>_<start>).
 """
 
 from __future__ import annotations
