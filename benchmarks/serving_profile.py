@@ -61,10 +61,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--tasks", type=int, default=16)
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the backbone's default)")
     ap.add_argument("--out", default="benchmarks/results/serving_profile.json")
     args = ap.parse_args()
     torch.manual_seed(0)
-    bb = sp.load_backbone(args.model)
+    bb = sp.load_backbone(args.model, dtype=args.dtype)
     texts = review_prompts(bb, args.requests)
     spent, calls = timed_parts()
     out: dict = {"engines": {}, "prefill_alone": []}

@@ -187,7 +187,7 @@ class Decoding:
         P = prefix.length
         full_mask = torch.cat([prefix.mask(B, mask), mask], dim=1)
         positions = input_positions(mask, prefix.offsets(B))
-        with rt.engaged():
+        with rt.engaged(mask, last_only=True):  # MLPs on real tokens only, the last layer's on the last column
             out = backbone.forward(backbone.embed(input_ids), attention_mask=full_mask, position_ids=positions,
                                    cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
                                    logits_to_keep=1)
