@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 
 import softprompt as sp
+from softprompt.errors import SoftPromptError
 from softprompt.generation import Decoding, GrowingLayer, Row, Sampling
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
@@ -44,9 +45,12 @@ class Gate:
 # --- continuous batching ------------------------------------------------------------------------------------
 
 
-def test_decoding_merge_gives_every_row_its_solo_tokens():
+@pytest.mark.parametrize("picked", [False, True])
+def test_decoding_merge_gives_every_row_its_solo_tokens(picked):
     """Rows prefilled later join a batch mid-decode (prompts of both kinds, different lengths) and each gets the
-    greedy tokens it gets alone; the running rows keep theirs."""
+    greedy tokens it gets alone; the running rows keep theirs. Both batches merge before their pick (fresh
+    logits) or after it (the tokens they chose carried over: how the server sends a new row's first token before
+    it joins); a batch merged at the other point is refused."""
     bb = make_backbone("llama")
     tok = bb.tokenizer
     prompts = [sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1)(), None,
@@ -64,7 +68,15 @@ def test_decoding_merge_gives_every_row_its_solo_tokens():
         for _ in range(3):
             first.pick()
             first.advance()
-        first.merge(batch([2, 3]))
+        late = batch([2, 3])
+        if picked:
+            late.pick()  # the new rows' first tokens
+            with pytest.raises(SoftPromptError, match="same point"):
+                first.merge(late)  # first holds fresh logits, late has picked
+            first.pick()
+        first.merge(late)
+        if picked:
+            first.advance()
         while first.running:
             first.pick()
             if first.running:
@@ -262,7 +274,7 @@ def test_the_worker_survives_errors_and_health_reports_a_dead_worker(bank, monke
     engine = Engine(bank, max_batch=4, window_ms=0).start()
     try:
         with TestClient(create_app(engine)) as client:
-            real = Decoding.pick
+            real = Decoding.advance  # a decode step runs outside any batch's guard: the worker's own handler
             calls = {"n": 0}
 
             def broken(self):
@@ -271,7 +283,7 @@ def test_the_worker_survives_errors_and_health_reports_a_dead_worker(bank, monke
                     raise RuntimeError("boom")
                 return real(self)
 
-            monkeypatch.setattr(Decoding, "pick", broken)
+            monkeypatch.setattr(Decoding, "advance", broken)
             err = error_of(client.post("/v1/completions", json={"model": "alpha", "prompt": "the", "max_tokens": 3}),
                            500)
             assert "boom" in err["message"]

@@ -282,18 +282,20 @@ class Decoding:
 
     def merge(self, other: Decoding) -> None:
         """Take in another batch that was just prefilled (continuous batching): its rows join this one and decode
-        with it from the next `pick()`. Both must hold fresh logits (after a prefill or `advance()`, before
-        `pick()`). The new rows' keys/values are written into free slots (and slots after the last, within the
+        with it. Both must be at the same point of a step: holding fresh logits (after a prefill or `advance()`,
+        before `pick()`), or picked (before `advance()`: each row's chosen token is carried over, so a server sends
+        the new rows' first tokens before they join). The new rows' keys/values are written into free slots (and slots after the last, within the
         buffers' room), left-padded (masked) to this batch's width, so every row attends to what it attended to
         alone; positions stay per row. When the new rows are wider than this batch or do not fit, both batches'
         live rows are gathered into new buffers."""
-        if self._feed or other._feed:
-            raise SoftPromptError("merge batches between advance() and pick(), when both hold fresh logits")
         if not other.running:
             return
         if not self.running:
             self.__dict__.update({k: v for k, v in other.__dict__.items() if k not in ("steps", "capacity")})
             return
+        picked = bool(self._feed)
+        if picked != bool(other._feed):
+            raise SoftPromptError("merge batches at the same point of a step: both before pick() or both after it")
         for layer in self.cache.layers:
             if getattr(layer, "is_sliding", False):
                 raise SoftPromptError("continuous batching does not merge sliding-window caches")
@@ -305,11 +307,15 @@ class Decoding:
         L = self.mask.shape[1]
         if other.mask.shape[1] <= L and all(_room_for(layer, slots[-1] + 1) for layer in self.cache.layers):
             self._write(other, theirs, slots, L)
-            for b, i in zip(slots, new, strict=True):
+            feed = self._feed + [0] * (slots[-1] + 1 - len(self._feed)) if picked else []
+            for b, i, src in zip(slots, new, theirs, strict=True):
                 if b < len(self.slots):
                     self.slots[b] = i
                 else:
                     self.slots.append(i)
+                if picked:
+                    feed[b] = other._feed[src]
+            self._feed = feed
         else:  # both batches' live rows gathered once into new buffers with room (no padded copies, no cat)
             mine = [b for b, i in enumerate(self.slots) if i is not None]
             L = max(L, other.mask.shape[1])
@@ -325,6 +331,8 @@ class Decoding:
             cache.layers = layers  # nothing of this batch changed before this point (a failed merge leaves it whole)
             self.cache, self.mask, self.position, self.alive, self.logits = cache, mask, position, alive, logits
             self.slots = [self.slots[b] for b in mine] + new
+            if picked:
+                self._feed = [self._feed[b] for b in mine] + [other._feed[b] for b in theirs]
         self.rows = self.rows + other.rows
 
     def _room(self, rows: int) -> int:

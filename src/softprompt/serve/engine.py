@@ -303,9 +303,13 @@ class Engine(Frontend):
                 job.send("done", Result(text=text, tokens=tokens, finish_reason=reason, prompt_tokens=len(job.ids)))
 
     def _prefill(self, jobs: list[Job]) -> None:
+        """The new generations' prefill; their first tokens are sent at once, then they join the running batch."""
         ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)
         dec = Decoding(self.backbone, [j.prompt for j in jobs], ids, mask, [j.row for j in jobs],
                        reuse_prompt_cache=self.reuse_prompt_cache, capacity=self.max_batch)
+        self._send(dec.pick(), jobs)
+        if not dec.running:
+            return
         if self._decoding is None:
             self._decoding, self._rows = dec, list(jobs)
         else:
@@ -313,10 +317,20 @@ class Engine(Frontend):
             self._rows = self._rows + list(jobs)
 
     def _decode_step(self) -> None:
-        """Pick every running row's next token, stream it, drop finished rows, and run the next forward."""
-        dec, jobs = self._decoding, self._rows
+        """One forward for every running row, then each row's next token picked and sent at once (before any
+        prefill of the next step), finished rows dropped."""
+        dec = self._decoding
         with torch.inference_mode():
+            dec.advance()
             changed = dec.pick()
+        self._send(changed, self._rows)
+        if not dec.running:
+            self._decoding, self._rows = None, []
+        elif len(dec.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
+            self._compact()
+
+    def _send(self, changed: list[int], jobs: list[Job]) -> None:
+        """Stream what the rows `changed` (indices into `jobs`) got at this pick; answer the ones that finished."""
         now = time.perf_counter()
         for i in changed:
             job, row = jobs[i], jobs[i].row
@@ -335,13 +349,6 @@ class Engine(Frontend):
                 self.metrics.finished(job, len(row.tokens))
                 job.send("done", Result(text=row.text, tokens=list(row.tokens), finish_reason=row.finish_reason,
                                         prompt_tokens=len(job.ids)))
-        if not dec.running:
-            self._decoding, self._rows = None, []
-            return
-        with torch.inference_mode():
-            dec.advance()
-        if len(dec.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
-            self._compact()
 
     def _compact(self) -> None:
         keep = self._decoding.forget_finished()
