@@ -67,6 +67,7 @@ class Engine(Frontend):
         self._accepting = False
         self._rows: list[Job] = []  # a job per row of the batch being decoded (finished ones until compacted)
         self._decoding: Decoding | None = None
+        self._freed, self._step_s = 0, 0.0  # rows the last decode step finished; how long its forward took
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -138,7 +139,9 @@ class Engine(Frontend):
     # --- the worker -----------------------------------------------------------------------------------
     def _take(self, block: bool) -> list[Job] | None:
         """Waiting requests for this step, in arrival order, within the step's budget (None: stop). With nothing
-        running, waits for a first request and then up to the window for more."""
+        running, waits for a first request and then up to the window for more. When rows just finished, waits up
+        to the window (at most a tenth of the last decode step) for as many requests: a client that got its answer
+        often sends its next request at once, and a request that misses this step waits a whole step longer."""
         with self._cv:
             if block:
                 while not self._waiting and not self._stopping:
@@ -151,6 +154,14 @@ class Engine(Frontend):
                     if left <= 0:
                         break
                     self._cv.wait(left)
+            elif self._freed:
+                deadline = time.perf_counter() + min(self.window, self._step_s / 10)
+                while len(self._waiting) < self._freed and not self._stopping:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            self._freed = 0
             if self._stopping:
                 return None
             rows = len(self._decoding.running) if self._decoding is not None else 0
@@ -320,10 +331,14 @@ class Engine(Frontend):
         """One forward for every running row, then each row's next token picked and sent at once (before any
         prefill of the next step), finished rows dropped."""
         dec = self._decoding
+        running = len(dec.running)
+        start = time.perf_counter()
         with torch.inference_mode():
             dec.advance()
+            self._step_s = time.perf_counter() - start
             changed = dec.pick()
         self._send(changed, self._rows)
+        self._freed = running - len(dec.running)
         if not dec.running:
             self._decoding, self._rows = None, []
         elif len(dec.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
