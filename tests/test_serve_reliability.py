@@ -146,6 +146,32 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         assert len(rows[i].tokens) == lengths[i]
 
 
+def test_a_step_after_rows_finish_waits_briefly_for_their_clients_next_requests(bank):
+    """After a decode step that finished rows, the next step waits (up to the window, at most a tenth of the step)
+    for as many new requests, so a client that sends its next request at once is prefilled in this step; with no
+    row finished it takes what is there without waiting."""
+    engine = Engine(bank, max_batch=8, window_ms=500)  # its worker not started: _take is called here
+    job = engine.generation_job("alpha", "the movie", max_tokens=2, temperature=0)
+
+    def late():
+        time.sleep(0.05)
+        with engine._cv:
+            engine._waiting.append(job)
+            engine._queued_tokens += job.queued_tokens
+            engine._cv.notify_all()
+
+    engine._freed, engine._step_s = 1, 2.0  # one row finished in a 2 s step: wait up to min(0.5, 0.2) s
+    threading.Thread(target=late).start()
+    assert engine._take(False) == [job] and engine._freed == 0
+    engine._freed, engine._step_s = 1, 0.3  # a 0.3 s step: at most 30 ms, the request comes after 50 ms
+    threading.Thread(target=late).start()
+    start = time.perf_counter()
+    assert engine._take(False) == [] and time.perf_counter() - start < 0.25  # not the 0.5 s window
+    time.sleep(0.1)
+    start = time.perf_counter()  # nothing finished: no wait
+    assert engine._take(False) == [job] and time.perf_counter() - start < 0.25
+
+
 def test_requests_arriving_mid_decode_join_the_batch_and_answer_as_alone(bank):
     engine = Engine(bank, max_batch=8, window_ms=0).start()
     forward = bank.backbone.forward
