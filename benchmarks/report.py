@@ -552,6 +552,7 @@ RENDERERS = {
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
+    "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),

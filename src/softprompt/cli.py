@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set SOFTPROMPT_API_KEY)")
     s.add_argument("--max-batch", type=int, default=32, help="most rows decoding at once")
-    s.add_argument("--window-ms", type=float, default=5.0, help="how long a first request waits for others when idle")
+    s.add_argument("--window-ms", type=float, default=5.0, help="how long a first request waits for others when idle, and (at most a tenth of a decode step) how long a step after rows finish waits for new requests")
     s.add_argument("--step-tokens", type=int, default=None,
                    help="a decode step's token budget: new prompts' tokens + running rows (default 512 on CPU, 2048 "
                         "on GPU)")

@@ -3,9 +3,10 @@
 Requests (generation or classification, any task) wait in one bounded queue. The worker runs continuous
 batching: at every decode step it takes in waiting requests while the step's token budget allows (a new
 generation's prefill tokens plus one token per running row), scores the classification requests at once (they never
-wait for generations), prefills the new generations as their own forward and merges them into the running
-batch, then runs one decode step for every running row, each attending to its own task's cached prompt
-key/values. Finished rows leave at once. ``continuous=False`` keeps the earlier policy (a batch runs until its last
+wait for generations), prefills the new generations as their own forward, sends their first tokens and merges
+them into the running batch, then runs one decode step for every running row, each attending to its own task's
+cached prompt key/values, and sends each row's token at once. Finished rows leave at once; the next step waits
+briefly for their clients' next requests. ``continuous=False`` keeps the earlier policy (a batch runs until its last
 row finishes; requests that arrive meanwhile form the next batch), for comparison.
 
 Results go back through each request's ``emit`` callback, called from the worker thread: ``("delta", text)``
