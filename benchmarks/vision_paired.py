@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from run_demo import PROBE
 
 from softprompt.backbones import load_backbone
+from softprompt.compare import probe_rows
 from softprompt.files import load_prompt
 from softprompt.methods import from_file
 from softprompt.model import PromptedModel
@@ -93,12 +93,8 @@ def main() -> None:
         test, _ = probe.check_rows(splits["test"], "test", False)
         gold = [probe.label_index(r) for r in test]
         # the linear probe as compare fits it: on as many training rows as the prompts see, L2 chosen on validation
-        n = min(len(splits["train"]), setting["steps"] * setting["batch_size"])
-        rows = [r for r in splits["train"] if probe.row_problem(r) is None]
-        rows = random.Random(cfg.seed).sample(rows, min(n, len(rows)))
-        val = [r for r in splits.get("validation", []) if probe.row_problem(r) is None]
-        if cfg.train.eval_examples and len(val) > cfg.train.eval_examples:
-            val = random.Random(cfg.seed).sample(val, cfg.train.eval_examples)
+        rows, val = probe_rows(splits, probe, cfg.seed, setting["steps"] * setting["batch_size"],
+                               cfg.train.eval_examples)
         head, mean, std, _ = fit_probe(features(bb, probe, rows, precision), torch.tensor([probe.label_index(r) for r in rows]),
                                        features(bb, probe, val, precision),
                                        torch.tensor([probe.label_index(r) for r in val]), task.labels)

@@ -106,6 +106,17 @@ def _row(key: str, name: str, metrics: dict, trainable: int, bytes_per_task: int
             "shares_batch": SHARES.get(key, "yes"), **memory, **extra, "confusion": metrics.get("confusion")}
 
 
+
+def probe_rows(splits: dict, encoder: Any, seed: int, n: int, eval_examples: int | None) -> tuple[list, list]:
+    """The rows the linear probe row is fitted on: n training rows (at most the split, seeded) and the validation
+    rows its L2 strength is chosen on (at most eval_examples, seeded); rows the encoder cannot take left out."""
+    rows = [r for r in splits["train"] if encoder.row_problem(r) is None]
+    rows = random.Random(seed).sample(rows, min(n, len(splits["train"]), len(rows)))
+    val = [r for r in splits.get("validation", []) if encoder.row_problem(r) is None]
+    if eval_examples and len(val) > eval_examples:
+        val = random.Random(seed).sample(val, eval_examples)
+    return rows, val
+
 class _Compare:
     """One comparison: the backbone, the data, the test rows, and a runner per row kind."""
 
@@ -233,12 +244,8 @@ class _Compare:
         """A logistic-regression head on the frozen model's final hidden state at the answer position, classes
         weighted by n / (classes * count), its L2 strength chosen on validation; trained on as many training rows as
         the prompts see (steps x batch)."""
-        n = min(len(self.splits["train"]), self.cfg.train.steps * self.cfg.train.batch_size)
-        rows = [r for r in self.splits["train"] if self.probe.row_problem(r) is None]
-        rows = random.Random(self.cfg.seed).sample(rows, min(n, len(rows)))
-        val = [r for r in self.splits.get("validation", []) if self.probe.row_problem(r) is None]
-        if self.cfg.train.eval_examples and len(val) > self.cfg.train.eval_examples:
-            val = random.Random(self.cfg.seed).sample(val, self.cfg.train.eval_examples)
+        rows, val = probe_rows(self.splits, self.probe, self.cfg.seed,
+                               self.cfg.train.steps * self.cfg.train.batch_size, self.cfg.train.eval_examples)
         t0 = time.perf_counter()
         reset_peak()
         x, y = self.features(rows), torch.tensor([self.probe.label_index(r) for r in rows])
