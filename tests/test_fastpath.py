@@ -112,6 +112,9 @@ def test_hidden_states_and_head_give_the_forward_logits(backbone, side):
         torch.testing.assert_close(lean[real], full[real], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(rows, lean[..., [5, 9]])
         assert (last is None) == (P == 0)
+        with torch.no_grad():  # a strided slice (the positions before a label's words) gives the same logits
+            torch.testing.assert_close(model.head(hidden[:, -3:-1]), lean[:, -3:-1])
+            torch.testing.assert_close(model.head(hidden[:, -3:-1], [5, 9]), lean[:, -3:-1][..., [5, 9]])
 
 
 def saved_bytes(fn) -> tuple[object, int]:

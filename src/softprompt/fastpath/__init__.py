@@ -302,7 +302,9 @@ class FastPath:
         if rows is not None:
             rows = torch.as_tensor(rows, device=w.device)
             w, b = w[rows], None if b is None else b[rows]
-        logits = nn.functional.linear(hidden, w, b)
+        # one (N, H) x (H, V) product: on a strided (B, K, H) slice matmul would expand the weight per row (bf16 on
+        # a CPU copies it whole)
+        logits = nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), w, b).unflatten(0, hidden.shape[:-1])
         if self.arch is not None and self.arch.logits is not None:
             logits = self.arch.logits(self.backbone.model.config.get_text_config(), logits)
         return logits
