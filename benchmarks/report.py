@@ -448,6 +448,19 @@ def loadtest(res: dict) -> str:
            else "(measured with softprompt 0.1, before the core's redesign).")])
 
 
+def lm_head_products(res: dict) -> str:
+    """benchmarks/lm_head_products.py: the LM head on strided slices, the model's own call against the fast path's."""
+    cases = {"prefill_last_positions": "a prefill's last positions", "label_words": "the positions before label words"}
+    lines = [f"{res['model']}, median of {res['repeats']}, alternating; outputs checked equal first. Machine: "
+             f"{machine_line(res['machine'])}.", "",
+             "| slice | shape | precision | model's own head | softprompt's head | speed-up |", "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {cases[r['case']]} | {' x '.join(map(str, r['shape']))} | {r['dtype']} | {r['plain_ms']:.1f} ms "
+                     f"| {r['softprompt_ms']:.1f} ms | {r['speedup']:.1f}x |")
+    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/lm_head_products.json`."]
+    return "\n".join(lines)
+
+
 def speedups(res: dict) -> str:
     """benchmarks/speedups.py: each fast-path switch off in turn, same process."""
     variants = res["variants"]
@@ -560,6 +573,7 @@ RENDERERS = {
     "decode_speed": (decode_speed, "decode_speed.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
+    "lm_head_products": (lm_head_products, "lm_head_products.json"),
     "vision_compare": (vision_compare, "compare_fashion_mnist.json"),
     "vision_head_start": (vision_head_start, "compare_fashion_mnist.json"),
     "vision_compare_cnn": (vision_compare, "compare_fashion_mnist_efficientnet.json"),
