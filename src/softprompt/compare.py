@@ -106,7 +106,6 @@ def _row(key: str, name: str, metrics: dict, trainable: int, bytes_per_task: int
             "shares_batch": SHARES.get(key, "yes"), **memory, **extra, "confusion": metrics.get("confusion")}
 
 
-
 def probe_rows(splits: dict, encoder: Any, seed: int, n: int, eval_examples: int | None) -> tuple[list, list]:
     """The rows the linear probe row is fitted on: n training rows (at most the split, seeded) and the validation
     rows its L2 strength is chosen on (at most eval_examples, seeded); rows the encoder cannot take left out."""
@@ -116,6 +115,7 @@ def probe_rows(splits: dict, encoder: Any, seed: int, n: int, eval_examples: int
     if eval_examples and len(val) > eval_examples:
         val = random.Random(seed).sample(val, eval_examples)
     return rows, val
+
 
 class _Compare:
     """One comparison: the backbone, the data, the test rows, and a runner per row kind."""

@@ -284,9 +284,9 @@ class Decoding:
         """Take in another batch that was just prefilled (continuous batching): its rows join this one and decode
         with it. Both must be at the same point of a step: holding fresh logits (after a prefill or `advance()`,
         before `pick()`), or picked (before `advance()`: each row's chosen token is carried over, so a server sends
-        the new rows' first tokens before they join). The new rows' keys/values are written into free slots (and slots after the last, within the
-        buffers' room), left-padded (masked) to this batch's width, so every row attends to what it attended to
-        alone; positions stay per row. When the new rows are wider than this batch or do not fit, both batches'
+        the new rows' first tokens before they join). The new rows' keys/values are written into free slots (and
+        slots after the last, within the buffers' room), left-padded (masked) to this batch's width, so every row
+        attends to what it attended to alone; positions stay per row. When the new rows are wider than this batch or do not fit, both batches'
         live rows are gathered into new buffers."""
         if not other.running:
             return
