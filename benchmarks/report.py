@@ -363,8 +363,9 @@ def serving_continuous(res: dict) -> str:
     lines = [f"{meta['model']} ({meta['dtype'].replace('torch.', '')}, {meta['device']}, {meta['threads']} threads, "
              f"torch {meta['torch']}): {meta['requests']} completion requests over {top['tasks']} tasks, "
              f"{meta['max_tokens']} new tokens each{' (per request, seeded)' if '-' in str(meta['max_tokens']) else ''}, "
-             f"{top['concurrency']} closed-loop clients, "
-             f"median of {meta['repeats']} runs with the engines alternated."
+             + (f"requests arriving at {meta['arrival_rate']:g} per second (open loop, Poisson), "
+                if meta.get("arrival_rate") else f"{top['concurrency']} closed-loop clients, ")
+             + f"median of {meta['repeats']} runs with the engines alternated."
              + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else ""), "",
              "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
              "|---|---|---|---|---|---|---|"]
@@ -567,6 +568,8 @@ RENDERERS = {
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
+    "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
+    "serving_open_8": (serving_continuous, "serving_open_8.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),

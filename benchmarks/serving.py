@@ -23,7 +23,8 @@ The continuous-batching comparison in the docs:
     python benchmarks/serving.py --tasks 16 --mixes uniform --concurrency 32 --modes d_mixed_kv_reuse,f_batch_to_end \
         --max-tokens 8-64 --requests 128 --repeats 4 --out benchmarks/results/serving_continuous.json
 
-Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99.
+Reported per cell: requests/s, output tokens/s, time to first token and latency p50/p99. `--arrival-rate R`
+drives an open loop instead: requests arrive at R per second (Poisson, seeded), whatever the server is doing.
 Each cell runs --repeats times with the modes alternated, in reversed order every other repeat (so a slow
 moment of the machine, or a mode's position in the order, hits all modes alike), and the median run (by
 requests/s) is kept. Writes benchmarks/results/serving.json and prints a markdown table.
@@ -157,6 +158,44 @@ def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max
             "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))]}
 
 
+def drive_open(engine: Engine, requests: list[tuple[str, str]], rate: float, max_tokens: int | list[int],
+               seed: int = 0) -> dict:
+    """Open loop: requests arrive at `rate` per second on average (a Poisson process, seeded), whatever the server
+    is doing: time to first token when the server is not saturated, as a service with many independent users sees
+    it."""
+    rng = random.Random(seed)
+    jobs, dones = [], []
+    start = time.perf_counter()
+    at = start
+    for i, (task, text) in enumerate(requests):
+        at += rng.expovariate(rate)
+        time.sleep(max(0.0, at - time.perf_counter()))
+        n = max_tokens[i] if isinstance(max_tokens, list) else max_tokens
+        done, out = threading.Event(), {}
+
+        def emit(kind, value, out=out, done=done):
+            if kind != "delta":
+                out[kind] = value
+                out["at"] = time.perf_counter()
+                done.set()
+
+        job = engine.generation_job(task, text, max_tokens=n, temperature=0, ignore_eos=True, emit=emit)
+        engine.submit(job)
+        jobs.append((job, out))
+        dones.append(done)
+    for done in dones:
+        assert done.wait(600)
+    wall = max(out["at"] for _, out in jobs) - start
+    assert all("done" in out for _, out in jobs)
+    ttft = [job.first_token - job.created for job, _ in jobs]
+    latency = sorted(out["at"] - job.created for job, out in jobs)
+    return {"requests": len(requests), "wall_s": wall, "requests_per_s": len(requests) / wall,
+            "output_tokens_per_s": sum(len(out["done"].tokens) for _, out in jobs) / wall,
+            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": sorted(ttft)[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+            "latency_p50_s": statistics.median(latency),
+            "latency_p99_s": latency[min(len(latency) - 1, int(0.99 * len(latency)))], "arrival_rate": rate}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -170,6 +209,8 @@ def main() -> None:
     ap.add_argument("--mixes", default="uniform,skewed", help="skewed: half the requests to one task")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell, modes alternated; the median is kept")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--arrival-rate", type=float, default=None,
+                    help="open loop: requests arrive at this many per second (Poisson), instead of closed-loop clients")
     ap.add_argument("--out", default="benchmarks/results/serving.json")
     ap.add_argument("--vllm-python", default=None, help="mode h: a Python with vLLM (default: .venv-vllm/bin/python)")
     args = ap.parse_args()
@@ -219,7 +260,8 @@ def main() -> None:
                         engine = VLLMEngine(bank, server.url, max_batch=args.max_batch).start()
                     else:
                         engine = Engine(bank, **({"max_batch": args.max_batch} | MODES[mode])).start()
-                    r = drive(engine, reqs, conc, lengths)
+                    r = (drive_open(engine, reqs, args.arrival_rate, lengths, seed=rep) if args.arrival_rate
+                         else drive(engine, reqs, conc, lengths))
                     r["mean_batch_rows"] = None if mode == "h_vllm" else engine.metrics.snapshot()["mean_batch_rows"]
                     engine.stop()
                     runs[(mode, conc)].append(r)
@@ -233,6 +275,7 @@ def main() -> None:
             server.stop()
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
+            "arrival_rate": args.arrival_rate,
             "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
