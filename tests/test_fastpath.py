@@ -216,7 +216,7 @@ def test_every_generation_step_attends_with_the_key_value_heads():
         sp.generate(bb, method, TEXTS, max_new_tokens=4)
     finally:
         F.scaled_dot_product_attention = sdpa
-    assert 1 in queries  # decode steps (one query position) were seen
+    assert len(queries) > cfg.num_hidden_layers  # decode steps were seen, not only the prefill's layers
     assert set(heads) == {cfg.num_key_value_heads}
 
 
@@ -462,3 +462,33 @@ def test_lean_decode_is_not_taken_where_it_does_not_apply_or_fails_its_check(swi
     assert sp.runtime(bb).fastpath.decode_step() is None
     assert "lean decode step differs" in capsys.readouterr().err
     assert generate(bb, None, TEXTS, max_new_tokens=5).tokens == plain
+
+
+@pytest.mark.parametrize("broken", ["logits", "keys"])
+def test_the_lean_forward_is_not_taken_when_its_prefill_fails_the_self_check(broken, switched, monkeypatch, capsys):
+    """The self-check runs a prefill through the lean forward (alone and beside a decode step, after a prompt's
+    cached prefix) against the model's own: a prefill that gives other logits, or leaves other keys in the cache
+    for the next steps, turns the lean forward off (decode steps and prefills run the model's forward)."""
+    from softprompt.fastpath import decode
+
+    real = decode.LeanDecode.run
+
+    def run(self, step, fresh, packed=None):
+        logits, theirs = real(self, step, fresh, packed)
+        if fresh is not None and broken == "logits":
+            theirs = theirs + 1
+        if fresh is not None and broken == "keys":
+            fresh.cache.layers[-1].keys[..., -1, :] += 1
+        return logits, theirs
+
+    monkeypatch.setattr(decode.LeanDecode, "run", run)
+    bb = make_backbone("llama")
+    switched(bb, FastPathConfig())
+    capsys.readouterr()
+    fp = sp.runtime(bb).fastpath
+    assert fp.joint_forward() is None and fp.decode_step() is None
+    assert "lean decode step differs" in capsys.readouterr().err
+    monkeypatch.setattr(decode.LeanDecode, "run", real)
+    switched(bb, FastPathConfig(enabled=False))  # installed afresh: checked again
+    switched(bb, FastPathConfig())
+    assert fp.joint_forward() is not None

@@ -16,6 +16,7 @@ from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 
 import softprompt as sp
 from softprompt.errors import SoftPromptError
+from softprompt.fastpath import FastPathConfig
 from softprompt.generation import Decoding, GrowingLayer, Row, Sampling
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
@@ -45,12 +46,14 @@ class Gate:
 # --- continuous batching ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("picked", [False, True])
-def test_decoding_merge_gives_every_row_its_solo_tokens(picked):
+@pytest.mark.parametrize("join", ["fresh", "picked", "in_step", "in_step_no_lean"])
+def test_decoding_merge_gives_every_row_its_solo_tokens(join):
     """Rows prefilled later join a batch mid-decode (prompts of both kinds, different lengths) and each gets the
-    greedy tokens it gets alone; the running rows keep theirs. Both batches merge before their pick (fresh
-    logits) or after it (the tokens they chose carried over: how the server sends a new row's first token before
-    it joins); a batch merged at the other point is refused."""
+    greedy tokens it gets alone through the model's own forward (the fast path off: an independent reference); the
+    running rows keep theirs. Both batches merge before their pick (fresh logits) or after it (the tokens they
+    chose carried over: how the server sends a new row's first token before it joins); a batch merged at the
+    other point is refused. `in_step`: the new rows' prefill rides in the running batch's step (one lean forward
+    for both; `in_step_no_lean`: the lean forward off, the prefill runs first on its own)."""
     bb = make_backbone("llama")
     tok = bb.tokenizer
     prompts = [sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1)(), None,
@@ -58,32 +61,45 @@ def test_decoding_merge_gives_every_row_its_solo_tokens(picked):
     texts = ["the movie was", "hello world", "what is the capital of france ?", "a"]
     lengths = [12, 5, 9, 6]
     rows = [Row(Sampling(max_new_tokens=n, ignore_eos=True)) for n in lengths]
+    rt = sp.runtime(bb)
+    rt.configure(FastPathConfig(enabled=False))
+    wants = [sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0] for i in range(4)]
+    rt.configure(FastPathConfig(lean_decode=join != "in_step_no_lean"))
+    assert (rt.joint_forward() is not None) == (join != "in_step_no_lean")
 
-    def batch(idx):
+    def batch(idx, prefill=True):
         ids, mask = left_pad([tok(texts[i])["input_ids"] for i in idx], bb.pad_token_id, bb.device)
-        return Decoding(bb, [prompts[i] for i in idx], ids, mask, [rows[i] for i in idx])
+        return Decoding(bb, [prompts[i] for i in idx], ids, mask, [rows[i] for i in idx], prefill=prefill)
 
     with torch.no_grad():
         first = batch([0, 1])
         for _ in range(3):
             first.pick()
             first.advance()
-        late = batch([2, 3])
-        if picked:
-            late.pick()  # the new rows' first tokens
-            with pytest.raises(SoftPromptError, match="same point"):
-                first.merge(late)  # first holds fresh logits, late has picked
+        if join.startswith("in_step"):
             first.pick()
+            late = batch([2, 3], prefill=False)
+            first.advance(joining=late)  # the step and the new rows' prefill
+            with pytest.raises(SoftPromptError, match="prefilled already"):
+                first.advance(joining=late)
+            late.pick()
+            first.pick()
+        else:
+            late = batch([2, 3])
+            if join == "picked":
+                late.pick()  # the new rows' first tokens
+                with pytest.raises(SoftPromptError, match="same point"):
+                    first.merge(late)  # first holds fresh logits, late has picked
+                first.pick()
         first.merge(late)
-        if picked:
+        if join != "fresh":
             first.advance()
         while first.running:
             first.pick()
             if first.running:
                 first.advance()
         for i in range(4):
-            want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
-            assert rows[i].tokens[:len(want)] == want, i
+            assert rows[i].tokens[:len(wants[i])] == wants[i], i
             assert len(rows[i].tokens) == lengths[i]
 
 
@@ -303,11 +319,11 @@ def test_the_worker_survives_errors_and_health_reports_a_dead_worker(bank, monke
             real = Decoding.advance  # a decode step runs outside any batch's guard: the worker's own handler
             calls = {"n": 0}
 
-            def broken(self):
+            def broken(self, joining=None):
                 calls["n"] += 1
                 if calls["n"] == 1:
                     raise RuntimeError("boom")
-                return real(self)
+                return real(self, joining)
 
             monkeypatch.setattr(Decoding, "advance", broken)
             err = error_of(client.post("/v1/completions", json={"model": "alpha", "prompt": "the", "max_tokens": 3}),

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
+from .fastpath.decode import Fresh, Step
 from .joins import check_mask, input_positions
 from .model import MixedPromptedModel
 from .prompts import Prompt, as_prompt, content_hash
@@ -175,32 +176,53 @@ class Decoding:
     """
 
     def __init__(self, backbone: CausalLMBackbone, prompts: list[Any], input_ids: torch.Tensor,
-                 mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True, capacity: int = 0):
+                 mask: torch.Tensor, rows: list[Row], reuse_prompt_cache: bool = True, capacity: int = 0,
+                 prefill: bool = True):
         B = input_ids.shape[0]
         if len(prompts) != B or len(rows) != B:
             raise SoftPromptError(f"{len(prompts)} prompts and {len(rows)} rows for {B} inputs; give one per input")
         check_mask(mask)
         self.backbone, self.rows = backbone, rows
         self.eos = set(backbone.eos_token_ids or [])
-        self.rt = rt = runtime(backbone)
+        self.rt = runtime(backbone)
         prefix = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefix()
         P = prefix.length
         full_mask = torch.cat([prefix.mask(B, mask), mask], dim=1)
         positions = input_positions(mask, prefix.offsets(B))
-        with rt.engaged(mask, last_only=True):  # MLPs on real tokens only, the last layer's on the last column
-            out = backbone.forward(backbone.embed(input_ids), attention_mask=full_mask, position_ids=positions,
-                                   cache=backbone.new_cache(prefix.batch(B) if P else None), use_cache=True,
-                                   logits_to_keep=1)
         self.capacity = max(B, capacity)
-        self.cache = _growing(out.cache, self._room(B))
-        self.logits = out.logits[:, -1].float()  # (B, V): the next token's logits of each slot
-        self.prefill_logits = self.logits
         self.mask = full_mask
         self.position = positions[:, -1:]  # (B, 1); a free slot's stays 0 (never past the model's positions)
         self.alive = torch.ones(B, 1, dtype=positions.dtype, device=positions.device)  # 1: the slot holds a row
         self.slots: list[int | None] = list(range(B))  # batch position -> row index (None: a free slot)
         self.steps = 0
         self._feed: list[int] = []  # the tokens pick() chose, one per slot, for advance()
+        # the prefill to run: now, or (prefill=False) in another batch's next step (`advance(joining=self)`)
+        self._fresh: Fresh | None = Fresh(input_ids, mask, positions, full_mask,
+                                          backbone.new_cache(prefix.batch(B) if P else None))
+        if prefill:
+            self._prefill()
+
+    def _prefill(self) -> None:
+        """The batch's own prefill forward: through the fast path's lean forward where the model has one, else the
+        model's forward (its MLPs on real tokens only, the last layer's on the last column)."""
+        f, rt = self._fresh, self.rt
+        with rt.engaged(f.mask, last_only=True):
+            lean = rt.joint_forward()
+            if lean is not None:
+                logits = lean(None, f)[1]
+                cache = f.cache
+            else:
+                out = self.backbone.forward(self.backbone.embed(f.ids), attention_mask=f.full_mask,
+                                            position_ids=f.positions, cache=f.cache, use_cache=True,
+                                            logits_to_keep=1)
+                cache, logits = out.cache, out.logits[:, -1]
+        self._prefilled(cache, logits)
+
+    def _prefilled(self, cache, logits: torch.Tensor) -> None:
+        self.cache = _growing(cache, self._room(len(self.slots)))
+        self.logits = logits.float()  # (B, V): the next token's logits of each slot
+        self.prefill_logits = self.logits
+        self._fresh = None
 
     @property
     def running(self) -> list[int]:
@@ -261,23 +283,38 @@ class Decoding:
         self._feed = feed
         return changed
 
-    def advance(self) -> None:
-        """One forward over the batch's slots with the tokens `pick()` chose: the next logits."""
+    def advance(self, joining: Decoding | None = None) -> None:
+        """One forward over the batch's slots with the tokens `pick()` chose: the next logits. `joining`, a batch
+        made with ``prefill=False`` (continuous batching's new rows), is prefilled in the same forward where the
+        fast path has a lean forward (its tokens ride in the step's products: one pass over the weights for both),
+        else in its own forward first."""
+        if joining is not None and joining._fresh is None:
+            raise SoftPromptError("the joining batch was prefilled already; make it with prefill=False")
         tokens = self._feed
         dev = self.mask.device
         B = len(tokens)
-        self.mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
-        self.position = self.position + self.alive
+        mask = torch.cat([self.mask, torch.ones(B, 1, dtype=self.mask.dtype, device=dev)], dim=1)
+        position = self.position + self.alive
         ids = torch.tensor(tokens, device=dev).unsqueeze(1)
-        with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
-            lean = self.rt.decode_step()
-            if lean is not None:
-                self.logits = lean(ids, self.mask, self.position, self.cache).float()
-            else:
-                out = self.backbone.forward(self.backbone.embed(ids), attention_mask=self.mask,
-                                            position_ids=self.position, cache=self.cache, use_cache=True)
-                self.cache = out.cache
-                self.logits = out.logits[:, -1].float()
+        joint = self.rt.joint_forward() if joining is not None else None
+        if joining is not None and joint is None:
+            joining._prefill()
+        if joint is not None:
+            f = joining._fresh
+            with self.rt.engaged(f.mask):
+                logits, theirs = joint(Step(ids, mask, position, self.cache), f)
+            joining._prefilled(f.cache, theirs)
+        else:
+            with self.rt.engaged():  # the fast path's attention and weight casts in every step, as in the prefill
+                lean = self.rt.decode_step()
+                if lean is not None:
+                    logits = lean(ids, mask, position, self.cache)
+                else:
+                    out = self.backbone.forward(self.backbone.embed(ids), attention_mask=mask,
+                                                position_ids=position, cache=self.cache, use_cache=True)
+                    self.cache = out.cache
+                    logits = out.logits[:, -1]
+        self.mask, self.position, self.logits = mask, position, logits.float()
         self._feed = []
 
     def merge(self, other: Decoding) -> None:

@@ -34,7 +34,7 @@ from .architectures import ARCHITECTURES, Architecture, architecture
 from .casts import WeightCasts
 from .checkpointing import checkpointed_layers, decoder_layers
 from .config import SWITCHES, FastPathConfig
-from .decode import LeanDecode
+from .decode import Fresh, LeanDecode, Step
 from .decode import unsupported as decode_unsupported
 from .mlp import MLPPlan, gated_parts, planned_mlp
 from .packed import AVAILABLE as PACKING_AVAILABLE
@@ -250,22 +250,42 @@ class FastPath:
                            device=dev) % bb.config.vocab_size
         mask = (ids != 0).long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        B, P = ids.shape[0], 2  # a two-token prefix (a prompt's cached keys/values) before each row
         nxt = torch.tensor([[23], [24], [25], [26]], device=dev) % bb.config.vocab_size
-        step_mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        pre = torch.tensor([[3, 4]], device=dev) % bb.config.vocab_size
+        full = torch.cat([torch.ones(B, P, dtype=mask.dtype, device=dev), mask], dim=1)
+        positions = positions + P
+        step_mask = torch.cat([full, torch.ones_like(nxt)], dim=1)
         step_pos = positions[:, -1:] + 1
-        logits = []
         with torch.no_grad():
-            for run_lean in (False, True):
-                cache = bb.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=bb.new_cache(),
-                                 use_cache=True).cache
-                if run_lean:
-                    with self.engaged():
-                        logits.append(lean.step(nxt, step_mask, step_pos, cache, _ACTIVE.get().packed).float())
-                else:
-                    logits.append(bb.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos,
-                                           cache=cache, use_cache=True).logits[:, -1].float())
-        tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(logits[0].abs().max()))
-        if (logits[1] - logits[0]).abs().max() > tol:
+            def prefilled():
+                return bb.model(input_ids=torch.cat([pre.expand(B, P), ids], dim=1), attention_mask=full,
+                                position_ids=torch.cat([torch.arange(P, device=dev).expand(B, P), positions], dim=1),
+                                cache=bb.new_cache(), use_cache=True)
+
+            def prefix():
+                layers = bb.model(input_ids=pre, cache=bb.new_cache(), use_cache=True).cache.layers
+                return bb.new_cache([(la.keys.expand(B, -1, -1, -1), la.values.expand(B, -1, -1, -1))
+                                     for la in layers])
+
+            own = prefilled()  # its cache stays as the prefill left it
+            step = bb.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos,
+                            cache=prefilled().cache, use_cache=True).logits[:, -1].float()
+            # the lean step on the model's own prefill cache; then a prefill alone, and one beside a step
+            caches = [prefilled().cache for _ in range(2)]
+            fresh = [Fresh(ids, mask, positions, full, prefix()) for _ in range(2)]
+            with self.engaged():
+                lean_step = lean.step(nxt, step_mask, step_pos, caches[0], _ACTIVE.get().packed).float()
+            with self.engaged(mask):
+                alone = lean.run(None, fresh[0])[1].float()
+                beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1])
+        tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(step.abs().max()))
+        prefill = own.logits[:, -1].float()
+        real = full.bool()
+        keys = [(a.keys.float().transpose(1, 2)[real], b.keys.float().transpose(1, 2)[real])
+                for f in fresh for a, b in zip(f.cache.layers, own.cache.layers, strict=True)]
+        if max(float((a - b).abs().max()) for a, b in [(lean_step, step), (beside.float(), step), (alone, prefill),
+                                                        (joined.float(), prefill), *keys]) > tol:
             model_type = getattr(bb.model.config.get_text_config(), "model_type", "?")
             print(f"softprompt: model type {model_type!r}: the lean decode step differs from the model's own; "
                   "decoding through the model's forward", file=sys.stderr, flush=True)
@@ -277,18 +297,28 @@ class FastPath:
         """``step(ids, mask, positions, cache)`` -> next-token logits (B, V) through the lean decode step
         (fastpath/decode.py), or None where it is off, does not apply, or failed its self-check. Call inside
         ``engaged()``."""
-        if not (self.installed and self.config.lean_decode):
+        lean = self._lean_decode()
+        if lean is None:
             return None
-        if self._decode is None:
-            self._decode = self._check_decode() or False
-        if not self._decode:
-            return None
-        lean = self._decode
 
         def step(ids, mask, positions, cache):
             plan = _ACTIVE.get()
             return lean.step(ids, mask, positions, cache, plan.packed if plan is not None else None)
         return step
+
+    def joint_forward(self):
+        """``run(step, fresh)`` -> (step logits, fresh logits): a decode step and/or a new batch's prefill in one
+        lean forward (``LeanDecode.run``; ``Step`` and ``Fresh`` from fastpath/decode.py), or None where the lean
+        step is off, does not apply, or failed its self-check. Call inside ``engaged(fresh.mask)``."""
+        lean = self._lean_decode()
+        return None if lean is None else lean.run
+
+    def _lean_decode(self) -> LeanDecode | None:
+        if not (self.installed and self.config.lean_decode):
+            return None
+        if self._decode is None:
+            self._decode = self._check_decode() or False
+        return self._decode or None
 
     @property
     def lean(self) -> bool:

@@ -18,10 +18,33 @@ Otherwise the model's forward runs.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
 from .packed import PackedWeights, bucket
+
+
+class Step(NamedTuple):
+    """A decode step of a running batch: one new token per row (B, 1), the (B, L) mask over its cache and the new
+    token, the (B, 1) positions, the cache (updated)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: Any
+
+
+class Fresh(NamedTuple):
+    """A new batch's prefill: (B, T) left-padded ids and their mask, their (B, T) positions, the (B, P + T) mask
+    over each row's prompt prefix and its tokens, the cache holding the prefixes (P positions; updated)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    full_mask: torch.Tensor
+    cache: Any
 
 # model types whose decoder layer is: x + attn(rmsnorm(x)); x + gated SiLU MLP(rmsnorm(x)); rotary on q and k;
 # no q/k norms, no logit post-processing (Llama, SmolLM2, Mistral, Qwen2)
@@ -61,9 +84,18 @@ class LeanDecode:
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
              packed: PackedWeights | None = None) -> torch.Tensor:
-        B = ids.shape[0]
+        return self.run(Step(ids, mask, positions, cache), None, packed)[0]
+
+    def run(self, step: Step | None, fresh: Fresh | None, packed: PackedWeights | None = None):
+        """One forward of a decode `step` (one new token per row of a running batch) and/or a `fresh` batch's
+        prefill, their tokens side by side in every product (the fresh rows' real tokens only: no padding).
+        Attention stays per batch: each step row on its cache, each fresh row on its own prefix and tokens. Both
+        caches are updated. Returns (the step's next-token logits (B, V), the fresh rows' next-token logits
+        (B', V)), None for a part not given."""
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
-        rows = B if packed is not None and bucket(B) is not None else None
+        groups, half = nh // nkv, d // 2
+        B = step.ids.shape[0] if step is not None else 0
+        rows = B if packed is not None and fresh is None and bucket(B) is not None else None
 
         def product(modules, h):
             if rows is not None:
@@ -71,29 +103,64 @@ class LeanDecode:
             out = [m(h) for m in modules]
             return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
-        x = self.base.embed_tokens(ids)  # (B, 1, H)
-        cos, sin = self.base.rotary_emb(x, positions)  # (B, 1, d)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, 1, d): over the heads
-        half = d // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # rotate_half's sign, once per step
-        x = x.view(B, -1)
-        # (B, 1, 1, L): -inf on the keys a row does not attend to (an additive mask: SDPA's fastest form here)
-        bias = torch.zeros(B, 1, 1, mask.shape[-1], dtype=x.dtype, device=x.device).masked_fill_(
-            ~mask.bool()[:, None, None, :], float("-inf"))
-        groups = nh // nkv
+        def rotary(like, positions):  # cos and sin over the heads (dim 1), rotate_half's sign folded into sin
+            cos, sin = self.base.rotary_emb(like, positions)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+        parts = []
+        if step is not None:
+            x = self.base.embed_tokens(step.ids)  # (B, 1, H)
+            cos, sin = rotary(x, step.positions)  # (B, 1, 1, d)
+            parts.append(x.view(B, -1))
+            # (B, 1, 1, L): -inf on the keys a row does not attend to (an additive mask: SDPA's fastest form here)
+            bias = torch.zeros(B, 1, 1, step.mask.shape[-1], dtype=x.dtype, device=x.device).masked_fill_(
+                ~step.mask.bool()[:, None, None, :], float("-inf"))
+        if fresh is not None:
+            Bf, T = fresh.ids.shape
+            flat = fresh.mask.reshape(-1).bool()
+            real = flat.nonzero().squeeze(1)  # the real tokens' places in the (Bf * T) padded layout
+            x = self.base.embed_tokens(fresh.ids.reshape(-1).index_select(0, real))  # (R, H)
+            parts.append(x)
+            f_cos, f_sin = rotary(x, fresh.positions)  # (Bf, 1, T, d)
+            # each row's last token, counted among the real tokens (the rows are left-padded)
+            last = B + flat.long().cumsum(0).view(Bf, T)[:, -1] - 1
+            P = fresh.full_mask.shape[1] - T
+            allowed = fresh.full_mask.bool()[:, None, None, :].expand(Bf, 1, T, P + T).clone()
+            allowed[..., P:] &= torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            allowed |= ~fresh.mask.bool()[:, None, :, None]  # a padding query attends anywhere (never read)
+            f_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed,
+                                                                                             float("-inf"))
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             qkv = product(self.qkv[i], _rms(x, layer.input_layernorm))
-            qk = _rotate(qkv[:, :(nh + nkv) * d].view(B, nh + nkv, 1, d), cos, sin)  # q and k heads in one go
-            keys, values = cache.layers[i].update(qk[:, nh:], qkv[:, (nh + nkv) * d:].reshape(B, nkv, 1, d))
-            # one query per row, on the key/value heads: the query heads of a group side by side (B, kv_heads,
-            # group, d), in one fused attention call (52 us against 133 for products + mask + softmax, at 8 rows)
-            o = nn.functional.scaled_dot_product_attention(qk[:, :nh].reshape(B, nkv, groups, d), keys, values,
-                                                           attn_mask=bias, scale=attn.scaling)
-            x = x + product((attn.o_proj,), o.reshape(B, nh * d))
+            outs = []
+            if step is not None:
+                s = qkv[:B]
+                qk = _rotate(s[:, :(nh + nkv) * d].view(B, nh + nkv, 1, d), cos, sin)  # q and k heads in one go
+                keys, values = step.cache.layers[i].update(qk[:, nh:], s[:, (nh + nkv) * d:].reshape(B, nkv, 1, d))
+                # one query per row, on the key/value heads: the query heads of a group side by side (B, kv_heads,
+                # group, d), in one fused attention call (52 us against 133 for products + mask + softmax, at 8
+                # rows)
+                o = nn.functional.scaled_dot_product_attention(qk[:, :nh].reshape(B, nkv, groups, d), keys, values,
+                                                               attn_mask=bias, scale=attn.scaling)
+                outs.append(o.reshape(B, nh * d))
+            if fresh is not None:
+                f = qkv.new_zeros(Bf * T, qkv.shape[1]).index_copy_(0, real, qkv[B:])
+                f = f.view(Bf, T, nh + 2 * nkv, d).transpose(1, 2)  # (Bf, heads, T, d), padding zeros
+                qk = _rotate(f[:, :nh + nkv], f_cos, f_sin)
+                keys, values = fresh.cache.layers[i].update(qk[:, nh:], f[:, nh + nkv:])
+                o = nn.functional.scaled_dot_product_attention(qk[:, :nh], keys, values, attn_mask=f_bias,
+                                                               scale=attn.scaling, enable_gqa=groups > 1)
+                outs.append(o.transpose(1, 2).reshape(Bf * T, nh * d).index_select(0, real))
+            x = x + product((attn.o_proj,), torch.cat(outs) if len(outs) > 1 else outs[0])
+            if fresh is not None and i == len(self.layers) - 1:  # the last MLP on the positions with logits only
+                x = x.index_select(0, torch.cat([torch.arange(B, device=x.device), last]))
             gate, up = product(self.gate_up[i], _rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + product((layer.mlp.down_proj,), nn.functional.silu(gate) * up)
-        return product((self.lm_head,), _rms(x, self.base.norm))
+        logits = product((self.lm_head,), _rms(x, self.base.norm))
+        return (logits[:B] if step is not None else None), (logits[B:] if fresh is not None else None)
 
 
 def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:

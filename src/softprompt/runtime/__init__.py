@@ -50,6 +50,11 @@ class Runtime:
         """The fast path's lean decode step (see FastPath.decode_step), or None: run the model's forward."""
         return self.fastpath.decode_step() if self.fastpath is not None else None
 
+    def joint_forward(self):
+        """The fast path's lean forward of a decode step and/or a new batch's prefill (FastPath.joint_forward), or
+        None: run the model's forward."""
+        return self.fastpath.joint_forward() if self.fastpath is not None else None
+
     def configure(self, config: FastPathConfig) -> None:
         """Switch speed-ups on or off (public: benchmarks and tests compare paths through this)."""
         fp = self.fastpath

@@ -68,6 +68,7 @@ class Engine(Frontend):
         self._accepting = False
         self._rows: list[Job] = []  # a job per row of the batch being decoded (finished ones until compacted)
         self._decoding: Decoding | None = None
+        self._joining: tuple[Decoding, list[Job]] | None = None  # new rows whose prefill rides in the next step
         self._freed, self._step_s = 0, 0.0  # rows the last decode step finished; how long its forward took
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -207,8 +208,8 @@ class Engine(Frontend):
                 log.exception("the serving worker hit an error; failing its running requests")
                 with self.metrics.lock:
                     self.metrics.worker_errors += 1
-                self._fail(self._rows, e)
-                self._rows, self._decoding = [], None
+                self._fail(self._rows + (self._joining[1] if self._joining else []), e)
+                self._rows, self._decoding, self._joining = [], None, None
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
         with self.metrics.lock:
@@ -315,34 +316,51 @@ class Engine(Frontend):
                 job.send("done", Result(text=text, tokens=tokens, finish_reason=reason, prompt_tokens=len(job.ids)))
 
     def _prefill(self, jobs: list[Job]) -> None:
-        """The new generations' prefill; their first tokens are sent at once, then they join the running batch."""
+        """The new generations' prefill. Beside a running batch (continuous batching) it rides in that batch's next
+        step (one forward for both, `Decoding.advance(joining=...)`); otherwise it runs now. Either way the new
+        rows' first tokens are sent at once, then they join the running batch."""
         ids, mask = left_pad([j.ids for j in jobs], self.backbone.pad_token_id, self.backbone.device)
+        joint = self._decoding is not None and self.continuous and self.mix_tasks
         dec = Decoding(self.backbone, [j.prompt for j in jobs], ids, mask, [j.row for j in jobs],
-                       reuse_prompt_cache=self.reuse_prompt_cache, capacity=self.max_batch)
+                       reuse_prompt_cache=self.reuse_prompt_cache, capacity=self.max_batch, prefill=not joint)
+        if joint:
+            self._joining = (dec, list(jobs))
+            return
         self._send(dec.pick(), jobs)
+        self._join(dec, jobs)
+
+    def _join(self, dec: Decoding, jobs: list[Job]) -> None:
         if not dec.running:
             return
-        if self._decoding is None:
+        if self._decoding is None or not self._decoding.running:
             self._decoding, self._rows = dec, list(jobs)
         else:
             self._decoding.merge(dec)
             self._rows = self._rows + list(jobs)
 
     def _decode_step(self) -> None:
-        """One forward for every running row, then each row's next token picked and sent at once (before any
-        prefill of the next step), finished rows dropped."""
+        """One forward for every running row (and the prefill of the rows joining, if any), then each row's next
+        token picked and sent at once (before any prefill of the next step), finished rows dropped, the new rows
+        merged in."""
         dec = self._decoding
+        joining = self._joining
         running = len(dec.running)
         start = time.perf_counter()
         with torch.inference_mode():
-            dec.advance()
+            dec.advance(joining[0] if joining else None)
             self._step_s = time.perf_counter() - start
+            if joining:
+                self._send(joining[0].pick(), joining[1])
             changed = dec.pick()
         self._send(changed, self._rows)
         self._freed = running - len(dec.running)
-        if not dec.running:
+        if joining:
+            with torch.inference_mode():
+                self._join(*joining)
+            self._joining = None
+        if not self._decoding.running:
             self._decoding, self._rows = None, []
-        elif len(dec.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
+        elif len(self._decoding.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
             self._compact()
 
     def _send(self, changed: list[int], jobs: list[Job]) -> None:
