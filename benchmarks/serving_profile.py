@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from serving import MODES, drive, make_tasks, review_prompts, task_mix
+from serving import MODES, drive, make_tasks, review_prompts, task_mix, warm_up
 
 import softprompt as sp
 from softprompt import generation
@@ -72,9 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = make_tasks(bb, Path(tmp), args.tasks)
         bank = PromptBank(bb, Path(tmp))
-        warm = Engine(bank, max_batch=32).start()
-        drive(warm, [(n, texts[0]) for n in names], 8, 2)
-        warm.stop()
+        warm_up(Engine(bank, max_batch=32), names, texts)
         requests = list(zip(task_mix(names, args.requests, "uniform"), texts, strict=True))
         for mode in ("d_mixed_kv_reuse", "f_batch_to_end"):
             spent.clear()
