@@ -238,9 +238,10 @@ class FastPath:
         return None
 
     def _check_decode(self) -> LeanDecode | None:
-        """The lean decode step if the model has that layout and its step gives the model's own next-token logits
-        on a probe batch (left padding, a cache from the model's own prefill), else None (with a notice if the
-        check failed: a layout in the table that does not behave as listed)."""
+        """The lean decode step if the model has that layout and, on a probe batch (left padding, after a cached
+        two-token prefix), its decode step, its prefill alone and its prefill beside a decode step give the model's
+        own logits and leave the model's own keys in the cache; else None (with a notice if the check failed: a
+        layout in the table that does not behave as listed)."""
         bb = self.backbone
         if decode_unsupported(bb.model) is not None:
             return None

@@ -1,4 +1,4 @@
-"""A decode step in a few operations per layer, for the Llama-shaped decoders it knows.
+"""A decode step, and a prefill, in a few operations per layer, for the Llama-shaped decoders it knows.
 
 A decode step runs one new token per row through every layer. Through the model's own forward, a SmolLM2-135M step
 at 8 rows cost 90 ms where its weight products took about 48 (profiled: mask building, cache bookkeeping, module
@@ -11,9 +11,17 @@ packed weights (float32 on CPU, fastpath/packed.py) q/k/v and gate/up are packed
 against 74.7 for the model's forward with packed weights, at 52% of the weight-streaming floor
 (benchmarks/generation.py --decode).
 
+``LeanDecode.run`` also prefills a new batch (``Fresh``: left-padded rows after their prompts' cached prefixes), on
+its own or beside a running batch's decode step (``Step``): every product runs on the real tokens of both side by
+side (no padding; the step's rows and the new rows' tokens in one pass over the weights), attention stays per batch
+(the new rows causally on their prefix and own tokens, in one SDPA call on the key/value heads), and the last layer's
+MLP and the LM head run on the positions whose logits are kept. Continuous batching uses it so that new requests'
+prefill costs one forward less a step (serve/engine.py).
+
 Taken only for architectures whose layers are exactly that (``LAYOUTS``), every layer full attention, and only after
-a self-check (FastPath.decode_step): a decode step on a probe batch must give the model's own next-token logits.
-Otherwise the model's forward runs.
+a self-check (FastPath._check_decode): a decode step, a prefill alone and a prefill beside a step, on a probe batch
+after a cached prefix, must give the model's own logits and leave the model's own keys in the cache. Otherwise the
+model's forward runs.
 """
 
 from __future__ import annotations
