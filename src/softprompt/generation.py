@@ -433,7 +433,8 @@ class Decoding:
         self.mask = self.mask[:, lead:]
         if all(type(layer) is GrowingLayer for layer in self.cache.layers):
             # the kept rows, from the first column any of them attends to, gathered once into buffers with room
-            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self._room(len(keep)))
+            # with room for as many rows as the batch had (a batch under steady load fills them again: no rebuild)
+            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self._room(len(self.slots)))
                                  for layer in self.cache.layers]
             return
         self.cache.batch_select_indices(idx)

@@ -346,18 +346,19 @@ class Engine(Frontend):
         joining = self._joining
         running = len(dec.running)
         start = time.perf_counter()
+        rows = self._rows
         with torch.inference_mode():
             dec.advance(joining[0] if joining else None)
             self._step_s = time.perf_counter() - start
-            if joining:
-                self._send(joining[0].pick(), joining[1])
+            theirs = joining[0].pick() if joining else []
             changed = dec.pick()
-        self._send(changed, self._rows)
-        self._freed = running - len(dec.running)
-        if joining:
-            with torch.inference_mode():
+            self._freed = running - len(dec.running)
+            if joining:  # merged before the sends: the clients the sends wake would slow the merge's many small ops
                 self._join(*joining)
-            self._joining = None
+                self._joining = None
+        if joining:
+            self._send(theirs, joining[1])
+        self._send(changed, rows)
         if not self._decoding.running:
             self._decoding, self._rows = None, []
         elif len(self._decoding.rows) > 4 * self.max_batch:  # forget finished rows so the lists stay short
