@@ -318,7 +318,11 @@ class FastPath:
         if not (self.installed and self.config.lean_decode):
             return None
         if self._decode is None:
-            self._decode = self._check_decode() or False
+            outer = _ACTIVE.set(None)  # the check's own forwards: never under the caller's plan (its rows' shapes)
+            try:
+                self._decode = self._check_decode() or False
+            finally:
+                _ACTIVE.reset(outer)
         return self._decode or None
 
     @property
