@@ -568,6 +568,7 @@ RENDERERS = {
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
+    "serving_budget_8_fp32": (serving_continuous, "serving_budget_8_fp32.json"),
     "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
     "serving_open_8": (serving_continuous, "serving_open_8.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
