@@ -339,9 +339,9 @@ class Engine(Frontend):
             self._rows = self._rows + list(jobs)
 
     def _decode_step(self) -> None:
-        """One forward for every running row (and the prefill of the rows joining, if any), then each row's next
-        token picked and sent at once (before any prefill of the next step), finished rows dropped, the new rows
-        merged in."""
+        """One forward for every running row (and the prefill of the rows joining, if any); then each row's next
+        token picked (finished rows leave), the new rows merged in, and every token sent at once (before any
+        prefill of the next step)."""
         dec = self._decoding
         joining = self._joining
         running = len(dec.running)
