@@ -395,6 +395,13 @@ def serving_profile(res: dict) -> str:
               "|---|---|---|---|"]
     for r in sorted(res["prefill_alone"], key=lambda r: r["rows"]):
         lines.append(f"| {r['rows']} | {r['tokens']} | {1000 * r['seconds']:.0f} ms | {r['ms_per_request']:.0f} ms |")
+    if res.get("dnnl_prefill"):
+        lines += ["", "Float32 prefill products through oneDNN (`dnnl_prefill`, the default) against MKL, alternated "
+                  "in one process (medians of 4 rounds):", "",
+                  "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |", "|---|---|---|---|---|---|"]
+        for r in res["dnnl_prefill"]:
+            lines.append(f"| {r['new_rows']} | {r['beside_a_step_of'] or '-'} | {r['tokens']} | {r['dnnl_ms']:.0f} ms | "
+                         f"{r['mkl_ms']:.0f} ms | {r['ratio']:.2f}x |")
     lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Where the serving engine's time goes: the continuous engine against the engine before it (a batch runs to its
 end) on the same closed-loop load, with the time spent in each part of the worker summed (prefill forwards,
 decode steps, picking tokens, merging new rows into the running cache, gathering the live rows when finished
-ones are dropped), and a prefill alone at 4 to 24 rows (the cost per request and per forward).
+ones are dropped), a prefill alone at 4 to 24 rows (the cost per request and per forward), and, in float32, a
+prefill alone and beside a decode step with its products through oneDNN against MKL (the `dnnl_prefill` switch).
 
     python benchmarks/serving_profile.py [--max-tokens 8] [--requests 128] [--concurrency 32] [--tasks 16]
         -> benchmarks/results/serving_profile.json
@@ -54,6 +55,52 @@ def timed_parts() -> tuple[dict, collections.Counter]:
     return spent, calls
 
 
+def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[dict]:
+    """A prefill alone (4, 8 and 24 rows) and one beside a decode step of 28 rows, with the float32 prefill
+    products through oneDNN (the `dnnl_prefill` switch) and through MKL, alternated in this process; medians."""
+    rt = sp.runtime(bb)
+    on = rt.fastpath.config
+
+    def rows_of(n):
+        return [generation.Row(generation.Sampling(max_new_tokens=256, ignore_eos=True)) for _ in range(n)]
+    x, m = left_pad(ids[:28], bb.pad_token_id, bb.device)
+    with torch.inference_mode():
+        running = generation.Decoding(bb, prompts[:28], x, m, rows_of(28))
+        running.pick()
+    cases = []
+    for fresh, beside in ((4, False), (8, False), (24, False), (4, True)):
+        fx, fm = left_pad(ids[28:28 + fresh], bb.pad_token_id, bb.device)
+
+        def run(fresh=fresh, beside=beside, fx=fx, fm=fm):
+            with torch.inference_mode():
+                new = generation.Decoding(bb, prompts[28:28 + fresh], fx, fm, rows_of(fresh), prefill=not beside)
+                if beside:
+                    running.advance(joining=new)
+                    running.pick()
+        cases.append((fresh, beside, int(fm.sum()), run))
+    times: dict = collections.defaultdict(list)
+    try:
+        for _ in range(rounds):
+            for label, config in (("dnnl", on), ("mkl", on.without("dnnl_prefill"))):
+                rt.configure(config)
+                for fresh, beside, _, run in cases:
+                    run()
+                    runs = []
+                    for _ in range(3):
+                        t = time.perf_counter()
+                        run()
+                        runs.append(time.perf_counter() - t)
+                    times[(fresh, beside, label)].append(statistics.median(runs))
+    finally:
+        rt.configure(on)
+    return [{"new_rows": fresh, "beside_a_step_of": 28 if beside else 0, "tokens": tokens,
+             "dnnl_ms": round(1000 * statistics.median(times[(fresh, beside, "dnnl")]), 1),
+             "mkl_ms": round(1000 * statistics.median(times[(fresh, beside, "mkl")]), 1),
+             "ratio": round(statistics.median(times[(fresh, beside, "mkl")])
+                            / statistics.median(times[(fresh, beside, "dnnl")]), 3)}
+            for fresh, beside, tokens, _ in cases]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -100,6 +147,7 @@ def main() -> None:
             out["prefill_alone"] = [r for r in out["prefill_alone"] if r["rows"] != rows] + [{
                 "rows": rows, "tokens": int(m.sum()), "seconds": round(statistics.median(runs), 4),
                 "ms_per_request": round(1000 * statistics.median(runs) / rows, 1)}]
+        out["dnnl_prefill"] = dnnl_ab(bb, ids, prompts) if bb.dtype == torch.float32 else None
     out["machine"] = json.loads(subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                                                check=True).stdout.strip().splitlines()[-1])
     out["args"] = vars(args)

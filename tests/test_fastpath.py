@@ -11,7 +11,7 @@ from conftest import SYNTH_TASK, make_backbone, make_tokenizer
 
 import softprompt as sp
 from softprompt.fastpath import ARCHITECTURES, SWITCHES, Architecture, FastPathConfig
-from softprompt.tasks.encode import TaskEncoder
+from softprompt.tasks.encode import TaskEncoder, left_pad
 from softprompt.tasks.spec import TaskSpec
 from softprompt.train.loop import classification_loss, generation_loss
 
@@ -375,10 +375,10 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     fp.packed.clear()
     packed = generate(bb, None, texts, max_new_tokens=6)
     assert packed.tokens == plain.tokens
-    buckets = {b for (_, b) in fp.packed.store}
-    assert buckets == {8}  # 5 rows -> the 8-row bucket; the prefill (many positions per row) stayed plain
+    buckets = [b for (_, b) in fp.packed.store if b != "dnnl"]  # (oneDNN prefill weights: the next test)
+    assert set(buckets) == {8}  # 5 rows -> the 8-row bucket; the prefill (many positions per row) not in one
     # the lean decode step: q/k/v and gate/up packed side by side, o and down alone, and the LM head
-    assert len(fp.packed.store) == 4 * bb.config.num_hidden_layers + 1
+    assert len(buckets) == 4 * bb.config.num_hidden_layers + 1
     switched(bb, FastPathConfig().without("lean_decode"))
     fp.packed.clear()
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
@@ -386,7 +386,8 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     switched(bb, FastPathConfig())
     fp.packed.clear()
     generate(bb, None, texts[:2], max_new_tokens=4)  # 2 rows: the plain GEMM
-    assert not fp.packed.store
+    assert not [b for (_, b) in fp.packed.store if b != "dnnl"]
+    fp.packed.clear()
     x = torch.randn(12, 1, bb.hidden_size)
     lin = bb.model.model.layers[0].mlp.up_proj
     with torch.no_grad(), fp.engaged():
@@ -397,6 +398,46 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     with fp.engaged():  # gradients on: training is never packed
         lin(x.requires_grad_())
     assert not fp.packed.store
+
+
+@pytest.mark.skipif(not __import__("softprompt.fastpath.packed", fromlist=["DNNL_AVAILABLE"]).DNNL_AVAILABLE,
+                    reason="this torch has no oneDNN")
+def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float32_inference(switched):
+    """The lean forward's prefill products (alone and beside a decode step) through oneDNN give the model's own
+    prefill logits to float32 rounding and the same greedy tokens as the switch off; one reordered weight per
+    layer product (q/k/v, o, gate/up, down), none for the LM head; training and bfloat16 never take it."""
+    from softprompt.fastpath.decode import Fresh
+    from softprompt.generation import Decoding, Row, Sampling, generate
+
+    bb = make_backbone("llama")
+    texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
+    switched(bb, FastPathConfig().without("dnnl_prefill"))
+    plain = generate(bb, None, texts, max_new_tokens=6)
+    switched(bb, FastPathConfig())
+    fp = sp.runtime(bb).fastpath
+    fp.packed.clear()
+    assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
+    dnnl = [m for (m, b) in fp.packed.store if b == "dnnl"]
+    assert len(dnnl) == 4 * bb.config.num_hidden_layers and bb.model.get_output_embeddings() not in sum(dnnl, ())
+    # a prefill alone and one beside a running batch's step: the model's own logits
+    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
+    rows = [Row(Sampling(max_new_tokens=4)) for _ in texts]
+    with torch.no_grad():
+        own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        dec = Decoding(bb, [None] * len(texts), ids, mask, rows)
+        running = Decoding(bb, [None] * 2, ids[:2], mask[:2], [Row(Sampling(max_new_tokens=4)) for _ in range(2)])
+        running.pick()
+        joining = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts],
+                           prefill=False)
+        assert isinstance(joining._fresh, Fresh)
+        running.advance(joining=joining)
+    for got in (dec.prefill_logits, joining.prefill_logits):
+        torch.testing.assert_close(got, own[:, -1].float(), atol=1e-4, rtol=1e-4)
+    # training and bfloat16 weights: the modules' own products
+    half = make_backbone("llama", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert fp._dnnl() is fp.packed and sp.runtime(half).fastpath._dnnl() is None
+    assert torch.is_grad_enabled() and fp._dnnl() is None
 
 
 def _tiny_mistral(sliding_window=None):
@@ -473,8 +514,8 @@ def test_the_lean_forward_is_not_taken_when_its_prefill_fails_the_self_check(bro
 
     real = decode.LeanDecode.run
 
-    def run(self, step, fresh, packed=None):
-        logits, theirs = real(self, step, fresh, packed)
+    def run(self, step, fresh, packed=None, dnnl=None):
+        logits, theirs = real(self, step, fresh, packed, dnnl)
         if fresh is not None and broken == "logits":
             theirs = theirs + 1
         if fresh is not None and broken == "keys":

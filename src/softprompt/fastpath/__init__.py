@@ -39,8 +39,8 @@ from .decode import unsupported as decode_unsupported
 from .mlp import MLPPlan, gated_parts, planned_mlp
 from .packed import AVAILABLE as PACKING_AVAILABLE
 from .packed import BUCKETS as PACKING_BUCKETS
+from .packed import DNNL_AVAILABLE, PackedWeights, bucket
 from .packed import MAX_BYTES as PACKING_MAX_BYTES
-from .packed import PackedWeights, bucket
 
 __all__ = ["ARCHITECTURES", "SWITCHES", "Architecture", "FastPath", "FastPathConfig", "checkpointed_layers"]
 
@@ -278,8 +278,8 @@ class FastPath:
             with self.engaged():
                 lean_step = lean.step(nxt, step_mask, step_pos, caches[0], _ACTIVE.get().packed).float()
             with self.engaged(mask):
-                alone = lean.run(None, fresh[0])[1].float()
-                beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1])
+                alone = lean.run(None, fresh[0], None, self._dnnl())[1].float()
+                beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1], None, self._dnnl())
         tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(step.abs().max()))
         prefill = own.logits[:, -1].float()
         real = full.bool()
@@ -312,7 +312,12 @@ class FastPath:
         lean forward (``LeanDecode.run``; ``Step`` and ``Fresh`` from fastpath/decode.py), or None where the lean
         step is off, does not apply, or failed its self-check. Call inside ``engaged(fresh.mask)``."""
         lean = self._lean_decode()
-        return None if lean is None else lean.run
+        if lean is None:
+            return None
+
+        def run(step, fresh):
+            return lean.run(step, fresh, None, self._dnnl())
+        return run
 
     def _lean_decode(self) -> LeanDecode | None:
         if not (self.installed and self.config.lean_decode):
@@ -388,6 +393,19 @@ class FastPath:
             return None
         if sum(m.weight.numel() for m in self.linears) * 4 * len(PACKING_BUCKETS) > PACKING_MAX_BYTES:
             return None  # a packed copy per bucket would cost too much memory
+        return self.packed
+
+    def _dnnl(self) -> PackedWeights | None:
+        """The store of oneDNN weights for a prefill's products: float32 inference on CPU, one copy of the layers'
+        weights at most PACKING_MAX_BYTES; else None (the modules' own products)."""
+        dev = self.backbone.device
+        if (not self.config.dnnl_prefill or not DNNL_AVAILABLE or dev.type != "cpu" or torch.is_grad_enabled()
+                or torch.is_autocast_enabled(dev.type)):
+            return None
+        if any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in self.linears):
+            return None
+        if sum(m.weight.numel() for m in self.linears) * 4 > PACKING_MAX_BYTES:
+            return None
         return self.packed
 
     def clear(self) -> None:

@@ -94,20 +94,25 @@ class LeanDecode:
              packed: PackedWeights | None = None) -> torch.Tensor:
         return self.run(Step(ids, mask, positions, cache), None, packed)[0]
 
-    def run(self, step: Step | None, fresh: Fresh | None, packed: PackedWeights | None = None):
+    def run(self, step: Step | None, fresh: Fresh | None, packed: PackedWeights | None = None,
+            dnnl: PackedWeights | None = None):
         """One forward of a decode `step` (one new token per row of a running batch) and/or a `fresh` batch's
         prefill, their tokens side by side in every product (the fresh rows' real tokens only: no padding).
         Attention stays per batch: each step row on its cache, each fresh row on its own prefix and tokens. Both
         caches are updated. Returns (the step's next-token logits (B, V), the fresh rows' next-token logits
-        (B', V)), None for a part not given."""
+        (B', V)), None for a part not given. `packed`: a step's products through weights packed for its rows'
+        bucket; `dnnl`: a prefill's layer products through oneDNN (float32 on CPU, fastpath/packed.py)."""
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         groups, half = nh // nkv, d // 2
         B = step.ids.shape[0] if step is not None else 0
         rows = B if packed is not None and fresh is None and bucket(B) is not None else None
+        many = dnnl if fresh is not None else None
 
-        def product(modules, h):
+        def product(modules, h, layer=True):
             if rows is not None:
                 return packed.product(modules, h, rows)
+            if many is not None and layer:
+                return many.dnnl(modules, h)
             out = [m(h) for m in modules]
             return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
@@ -167,7 +172,7 @@ class LeanDecode:
                 x = x.index_select(0, torch.cat([torch.arange(B, device=x.device), last]))
             gate, up = product(self.gate_up[i], _rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
             x = x + product((layer.mlp.down_proj,), nn.functional.silu(gate) * up)
-        logits = product((self.lm_head,), _rms(x, self.base.norm))
+        logits = product((self.lm_head,), _rms(x, self.base.norm), layer=False)  # a few rows: MKL
         return (logits[:B] if step is not None else None), (logits[B:] if fresh is not None else None)
 
 
