@@ -8,6 +8,10 @@ A packed weight serves one row count, so rows are padded up to a bucket (8, 16 o
 nothing when the step is bound by reading the weights. Each bucket used keeps a packed copy of the weights, so the
 path is taken only for models whose copies for every bucket fit `MAX_BYTES` together (SmolLM2-135M: 3 x 0.54 GB). The packed product equals the plain one
 to float32 rounding (the same sums in another order).
+
+A prefill (many tokens at once) takes another route: oneDNN, with the weights reordered once into its layout
+(`PackedWeights.dnnl`, the `dnnl_prefill` switch), faster than MKL's float32 GEMM at those shapes on the AMD EPYC
+measured (benchmarks/serving_profile.py).
 """
 
 from __future__ import annotations
@@ -59,13 +63,10 @@ class PackedWeights:
 
     @staticmethod
     def _pack(modules: tuple[nn.Linear, ...], b: int):
-        ws = [m.weight.detach() for m in modules]
-        if len(ws) == 1:
-            return torch.ops.mkl._mkl_reorder_linear_weight(ws[0], b), ws[0], modules[0].bias
-        w = torch.cat(ws)
-        biases = [m.bias for m in modules]
-        bias = None if all(t is None for t in biases) else torch.cat(
-            [t.detach() if t is not None else w.new_zeros(m.out_features) for t, m in zip(biases, modules, strict=True)])
+        if len(modules) == 1:
+            w = modules[0].weight.detach()
+            return torch.ops.mkl._mkl_reorder_linear_weight(w, b), w, modules[0].bias
+        w, bias = _side_by_side(modules)
         # the op reads only the (out, in) sizes of its plain weight when the rows equal the packed row count,
         # which they always do here (padded to the bucket): a stand-in of that shape, not a second copy
         return torch.ops.mkl._mkl_reorder_linear_weight(w, b), w.new_empty(1).expand(w.shape), bias
@@ -77,11 +78,7 @@ class PackedWeights:
         stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
         got = self.store.get((modules, "dnnl"))
         if got is None or got[0] != stamp:
-            w = torch.cat([m.weight.detach() for m in modules])
-            biases = [m.bias for m in modules]
-            bias = None if all(t is None for t in biases) else torch.cat(
-                [t.detach() if t is not None else w.new_zeros(m.out_features) for t, m in zip(biases, modules,
-                                                                                               strict=True)])
+            w, bias = _side_by_side(modules)
             got = (stamp, w.to_mkldnn(), bias)
             self.store[(modules, "dnnl")] = got
         _, weight, bias = got
@@ -89,3 +86,13 @@ class PackedWeights:
 
     def clear(self) -> None:
         self.store.clear()
+
+
+def _side_by_side(modules: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The modules' weights stacked over their outputs, and their biases (zeros for a module without one; None when
+    none has one): one Linear whose output is theirs side by side."""
+    w = torch.cat([m.weight.detach() for m in modules])
+    biases = [m.bias for m in modules]
+    bias = None if all(t is None for t in biases) else torch.cat(
+        [t.detach() if t is not None else w.new_zeros(m.out_features) for t, m in zip(biases, modules, strict=True)])
+    return w, bias

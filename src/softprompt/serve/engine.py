@@ -3,9 +3,10 @@
 Requests (generation or classification, any task) wait in one bounded queue. The worker runs continuous
 batching: at every decode step it takes in waiting requests while the step's token budget allows (a new
 generation's prefill tokens plus one token per running row), scores the classification requests at once (they never
-wait for generations), prefills the new generations as their own forward, sends their first tokens and merges
-them into the running batch, then runs one decode step for every running row, each attending to its own task's
-cached prompt key/values, and sends each row's token at once. Finished rows leave at once; the next step waits
+wait for generations), and runs one decode step for every running row, each attending to its own task's cached
+prompt key/values, with the new generations' prefill riding in the same forward (with nothing running, the
+prefill is a forward of its own). The new rows' first tokens are sent as soon as that forward ends; they then join
+the running batch, and each running row's token is sent. Finished rows leave at once; the next step waits
 briefly for their clients' next requests. ``continuous=False`` keeps the earlier policy (a batch runs until its last
 row finishes; requests that arrive meanwhile form the next batch), for comparison.
 
@@ -339,9 +340,9 @@ class Engine(Frontend):
             self._rows = self._rows + list(jobs)
 
     def _decode_step(self) -> None:
-        """One forward for every running row (and the prefill of the rows joining, if any); then each row's next
-        token picked (finished rows leave), the new rows merged in, and every token sent at once (before any
-        prefill of the next step)."""
+        """One forward for every running row (and the prefill of the rows joining, if any); then the new rows'
+        first tokens picked and sent at once, the running rows' next tokens picked (finished rows leave), the new
+        rows merged in, and the running rows' tokens sent (before any prefill of the next step)."""
         dec = self._decoding
         joining = self._joining
         running = len(dec.running)
@@ -351,13 +352,14 @@ class Engine(Frontend):
             dec.advance(joining[0] if joining else None)
             self._step_s = time.perf_counter() - start
             theirs = joining[0].pick() if joining else []
+        if joining:  # a first token waits for nothing else (a first token rarely finishes a row: few clients wake)
+            self._send(theirs, joining[1])
+        with torch.inference_mode():
             changed = dec.pick()
             self._freed = running - len(dec.running)
             if joining:  # merged before the sends: the clients the sends wake would slow the merge's many small ops
                 self._join(*joining)
                 self._joining = None
-        if joining:
-            self._send(theirs, joining[1])
         self._send(changed, rows)
         if not self._decoding.running:
             self._decoding, self._rows = None, []
