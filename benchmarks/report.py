@@ -392,19 +392,40 @@ def serving_profile(res: dict) -> str:
         cells = [f"{r['parts_s'][k]:.2f} s ({r['calls'][k]})" if k in r["parts_s"] else "-"
                  for k in ("prefill", "decode_step", "pick", "merge", "drop_finished")]
         lines.append(f"| {names.get(mode, mode)} | {r['requests_per_s']:.2f} | {' | '.join(cells)} |")
+    if all("first_token" in r for r in res["engines"].values()):
+        lines += ["", "A request's first token: its wait in the queue (p50), then the time from being taken to its first "
+                  "token (p50); the decode steps with a new group's prefill riding in them, and without (count, mean):",
+                  "", "| engine | wait in the queue | taken to first token | steps with a prefill | steps without |",
+                  "|---|---|---|---|---|"]
+        for mode, r in res["engines"].items():
+            f = r["first_token"]
+            cells = [f"{f['queue_wait_p50_s']:.2f} s", f"{f['taken_to_first_token_p50_s']:.2f} s"] + [
+                f"{f[n]} ({f[m]:.2f} s)" if f[n] else "-" for n, m in (("steps_with_prefill", "step_with_prefill_mean_s"),
+                                                                      ("steps_without", "step_without_mean_s"))]
+            lines.append(f"| {names.get(mode, mode)} | {' | '.join(cells)} |")
     lines += ["", "A prefill alone (the same mixed tasks, no load):", "", "| rows | tokens | time | per request |",
               "|---|---|---|---|"]
     for r in sorted(res["prefill_alone"], key=lambda r: r["rows"]):
         lines.append(f"| {r['rows']} | {r['tokens']} | {1000 * r['seconds']:.0f} ms | {r['ms_per_request']:.0f} ms |")
     if res.get("dnnl_prefill"):
-        lines += ["", "Float32 prefill products through oneDNN (`dnnl_prefill`, the default) against MKL, alternated "
-                  "in one process (medians of 4 rounds):", "",
-                  "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |", "|---|---|---|---|---|---|"]
-        for r in res["dnnl_prefill"]:
-            lines.append(f"| {r['new_rows']} | {r['beside_a_step_of'] or '-'} | {r['tokens']} | {r['dnnl_ms']:.0f} ms | "
-                         f"{r['mkl_ms']:.0f} ms | {r['ratio']:.2f}x |")
+        lines += ["", *dnnl_rows(res)]
     lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
     return "\n".join(lines)
+
+
+def dnnl_rows(res: dict) -> list[str]:
+    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, the default) against MKL, alternated in one "
+             "process (medians of 4 rounds):", "",
+             "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |", "|---|---|---|---|---|---|"]
+    for r in res["dnnl_prefill"]:
+        lines.append(f"| {r['new_rows']} | {r['beside_a_step_of'] or '-'} | {r['tokens']} | {r['dnnl_ms']:.0f} ms | "
+                     f"{r['mkl_ms']:.0f} ms | {r['ratio']:.2f}x |")
+    return lines
+
+
+def dnnl_prefill(res: dict) -> str:
+    """benchmarks/serving_profile.py's oneDNN-against-MKL prefill table alone (a profile from another machine)."""
+    return "\n".join([*dnnl_rows(res), "", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."])
 
 
 def soak(res: dict) -> str:
@@ -580,6 +601,7 @@ RENDERERS = {
     "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
     "serving_open_8": (serving_continuous, "serving_open_8.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
+    "dnnl_prefill_avx512": (dnnl_prefill, "serving_profile_avx512.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),

@@ -1,7 +1,8 @@
 """Where the serving engine's time goes: the continuous engine against the engine before it (a batch runs to its
 end) on the same closed-loop load, with the time spent in each part of the worker summed (prefill forwards,
 decode steps, picking tokens, merging new rows into the running cache, gathering the live rows when finished
-ones are dropped), a prefill alone at 4 to 24 rows (the cost per request and per forward), and, in float32, a
+ones are dropped), a request's first token split into its wait in the queue and the step it was taken into, a
+prefill alone at 4 to 24 rows (the cost per request and per forward), and, in float32, a
 prefill alone and beside a decode step with its products through oneDNN against MKL (the `dnnl_prefill` switch).
 
     python benchmarks/serving_profile.py [--max-tokens 8] [--requests 128] [--concurrency 32] [--tasks 16]
@@ -53,6 +54,40 @@ def timed_parts() -> tuple[dict, collections.Counter]:
                 calls[_part] += 1
         setattr(cls, name, wrapper)
     return spent, calls
+
+
+def timed_requests() -> tuple[list, list]:
+    """Stamps each request with the time the worker took it from the queue, and records every decode step's length
+    and whether a new group's prefill rode in it: a request's first token is its wait in the queue, then the step
+    (or the prefill forward) it was taken into."""
+    taken: list = []
+    steps: list[tuple[float, bool]] = []
+    take, decode_step = Engine._take, Engine._decode_step
+
+    def timed_take(self, block):
+        jobs = take(self, block)
+        now = time.perf_counter()
+        for job in jobs or []:
+            job.taken_at = now
+            taken.append(job)
+        return jobs
+
+    def timed_step(self):
+        t, joint = time.perf_counter(), self._joining is not None
+        decode_step(self)
+        steps.append((time.perf_counter() - t, joint))
+    Engine._take, Engine._decode_step = timed_take, timed_step
+    return taken, steps
+
+
+def first_token_parts(taken: list, steps: list) -> dict:
+    jobs = [j for j in taken if j.kind == "generate" and j.first_token is not None]
+    joint = [s for s, j in steps if j]
+    plain = [s for s, j in steps if not j]
+    return {"queue_wait_p50_s": round(statistics.median(j.taken_at - j.created for j in jobs), 4),
+            "taken_to_first_token_p50_s": round(statistics.median(j.first_token - j.taken_at for j in jobs), 4),
+            "steps_with_prefill": len(joint), "step_with_prefill_mean_s": round(statistics.mean(joint), 4) if joint else None,
+            "steps_without": len(plain), "step_without_mean_s": round(statistics.mean(plain), 4) if plain else None}
 
 
 def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[dict]:
@@ -115,6 +150,7 @@ def main() -> None:
     bb = sp.load_backbone(args.model, dtype=args.dtype)
     texts = review_prompts(bb, args.requests)
     spent, calls = timed_parts()
+    taken, steps = timed_requests()
     out: dict = {"engines": {}, "prefill_alone": []}
     with tempfile.TemporaryDirectory() as tmp:
         names = make_tasks(bb, Path(tmp), args.tasks)
@@ -124,6 +160,8 @@ def main() -> None:
         for mode in ("d_mixed_kv_reuse", "f_batch_to_end"):
             spent.clear()
             calls.clear()
+            taken.clear()
+            steps.clear()
             engine = Engine(bank, max_batch=32, **MODES[mode]).start()
             load = drive(engine, requests, args.concurrency, args.max_tokens)
             engine.stop()
@@ -131,7 +169,8 @@ def main() -> None:
                 spent["prefill"] -= spent["merge"]
             out["engines"][mode] = {**{k: round(v, 4) for k, v in load.items()},
                                     "parts_s": {k: round(spent[k], 3) for k in PARTS if k in spent},
-                                    "calls": {k: calls[k] for k in PARTS if k in calls}}
+                                    "calls": {k: calls[k] for k in PARTS if k in calls},
+                                    "first_token": first_token_parts(taken, steps)}
             print(mode, json.dumps(out["engines"][mode]), flush=True)
         ids = [bb.tokenizer(t)["input_ids"] for t in texts]
         prompts = [bank.get(names[i % len(names)]).prompt for i in range(len(ids))]
