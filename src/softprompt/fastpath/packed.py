@@ -10,8 +10,8 @@ path is taken only for models whose copies for every bucket fit `MAX_BYTES` toge
 to float32 rounding (the same sums in another order).
 
 A prefill (many tokens at once) takes another route: oneDNN, with the weights reordered once into its layout
-(`PackedWeights.dnnl`, the `dnnl_prefill` switch), faster than MKL's float32 GEMM at those shapes on the AMD EPYC
-measured (benchmarks/serving_profile.py).
+(`PackedWeights.dnnl`, the `dnnl_prefill` switch), faster than MKL's float32 GEMM at those shapes on an AMD EPYC
+with AVX-512 (1.10-1.18x), about even on one with AVX2 only (benchmarks/serving_profile.py).
 """
 
 from __future__ import annotations
