@@ -73,8 +73,9 @@ class PackedWeights:
 
     def dnnl(self, modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
         """x (N, in) float32, many rows (a prefill's tokens) -> the outputs of `modules` side by side, one oneDNN
-        product through their weights concatenated and reordered once. On an AMD EPYC MKL's float32 GEMM is the
-        slower of the two at these shapes: prefills 1.10-1.18x faster this way (benchmarks/serving_profile.py)."""
+        product through their weights concatenated and reordered once. On an AMD EPYC with AVX-512 MKL's float32 GEMM
+        is the slower of the two at these shapes (prefills 1.10-1.18x faster this way); with AVX2 only they are about
+        even (0.98-1.07x; benchmarks/serving_profile.py)."""
         stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
         got = self.store.get((modules, "dnnl"))
         if got is None or got[0] != stamp:
