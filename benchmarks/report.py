@@ -414,7 +414,7 @@ def serving_profile(res: dict) -> str:
 
 
 def dnnl_rows(res: dict) -> list[str]:
-    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, the default) against MKL, alternated in one "
+    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, off by default) against MKL, alternated in one "
              "process (medians of 4 rounds):", "",
              "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |", "|---|---|---|---|---|---|"]
     for r in res["dnnl_prefill"]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -94,7 +95,8 @@ def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[di
     """A prefill alone (4, 8 and 24 rows) and one beside a decode step of 28 rows, with the float32 prefill
     products through oneDNN (the `dnnl_prefill` switch) and through MKL, alternated in this process; medians."""
     rt = sp.runtime(bb)
-    on = rt.fastpath.config
+    before = rt.fastpath.config
+    on = dataclasses.replace(before, dnnl_prefill=True)
 
     def rows_of(n):
         return [generation.Row(generation.Sampling(max_new_tokens=256, ignore_eos=True)) for _ in range(n)]
@@ -127,7 +129,7 @@ def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[di
                         runs.append(time.perf_counter() - t)
                     times[(fresh, beside, label)].append(statistics.median(runs))
     finally:
-        rt.configure(on)
+        rt.configure(before)
     return [{"new_rows": fresh, "beside_a_step_of": 28 if beside else 0, "tokens": tokens,
              "dnnl_ms": round(1000 * statistics.median(times[(fresh, beside, "dnnl")]), 1),
              "mkl_ms": round(1000 * statistics.median(times[(fresh, beside, "mkl")]), 1),

@@ -411,9 +411,9 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
 
     bb = make_backbone("llama")
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
-    switched(bb, FastPathConfig().without("dnnl_prefill"))
-    plain = generate(bb, None, texts, max_new_tokens=6)
     switched(bb, FastPathConfig())
+    plain = generate(bb, None, texts, max_new_tokens=6)
+    switched(bb, FastPathConfig(dnnl_prefill=True))
     fp = sp.runtime(bb).fastpath
     fp.packed.clear()
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens

@@ -25,8 +25,10 @@ class FastPathConfig:
     # MKL's small-batch GEMM, rows padded to 8, 16 or 32 (fastpath/packed.py); a packed copy per bucket used
     packed_decode: bool = True
     # float32 inference on CPU: the lean forward's prefill products (a new batch's tokens, alone or beside a decode
-    # step) through oneDNN with the layer weights reordered once (fastpath/packed.py): one copy of them
-    dnnl_prefill: bool = True
+    # step) through oneDNN with the layer weights reordered once (fastpath/packed.py): one copy of them. Off by
+    # default: 1.10-1.18x faster prefills with AVX-512 but about even with AVX2 only, where a served process also
+    # grew 183 MB after warm-up with it (61 MB without) in benchmarks/loadtest.py
+    dnnl_prefill: bool = False
     # inference: decode steps of Llama-shaped models (Llama, SmolLM2, Mistral, Qwen2) through a few ops per layer
     # instead of the model's forward, q/k/v and gate/up in one product each (fastpath/decode.py); self-checked
     lean_decode: bool = True
