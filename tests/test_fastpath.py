@@ -15,6 +15,10 @@ from softprompt.tasks.encode import TaskEncoder, left_pad
 from softprompt.tasks.spec import TaskSpec
 from softprompt.train.loop import classification_loss, generation_loss
 
+# the lean forward in rows (its products as F.linear, or packed / oneDNN) rather than feature-major with
+# weight-first products, whichever this CPU's default is
+ROWS = FastPathConfig(transposed_products=False)
+
 TEXTS = ["the movie was great and fun", "bad", "this plot is not very good !"]
 
 
@@ -361,15 +365,16 @@ def test_prompt_cache_is_keyed_by_content_and_precision_and_bounded(llama):
                     reason="this torch has no MKL packed GEMM")
 def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(switched):
     """Float32 decode steps of 3-32 rows go through packed weights (padded to a bucket) and give the plain logits to
-    float32 rounding and the same greedy tokens; 1-2 rows, prefills, training and the switch off stay plain."""
+    float32 rounding and the same greedy tokens; 1-2 rows, prefills, training and the switch off stay plain. (With
+    transposed products off: where they are on, they take the lean forward's products before packed weights.)"""
     from softprompt.generation import generate
 
     bb = make_backbone("llama")
     fp = sp.runtime(bb).fastpath
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
-    switched(bb, FastPathConfig().without("packed_decode"))
+    switched(bb, ROWS.without("packed_decode"))
     plain = generate(bb, None, texts, max_new_tokens=6)
-    switched(bb, FastPathConfig())
+    switched(bb, ROWS)
     assert sp.runtime(bb).fastpath.installed
     fp = sp.runtime(bb).fastpath
     fp.packed.clear()
@@ -379,11 +384,11 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     assert set(buckets) == {8}  # 5 rows -> the 8-row bucket; the prefill (many positions per row) not in one
     # the lean decode step: q/k/v and gate/up packed side by side, o and down alone, and the LM head
     assert len(buckets) == 4 * bb.config.num_hidden_layers + 1
-    switched(bb, FastPathConfig().without("lean_decode"))
+    switched(bb, ROWS.without("lean_decode"))
     fp.packed.clear()
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
     assert len(fp.packed.store) == len(fp.linears)  # the model's forward: every Linear of the decoder, the LM head
-    switched(bb, FastPathConfig())
+    switched(bb, ROWS)
     fp.packed.clear()
     generate(bb, None, texts[:2], max_new_tokens=4)  # 2 rows: the plain GEMM
     assert not [b for (_, b) in fp.packed.store if b != "dnnl"]
@@ -413,7 +418,7 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
     switched(bb, FastPathConfig())
     plain = generate(bb, None, texts, max_new_tokens=6)
-    switched(bb, FastPathConfig(dnnl_prefill=True))
+    switched(bb, FastPathConfig(dnnl_prefill=True, transposed_products=False))
     fp = sp.runtime(bb).fastpath
     fp.packed.clear()
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
@@ -440,6 +445,74 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
     assert torch.is_grad_enabled() and fp._dnnl() is None
 
 
+def test_weight_first_products_equal_f_linear_at_every_token_count():
+    """`weight_first` (feature-major h (in, N) -> (out, N), zero columns padded to the counts MKL runs fastest at)
+    gives F.linear's outputs to float32 rounding: one module or several side by side, with and without biases,
+    columns of a row-major tensor or contiguous ones."""
+    from softprompt.fastpath.packed import padded, weight_first
+
+    torch.manual_seed(0)
+    mods = (torch.nn.Linear(24, 40, bias=False), torch.nn.Linear(24, 8), torch.nn.Linear(24, 16, bias=False))
+    for n in (1, 3, 8, 9, 16, 28, 33):
+        x = torch.randn(n, 24)
+        want = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in mods], dim=-1)
+        for h in (x.t(), x.t().contiguous()):
+            with torch.no_grad():
+                got = weight_first(mods, h)
+                one = weight_first(mods[1:2], h)
+            assert got.shape == (64, n) and one.shape == (8, n)
+            torch.testing.assert_close(got.t(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(one.t(), want[:, 40:48], atol=1e-5, rtol=1e-5)
+    assert [padded(n) for n in (1, 8, 9, 16, 17, 28, 159)] == [1, 8, 16, 16, 32, 32, 160]
+
+
+@pytest.mark.parametrize("config", [ROWS, FastPathConfig(transposed_products=True)], ids=["rows", "feature-major"])
+def test_lean_prefills_alone_and_beside_a_step_give_the_models_own_logits(config, switched):
+    """A new batch's prefill through the lean forward, alone and riding in a running batch's decode step, gives the
+    model's own last-position logits (float32 rounding), in rows and feature-major; greedy tokens as the plain path."""
+    from softprompt.fastpath.decode import Fresh
+    from softprompt.generation import Decoding, Row, Sampling, generate
+
+    bb = make_backbone("llama")
+    texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"] * 2
+    switched(bb, FastPathConfig(enabled=False))
+    plain = generate(bb, None, texts, max_new_tokens=6).tokens
+    switched(bb, config)
+    assert generate(bb, None, texts, max_new_tokens=6).tokens == plain
+    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
+    with torch.no_grad():
+        own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        dec = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts])
+        running = Decoding(bb, [None] * 3, ids[:3], mask[:3], [Row(Sampling(max_new_tokens=4)) for _ in range(3)])
+        running.pick()
+        joining = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts],
+                           prefill=False)
+        assert isinstance(joining._fresh, Fresh)
+        running.advance(joining=joining)
+    for got in (dec.prefill_logits, joining.prefill_logits):
+        torch.testing.assert_close(got, own[:, -1].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_transposed_products_are_taken_only_for_float32_inference_on_cpu(switched):
+    """The lean forward's feature-major layout (`transposed_products`) is chosen for float32 inference on a CPU
+    only: never with gradients on, under autocast, for bfloat16 weights, or with the switch off."""
+    bb = make_backbone("llama")
+    switched(bb, FastPathConfig(transposed_products=True))
+    fp = sp.runtime(bb).fastpath
+    with torch.no_grad():
+        assert fp._flipped()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not fp._flipped()
+    assert not fp._flipped()  # gradients on
+    switched(bb, ROWS)
+    with torch.no_grad():
+        assert not fp._flipped()
+    half = make_backbone("llama", dtype=torch.bfloat16)
+    switched(half, FastPathConfig(transposed_products=True))
+    with torch.no_grad():
+        assert not sp.runtime(half).fastpath._flipped()
+
+
 def _tiny_mistral(sliding_window=None):
     from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -454,9 +527,10 @@ def _tiny_mistral(sliding_window=None):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_lean_decode_steps_give_the_models_own_logits(arch, switched):
-    """The lean decode step (Llama, Qwen2 with its q/k/v biases, Mistral) gives each step the logits of the
-    model's forward, for rows of different lengths (left padding) with embedding and key/value prompts mixed, at
-    2 rows (plain products) and 5 rows (packed products); generation's tokens are the same."""
+    """The lean decode step (Llama, Qwen2 with its q/k/v biases, Mistral), in rows and feature-major (weight-first
+    products), gives each step the logits of the model's forward, for rows of different lengths (left padding) with
+    embedding and key/value prompts mixed, at 2 rows (plain products) and 5 rows (packed products in rows);
+    generation's tokens are the same."""
     from softprompt.generation import Decoding, Row, Sampling, encode, prompt_of
 
     bb = _tiny_mistral() if arch == "mistral" else make_backbone(arch)
@@ -468,21 +542,25 @@ def test_lean_decode_steps_give_the_models_own_logits(arch, switched):
         with torch.set_grad_enabled(grad):
             ids, mask = encode(bb, texts[:n])
             softs = [prompt_of(prompts[i % 3]) for i in range(n)]
+            configs = {"plain": FastPathConfig().without("lean_decode"), "rows": ROWS,
+                       "feature-major": FastPathConfig(transposed_products=True)}
             decodings = {}
-            for lean in (False, True):
-                switched(bb, FastPathConfig() if lean else FastPathConfig().without("lean_decode"))
+            for name, config in configs.items():
+                switched(bb, config)
                 dec = Decoding(bb, softs, ids, mask, [Row(Sampling(max_new_tokens=5, ignore_eos=True)) for _ in softs])
                 dec.pick()
-                decodings[lean] = dec
+                decodings[name] = dec
             for _ in range(4):
-                for lean, dec in decodings.items():
-                    switched(bb, FastPathConfig() if lean else FastPathConfig().without("lean_decode"))
+                for name, dec in decodings.items():
+                    switched(bb, configs[name])
                     dec.advance()
-                plain, lean = decodings[False].logits, decodings[True].logits
-                assert (plain - lean).abs().max() < 1e-4 * max(1.0, float(plain.abs().max()))
+                plain = decodings["plain"].logits
+                for name in ("rows", "feature-major"):
+                    assert (plain - decodings[name].logits).abs().max() < 1e-4 * max(1.0, float(plain.abs().max()))
                 for dec in decodings.values():
                     dec.pick()
-            assert [r.tokens for r in decodings[True].rows] == [r.tokens for r in decodings[False].rows]
+            for name in ("rows", "feature-major"):
+                assert [r.tokens for r in decodings[name].rows] == [r.tokens for r in decodings["plain"].rows]
     assert rt.fastpath.decode_step() is not None  # taken: the layout is known and passed its self-check
 
 
@@ -514,8 +592,8 @@ def test_the_lean_forward_is_not_taken_when_its_prefill_fails_the_self_check(bro
 
     real = decode.LeanDecode.run
 
-    def run(self, step, fresh, packed=None, dnnl=None):
-        logits, theirs = real(self, step, fresh, packed, dnnl)
+    def run(self, step, fresh, packed=None, dnnl=None, flipped=False):
+        logits, theirs = real(self, step, fresh, packed, dnnl, flipped)
         if fresh is not None and broken == "logits":
             theirs = theirs + 1
         if fresh is not None and broken == "keys":

@@ -272,21 +272,28 @@ class FastPath:
             own = prefilled()  # its cache stays as the prefill left it
             step = bb.model(input_ids=nxt, attention_mask=step_mask, position_ids=step_pos,
                             cache=prefilled().cache, use_cache=True).logits[:, -1].float()
-            # the lean step on the model's own prefill cache; then a prefill alone, and one beside a step
-            caches = [prefilled().cache for _ in range(2)]
-            fresh = [Fresh(ids, mask, positions, full, prefix()) for _ in range(2)]
-            with self.engaged():
-                lean_step = lean.step(nxt, step_mask, step_pos, caches[0], _ACTIVE.get().packed).float()
-            with self.engaged(mask):
-                alone = lean.run(None, fresh[0], None, self._dnnl())[1].float()
-                beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1], None, self._dnnl())
+            # the lean step on the model's own prefill cache; then a prefill alone, and one beside a step; in both
+            # layouts (rows, and feature-major with weight-first products: `transposed_products`)
+            got = []
+            for flipped in (False, True):
+                caches = [prefilled().cache for _ in range(2)]
+                fresh = [Fresh(ids, mask, positions, full, prefix()) for _ in range(2)]
+                with self.engaged():
+                    lean_step = lean.step(nxt, step_mask, step_pos, caches[0], _ACTIVE.get().packed, flipped)
+                with self.engaged(mask):
+                    alone = lean.run(None, fresh[0], None, self._dnnl(), flipped)[1]
+                    beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1], None,
+                                              self._dnnl(), flipped)
+                got.append((lean_step, beside, alone, joined, fresh))
         tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(step.abs().max()))
         prefill = own.logits[:, -1].float()
         real = full.bool()
-        keys = [(a.keys.float().transpose(1, 2)[real], b.keys.float().transpose(1, 2)[real])
-                for f in fresh for a, b in zip(f.cache.layers, own.cache.layers, strict=True)]
-        if max(float((a - b).abs().max()) for a, b in [(lean_step, step), (beside.float(), step), (alone, prefill),
-                                                        (joined.float(), prefill), *keys]) > tol:
+        pairs = []
+        for lean_step, beside, alone, joined, fresh in got:
+            pairs += [(lean_step, step), (beside, step), (alone, prefill), (joined, prefill)]
+            pairs += [(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real])
+                      for f in fresh for a, b in zip(f.cache.layers, own.cache.layers, strict=True)]
+        if max(float((a.float() - b.float()).abs().max()) for a, b in pairs) > tol:
             model_type = getattr(bb.model.config.get_text_config(), "model_type", "?")
             print(f"softprompt: model type {model_type!r}: the lean decode step differs from the model's own; "
                   "decoding through the model's forward", file=sys.stderr, flush=True)
@@ -304,7 +311,7 @@ class FastPath:
 
         def step(ids, mask, positions, cache):
             plan = _ACTIVE.get()
-            return lean.step(ids, mask, positions, cache, plan.packed if plan is not None else None)
+            return lean.step(ids, mask, positions, cache, plan.packed if plan is not None else None, self._flipped())
         return step
 
     def joint_forward(self):
@@ -316,7 +323,7 @@ class FastPath:
             return None
 
         def run(step, fresh):
-            return lean.run(step, fresh, None, self._dnnl())
+            return lean.run(step, fresh, None, self._dnnl(), self._flipped())
         return run
 
     def _lean_decode(self) -> LeanDecode | None:
@@ -407,6 +414,14 @@ class FastPath:
         if sum(m.weight.numel() for m in self.linears) * 4 > PACKING_MAX_BYTES:
             return None
         return self.packed
+
+    def _flipped(self) -> bool:
+        """Whether the lean forward's products run as weight @ x^T (`transposed_products`): float32 inference on
+        CPU."""
+        dev = self.backbone.device
+        return (self.config.transposed_products and dev.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled(dev.type)
+                and all(m.weight.dtype == torch.float32 and not m.weight.requires_grad for m in self.linears))
 
     def clear(self) -> None:
         """Drop the cached weight casts and packed weights (memory back; the next forward makes them again)."""

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .packed import PackedWeights, bucket
+from .packed import PackedWeights, bucket, padded, weight_first
 
 
 class Step(NamedTuple):
@@ -91,30 +91,41 @@ class LeanDecode:
         self.lm_head = backbone.model.get_output_embeddings()
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-             packed: PackedWeights | None = None) -> torch.Tensor:
-        return self.run(Step(ids, mask, positions, cache), None, packed)[0]
+             packed: PackedWeights | None = None, flipped: bool = False) -> torch.Tensor:
+        return self.run(Step(ids, mask, positions, cache), None, packed, flipped=flipped)[0]
 
     def run(self, step: Step | None, fresh: Fresh | None, packed: PackedWeights | None = None,
-            dnnl: PackedWeights | None = None):
+            dnnl: PackedWeights | None = None, flipped: bool = False):
         """One forward of a decode `step` (one new token per row of a running batch) and/or a `fresh` batch's
         prefill, their tokens side by side in every product (the fresh rows' real tokens only: no padding).
         Attention stays per batch: each step row on its cache, each fresh row on its own prefix and tokens. Both
         caches are updated. Returns (the step's next-token logits (B, V), the fresh rows' next-token logits
         (B', V)), None for a part not given. `packed`: a step's products through weights packed for its rows'
-        bucket; `dnnl`: a prefill's layer products through oneDNN (float32 on CPU, fastpath/packed.py)."""
+        bucket; `dnnl`: a prefill's layer products through oneDNN; `flipped`: every product as weight @ x^T (float32
+        on CPU, fastpath/packed.py; before the other two)."""
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         groups, half = nh // nkv, d // 2
         B = step.ids.shape[0] if step is not None else 0
         rows = B if packed is not None and fresh is None and bucket(B) is not None else None
         many = dnnl if fresh is not None else None
 
+        fm = flipped  # feature-major: hidden states (H, N), every product weight @ h, its output (out, N) as it is
+
         def product(modules, h, layer=True):
+            if fm:
+                return weight_first(modules, h)
             if rows is not None:
                 return packed.product(modules, h, rows)
             if many is not None and layer:
                 return many.dnnl(modules, h)
             out = [m(h) for m in modules]
             return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+        def tokens(h):  # (N, F): a view
+            return h.t() if fm else h
+
+        def rms(h, norm):
+            return _rms_columns(h, norm) if fm else _rms(h, norm)
 
         def rotary(like, positions):  # cos and sin over the heads (dim 1), rotate_half's sign folded into sin
             cos, sin = self.base.rotary_emb(like, positions)
@@ -145,9 +156,13 @@ class LeanDecode:
             f_bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed,
                                                                                              float("-inf"))
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        N = x.shape[0]
+        if fm:  # (H, N') with zero columns up to the count the products run fastest at
+            rows_first, x = x, x.new_zeros(x.shape[1], padded(N))
+            x[:, :N] = rows_first.t()
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            qkv = product(self.qkv[i], _rms(x, layer.input_layernorm))
+            qkv = tokens(product(self.qkv[i], rms(x, layer.input_layernorm)))
             outs = []
             if step is not None:
                 s = qkv[:B]
@@ -160,19 +175,26 @@ class LeanDecode:
                                                                attn_mask=bias, scale=attn.scaling)
                 outs.append(o.reshape(B, nh * d))
             if fresh is not None:
-                f = qkv.new_zeros(Bf * T, qkv.shape[1]).index_copy_(0, real, qkv[B:])
+                f = qkv.new_zeros(Bf * T, qkv.shape[1]).index_copy_(0, real, qkv[B:N])
                 f = f.view(Bf, T, nh + 2 * nkv, d).transpose(1, 2)  # (Bf, heads, T, d), padding zeros
                 qk = _rotate(f[:, :nh + nkv], f_cos, f_sin)
                 keys, values = fresh.cache.layers[i].update(qk[:, nh:], f[:, nh + nkv:])
                 o = nn.functional.scaled_dot_product_attention(qk[:, :nh], keys, values, attn_mask=f_bias,
                                                                scale=attn.scaling, enable_gqa=groups > 1)
                 outs.append(o.transpose(1, 2).reshape(Bf * T, nh * d).index_select(0, real))
-            x = x + product((attn.o_proj,), torch.cat(outs) if len(outs) > 1 else outs[0])
+            if fm:
+                o = x.new_zeros(x.shape[1], nh * d)  # (N', F): zero rows past the real ones
+                o[:N] = torch.cat(outs) if len(outs) > 1 else outs[0]
+                x = x + product((attn.o_proj,), o.t())
+            else:
+                x = x + product((attn.o_proj,), torch.cat(outs) if len(outs) > 1 else outs[0])
             if fresh is not None and i == len(self.layers) - 1:  # the last MLP on the positions with logits only
-                x = x.index_select(0, torch.cat([torch.arange(B, device=x.device), last]))
-            gate, up = product(self.gate_up[i], _rms(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
+                x = x.index_select(1 if fm else 0, torch.cat([torch.arange(B, device=x.device), last]))
+            gate, up = product(self.gate_up[i], rms(x, layer.post_attention_layernorm)).chunk(2, dim=0 if fm else -1)
             x = x + product((layer.mlp.down_proj,), nn.functional.silu(gate) * up)
-        logits = product((self.lm_head,), _rms(x, self.base.norm), layer=False)  # a few rows: MKL
+        logits = product((self.lm_head,), rms(x, self.base.norm), layer=False)  # a few rows: MKL
+        if fm:
+            logits = logits.t()[:B + (Bf if fresh is not None else 0)].contiguous()
         return (logits[:B] if step is not None else None), (logits[B:] if fresh is not None else None)
 
 
@@ -185,6 +207,13 @@ def _rms(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     x32 = x.float()
     scale = torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     return norm.weight * (x32 * scale).to(x.dtype)
+
+
+def _rms_columns(h: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """`_rms` on feature-major float32 hidden states (H, N): the norm of each column."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    scale = h.square().mean(0, keepdim=True).add_(eps).rsqrt_()
+    return h * scale * norm.weight[:, None]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
