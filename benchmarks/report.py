@@ -414,12 +414,18 @@ def serving_profile(res: dict) -> str:
 
 
 def dnnl_rows(res: dict) -> list[str]:
-    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, off by default) against MKL, alternated in one "
-             "process (medians of 4 rounds):", "",
-             "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |", "|---|---|---|---|---|---|"]
-    for r in res["dnnl_prefill"]:
+    rows = res["dnnl_prefill"]
+    flipped = all("transposed_ms" in r for r in rows)  # measured since the feature-major layout
+    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, off by default) against MKL" +
+             (" and MKL feature-major with the weight first (`transposed_products`)" if flipped else "") +
+             ", alternated in one process (medians of 4 rounds):", "",
+             "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |" +
+             (" weight first | MKL / weight first |" if flipped else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if flipped else "")]
+    for r in rows:
         lines.append(f"| {r['new_rows']} | {r['beside_a_step_of'] or '-'} | {r['tokens']} | {r['dnnl_ms']:.0f} ms | "
-                     f"{r['mkl_ms']:.0f} ms | {r['ratio']:.2f}x |")
+                     f"{r['mkl_ms']:.0f} ms | {r['ratio']:.2f}x |" +
+                     (f" {r['transposed_ms']:.0f} ms | {r['mkl_ms'] / r['transposed_ms']:.2f}x |" if flipped else ""))
     return lines
 
 
@@ -460,7 +466,7 @@ def decode_speed(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['engine']} | {r['step_ms']:.1f} ms | {r['new_tokens_per_s']:.1f} | "
                      f"{100 * r['floor_share']:.0f}% | {r['rows_equal_to_plain']} |")
-    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/decode_speed.json`."]
+    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/{res.get('_file', 'decode_speed.json')}`."]
     return "\n".join(lines)
 
 
@@ -605,6 +611,7 @@ RENDERERS = {
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),
+    "decode_speed_avx2": (decode_speed, "decode_speed_avx2.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
     "lm_head_products": (lm_head_products, "lm_head_products.json"),

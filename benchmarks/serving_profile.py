@@ -3,7 +3,8 @@ end) on the same closed-loop load, with the time spent in each part of the worke
 decode steps, picking tokens, merging new rows into the running cache, gathering the live rows when finished
 ones are dropped), a request's first token split into its wait in the queue and the step it was taken into, a
 prefill alone at 4 to 24 rows (the cost per request and per forward), and, in float32, a
-prefill alone and beside a decode step with its products through oneDNN against MKL (the `dnnl_prefill` switch).
+prefill alone and beside a decode step with its products through oneDNN, MKL, and MKL feature-major with the weight
+first (the `dnnl_prefill` and `transposed_products` switches).
 
     python benchmarks/serving_profile.py [--max-tokens 8] [--requests 128] [--concurrency 32] [--tasks 16]
         -> benchmarks/results/serving_profile.json
@@ -93,10 +94,13 @@ def first_token_parts(taken: list, steps: list) -> dict:
 
 def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[dict]:
     """A prefill alone (4, 8 and 24 rows) and one beside a decode step of 28 rows, with the float32 prefill
-    products through oneDNN (the `dnnl_prefill` switch) and through MKL, alternated in this process; medians."""
+    products through oneDNN (the `dnnl_prefill` switch), through MKL as F.linear, and feature-major through MKL with
+    the weight first (the `transposed_products` switch), alternated in this process; medians."""
     rt = sp.runtime(bb)
     before = rt.fastpath.config
-    on = dataclasses.replace(before, dnnl_prefill=True)
+    on = dataclasses.replace(before, dnnl_prefill=True, transposed_products=False)
+    arms = (("dnnl", on), ("mkl", on.without("dnnl_prefill")),
+            ("transposed", dataclasses.replace(on, dnnl_prefill=False, transposed_products=True)))
 
     def rows_of(n):
         return [generation.Row(generation.Sampling(max_new_tokens=256, ignore_eos=True)) for _ in range(n)]
@@ -118,7 +122,7 @@ def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[di
     times: dict = collections.defaultdict(list)
     try:
         for _ in range(rounds):
-            for label, config in (("dnnl", on), ("mkl", on.without("dnnl_prefill"))):
+            for label, config in arms:
                 rt.configure(config)
                 for fresh, beside, _, run in cases:
                     run()
@@ -133,6 +137,7 @@ def dnnl_ab(bb, ids: list[list[int]], prompts: list, rounds: int = 4) -> list[di
     return [{"new_rows": fresh, "beside_a_step_of": 28 if beside else 0, "tokens": tokens,
              "dnnl_ms": round(1000 * statistics.median(times[(fresh, beside, "dnnl")]), 1),
              "mkl_ms": round(1000 * statistics.median(times[(fresh, beside, "mkl")]), 1),
+             "transposed_ms": round(1000 * statistics.median(times[(fresh, beside, "transposed")]), 1),
              "ratio": round(statistics.median(times[(fresh, beside, "mkl")])
                             / statistics.median(times[(fresh, beside, "dnnl")]), 3)}
             for fresh, beside, tokens, _ in cases]
