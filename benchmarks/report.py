@@ -470,6 +470,19 @@ def decode_speed(res: dict) -> str:
     return "\n".join(lines)
 
 
+def decode_memory(res: dict) -> str:
+    """benchmarks/decode_memory.py: resident memory a float32 CPU decode adds, per product route, a process each."""
+    lines = [f"{res['model']} (float32), greedy generation at {', '.join(map(str, res['rows_decoded']))} rows, each "
+             "route in a fresh process; resident memory after loading the model and after the decoding." +
+             (f" CPU flags: {', '.join(res['cpu_flags'])}." if res.get("cpu_flags") else ""), "",
+             "| route | after loading | after decoding | added | packed weights made (per product and row bucket) |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['route']} | {r['rss_loaded_mb']:.0f} MB | {r['rss_after_decoding_mb']:.0f} MB | "
+                     f"{r['added_mb']:.0f} MB | {r['packed_copies']} |")
+    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/decode_memory.json`."]
+    return "\n".join(lines)
+
+
 def loadtest(res: dict) -> str:
     """benchmarks/loadtest.py: a softprompt serve subprocess under mixed load, every answer checked."""
     kinds = ", ".join(f"{v} {k}" for k, v in res["kinds"].items()) if isinstance(res.get("kinds"), dict) else ""
@@ -612,6 +625,7 @@ RENDERERS = {
     "loadtest": (loadtest, "loadtest.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),
     "decode_speed_avx2": (decode_speed, "decode_speed_avx2.json"),
+    "decode_memory": (decode_memory, "decode_memory.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
     "lm_head_products": (lm_head_products, "lm_head_products.json"),

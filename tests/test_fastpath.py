@@ -479,6 +479,8 @@ def test_lean_prefills_alone_and_beside_a_step_give_the_models_own_logits(config
     plain = generate(bb, None, texts, max_new_tokens=6).tokens
     switched(bb, config)
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain
+    # feature-major: no packed weights made (the self-check's, for the rows layout, are dropped after it)
+    assert bool(sp.runtime(bb).fastpath.packed.store) == (not config.transposed_products)
     ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
     with torch.no_grad():
         own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits

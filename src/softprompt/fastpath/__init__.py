@@ -285,6 +285,7 @@ class FastPath:
                     beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1], None,
                                               self._dnnl(), flipped)
                 got.append((lean_step, beside, alone, joined, fresh))
+            self.packed.clear()  # the probe's packed weights: made again on first use, if the rows layout runs
         tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(step.abs().max()))
         prefill = own.logits[:, -1].float()
         real = full.bool()
