@@ -9,7 +9,9 @@ the cache layer's own ``update``, attention of the one query per row on the key/
 (an additive mask), the output projection, an RMSNorm, one product for gate/up, SiLU, the down projection. With
 packed weights (float32 on CPU, fastpath/packed.py) q/k/v and gate/up are packed side by side. Measured: 66.6 ms
 against 74.7 for the model's forward with packed weights, at 52% of the weight-streaming floor
-(benchmarks/generation.py --decode).
+(benchmarks/generation.py --decode). On a CPU without AVX-512 the same steps run feature-major (``flipped``: hidden
+states (H, N), every product weight @ h, fastpath/packed.py `weight_first`): 75.4 ms against 92.5 with packed
+weights in rows there.
 
 ``LeanDecode.run`` also prefills a new batch (``Fresh``: left-padded rows after their prompts' cached prefixes), on
 its own or beside a running batch's decode step (``Step``): every product runs on the real tokens of both side by
@@ -101,18 +103,17 @@ class LeanDecode:
         Attention stays per batch: each step row on its cache, each fresh row on its own prefix and tokens. Both
         caches are updated. Returns (the step's next-token logits (B, V), the fresh rows' next-token logits
         (B', V)), None for a part not given. `packed`: a step's products through weights packed for its rows'
-        bucket; `dnnl`: a prefill's layer products through oneDNN; `flipped`: every product as weight @ x^T (float32
-        on CPU, fastpath/packed.py; before the other two)."""
+        bucket; `dnnl`: a prefill's layer products through oneDNN; `flipped`: feature-major, the hidden states (H, N)
+        and every product weight @ h, its output (out, N) as it is (float32 on CPU, fastpath/packed.py
+        `weight_first`; before the other two)."""
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         groups, half = nh // nkv, d // 2
         B = step.ids.shape[0] if step is not None else 0
         rows = B if packed is not None and fresh is None and bucket(B) is not None else None
         many = dnnl if fresh is not None else None
 
-        fm = flipped  # feature-major: hidden states (H, N), every product weight @ h, its output (out, N) as it is
-
         def product(modules, h, layer=True):
-            if fm:
+            if flipped:
                 return weight_first(modules, h)
             if rows is not None:
                 return packed.product(modules, h, rows)
@@ -122,10 +123,10 @@ class LeanDecode:
             return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
         def tokens(h):  # (N, F): a view
-            return h.t() if fm else h
+            return h.t() if flipped else h
 
         def rms(h, norm):
-            return _rms_columns(h, norm) if fm else _rms(h, norm)
+            return _rms_columns(h, norm) if flipped else _rms(h, norm)
 
         def rotary(like, positions):  # cos and sin over the heads (dim 1), rotate_half's sign folded into sin
             cos, sin = self.base.rotary_emb(like, positions)
@@ -157,7 +158,7 @@ class LeanDecode:
                                                                                              float("-inf"))
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
         N = x.shape[0]
-        if fm:  # (H, N') with zero columns up to the count the products run fastest at
+        if flipped:  # (H, N') with zero columns up to the count the products run fastest at
             rows_first, x = x, x.new_zeros(x.shape[1], padded(N))
             x[:, :N] = rows_first.t()
         for i, layer in enumerate(self.layers):
@@ -182,18 +183,18 @@ class LeanDecode:
                 o = nn.functional.scaled_dot_product_attention(qk[:, :nh], keys, values, attn_mask=f_bias,
                                                                scale=attn.scaling, enable_gqa=groups > 1)
                 outs.append(o.transpose(1, 2).reshape(Bf * T, nh * d).index_select(0, real))
-            if fm:
+            if flipped:
                 o = x.new_zeros(x.shape[1], nh * d)  # (N', F): zero rows past the real ones
                 o[:N] = torch.cat(outs) if len(outs) > 1 else outs[0]
                 x = x + product((attn.o_proj,), o.t())
             else:
                 x = x + product((attn.o_proj,), torch.cat(outs) if len(outs) > 1 else outs[0])
             if fresh is not None and i == len(self.layers) - 1:  # the last MLP on the positions with logits only
-                x = x.index_select(1 if fm else 0, torch.cat([torch.arange(B, device=x.device), last]))
-            gate, up = product(self.gate_up[i], rms(x, layer.post_attention_layernorm)).chunk(2, dim=0 if fm else -1)
+                x = x.index_select(1 if flipped else 0, torch.cat([torch.arange(B, device=x.device), last]))
+            gate, up = product(self.gate_up[i], rms(x, layer.post_attention_layernorm)).chunk(2, dim=0 if flipped else -1)
             x = x + product((layer.mlp.down_proj,), nn.functional.silu(gate) * up)
-        logits = product((self.lm_head,), rms(x, self.base.norm), layer=False)  # a few rows: MKL
-        if fm:
+        logits = product((self.lm_head,), rms(x, self.base.norm), layer=False)  # a few rows: never oneDNN
+        if flipped:
             logits = logits.t()[:B + (Bf if fresh is not None else 0)].contiguous()
         return (logits[:B] if step is not None else None), (logits[B:] if fresh is not None else None)
 
