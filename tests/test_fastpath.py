@@ -405,14 +405,35 @@ def test_packed_decode_steps_equal_the_plain_ones_and_are_taken_only_for_decode(
     assert not fp.packed.store
 
 
+def _prefills_give_the_models_own_logits(bb, texts: list[str], running_rows: int) -> None:
+    """A prefill of `texts` alone and one riding in the decode step of a running batch (its first `running_rows`
+    texts) give the model's own last-position logits, to float32 rounding."""
+    from softprompt.fastpath.decode import Fresh
+    from softprompt.generation import Decoding, Row, Sampling
+
+    def rows(n):
+        return [Row(Sampling(max_new_tokens=4)) for _ in range(n)]
+    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
+    n = len(texts)
+    with torch.no_grad():
+        own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        dec = Decoding(bb, [None] * n, ids, mask, rows(n))
+        running = Decoding(bb, [None] * running_rows, ids[:running_rows], mask[:running_rows], rows(running_rows))
+        running.pick()
+        joining = Decoding(bb, [None] * n, ids, mask, rows(n), prefill=False)
+        assert isinstance(joining._fresh, Fresh)
+        running.advance(joining=joining)
+    for got in (dec.prefill_logits, joining.prefill_logits):
+        torch.testing.assert_close(got, own[:, -1].float(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.skipif(not __import__("softprompt.fastpath.packed", fromlist=["DNNL_AVAILABLE"]).DNNL_AVAILABLE,
                     reason="this torch has no oneDNN")
 def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float32_inference(switched):
     """The lean forward's prefill products (alone and beside a decode step) through oneDNN give the model's own
     prefill logits to float32 rounding and the same greedy tokens as the switch off; one reordered weight per
     layer product (q/k/v, o, gate/up, down), none for the LM head; training and bfloat16 never take it."""
-    from softprompt.fastpath.decode import Fresh
-    from softprompt.generation import Decoding, Row, Sampling, generate
+    from softprompt.generation import generate
 
     bb = make_backbone("llama")
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
@@ -424,20 +445,7 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
     dnnl = [m for (m, b) in fp.packed.store if b == "dnnl"]
     assert len(dnnl) == 4 * bb.config.num_hidden_layers and bb.model.get_output_embeddings() not in sum(dnnl, ())
-    # a prefill alone and one beside a running batch's step: the model's own logits
-    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
-    rows = [Row(Sampling(max_new_tokens=4)) for _ in texts]
-    with torch.no_grad():
-        own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-        dec = Decoding(bb, [None] * len(texts), ids, mask, rows)
-        running = Decoding(bb, [None] * 2, ids[:2], mask[:2], [Row(Sampling(max_new_tokens=4)) for _ in range(2)])
-        running.pick()
-        joining = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts],
-                           prefill=False)
-        assert isinstance(joining._fresh, Fresh)
-        running.advance(joining=joining)
-    for got in (dec.prefill_logits, joining.prefill_logits):
-        torch.testing.assert_close(got, own[:, -1].float(), atol=1e-4, rtol=1e-4)
+    _prefills_give_the_models_own_logits(bb, texts, running_rows=2)  # alone, and beside a running batch's step
     # training and bfloat16 weights: the modules' own products
     half = make_backbone("llama", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -470,8 +478,7 @@ def test_weight_first_products_equal_f_linear_at_every_token_count():
 def test_lean_prefills_alone_and_beside_a_step_give_the_models_own_logits(config, switched):
     """A new batch's prefill through the lean forward, alone and riding in a running batch's decode step, gives the
     model's own last-position logits (float32 rounding), in rows and feature-major; greedy tokens as the plain path."""
-    from softprompt.fastpath.decode import Fresh
-    from softprompt.generation import Decoding, Row, Sampling, generate
+    from softprompt.generation import generate
 
     bb = make_backbone("llama")
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"] * 2
@@ -481,18 +488,7 @@ def test_lean_prefills_alone_and_beside_a_step_give_the_models_own_logits(config
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain
     # feature-major: no packed weights made (the self-check's, for the rows layout, are dropped after it)
     assert bool(sp.runtime(bb).fastpath.packed.store) == (not config.transposed_products)
-    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
-    with torch.no_grad():
-        own = bb.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-        dec = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts])
-        running = Decoding(bb, [None] * 3, ids[:3], mask[:3], [Row(Sampling(max_new_tokens=4)) for _ in range(3)])
-        running.pick()
-        joining = Decoding(bb, [None] * len(texts), ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in texts],
-                           prefill=False)
-        assert isinstance(joining._fresh, Fresh)
-        running.advance(joining=joining)
-    for got in (dec.prefill_logits, joining.prefill_logits):
-        torch.testing.assert_close(got, own[:, -1].float(), atol=1e-4, rtol=1e-4)
+    _prefills_give_the_models_own_logits(bb, texts, running_rows=3)
 
 
 def test_transposed_products_are_taken_only_for_float32_inference_on_cpu(switched):
