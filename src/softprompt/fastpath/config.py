@@ -6,6 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 
+def _without_avx512() -> bool:
+    from ..precision import cpu_flags
+
+    return "avx512f" not in cpu_flags()
+
+
 @dataclass(frozen=True)
 class FastPathConfig:
     """Speed-ups for a frozen backbone; each keeps every real position's values and the prompt's gradient."""
@@ -29,11 +35,12 @@ class FastPathConfig:
     # default: 1.10-1.18x faster prefills with AVX-512 but about even with AVX2 only, where a served process also
     # grew 183 MB after warm-up with it (61 MB without) in benchmarks/loadtest.py
     dnnl_prefill: bool = False
-    # float32 inference on CPU: the lean forward's products (decode steps and prefills) as weight @ x^T, so that MKL
-    # packs the few token rows rather than the whole weight at every call (fastpath/packed.py `transposed`): no copy
-    # of any weight; taken before packed_decode and dnnl_prefill. On by default where the CPU has no AVX-512, where
-    # it was measured faster than both (benchmarks/generation.py --decode); with AVX-512 those two were measured
-    transposed_products: bool = field(default_factory=lambda: _without_avx512())
+    # float32 inference on CPU: the lean forward feature-major, its products (decode steps and prefills) weight @ h,
+    # so that MKL packs the few token columns rather than the whole weight at every call (fastpath/packed.py
+    # `weight_first`): no copy of any weight; taken before packed_decode and dnnl_prefill. On by default where the
+    # CPU has no AVX-512, where it was measured faster than both (benchmarks/generation.py --decode); with AVX-512
+    # those two were measured and this was not
+    transposed_products: bool = field(default_factory=_without_avx512)
     # inference: decode steps of Llama-shaped models (Llama, SmolLM2, Mistral, Qwen2) through a few ops per layer
     # instead of the model's forward, q/k/v and gate/up in one product each (fastpath/decode.py); self-checked
     lean_decode: bool = True
@@ -47,12 +54,6 @@ class FastPathConfig:
         from dataclasses import replace
 
         return replace(self, **dict.fromkeys(names, False))
-
-
-def _without_avx512() -> bool:
-    from ..precision import cpu_flags
-
-    return "avx512f" not in cpu_flags()
 
 
 SWITCHES = tuple(f.name for f in fields(FastPathConfig) if f.name != "enabled")
