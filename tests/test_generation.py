@@ -147,3 +147,46 @@ def test_prompt_kv_cache_is_keyed_by_autocast_state(llama):
         auto = join.prefix(rt, prompt)
     k_auto, k_plain = auto.layers[0][0], plain.layers[0][0]
     assert auto is not plain and not torch.equal(k_auto.float(), k_plain)  # bf16-rounded, kept apart
+
+
+def test_long_mixed_generation_grows_its_store_in_place_and_equals_each_row_alone(llama):
+    """Past the room the key/value store was made with (the prompt and inputs plus 64 positions) it grows: every
+    layer still a view of one buffer, and each row's tokens those it gets alone."""
+    from softprompt.generation import Decoding, Row, Sampling, _store
+    from softprompt.tasks.encode import left_pad
+
+    prompts = [sp.PromptTuning.create(llama, num_virtual_tokens=3, seed=1)(), None,
+               sp.PrefixTuning.create(llama, num_virtual_tokens=5, seed=2)()]
+    rows = [Row(Sampling(max_new_tokens=90, ignore_eos=True)) for _ in TEXTS]
+    ids, mask = left_pad([llama.tokenizer(t)["input_ids"] for t in TEXTS], llama.pad_token_id, llama.device)
+    buffers = set()
+    with torch.no_grad():
+        dec = Decoding(llama, prompts, ids, mask, rows)
+        for _ in dec:
+            store = _store(dec.cache)
+            assert store is not None
+            buffers.add(store.buf.data_ptr())
+    assert len(buffers) >= 2  # it grew
+    hf = llama.model.generate(ids[1:2, mask[1].argmax():], max_new_tokens=90, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)  # the row without a prompt: transformers' own loop and cache
+    assert rows[1].tokens == hf[0, ids.shape[1] - int(mask[1].argmax()):].tolist()
+    for i in (0, 2):  # the prompted rows: each alone
+        alone = Row(Sampling(max_new_tokens=90, ignore_eos=True))
+        with torch.no_grad():
+            for _ in Decoding(llama, [prompts[i]], ids[i:i + 1, mask[i].argmax():], mask[i:i + 1, mask[i].argmax():],
+                              [alone]):
+                pass
+        assert rows[i].tokens == alone.tokens
+
+
+def test_a_prefix_joined_keeps_its_values_and_its_layers_become_views(llama):
+    from softprompt.joins.causal import Prefix
+
+    layers = [(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)) for _ in range(3)]
+    prefix = Prefix([(k.clone(), v.clone()) for k, v in layers], None)
+    joined = prefix.joined()
+    assert joined.shape == (6, 2, 4, 8) and prefix.joined() is joined
+    for i, (k, v) in enumerate(layers):
+        torch.testing.assert_close(prefix.layers[i][0], k, rtol=0, atol=0)
+        torch.testing.assert_close(prefix.layers[i][1], v, rtol=0, atol=0)
+        assert prefix.layers[i][1].data_ptr() == joined[2 * i + 1].data_ptr()

@@ -17,7 +17,7 @@ from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 import softprompt as sp
 from softprompt.errors import SoftPromptError
 from softprompt.fastpath import FastPathConfig
-from softprompt.generation import Decoding, GrowingLayer, Row, Sampling
+from softprompt.generation import Decoding, KVStore, Row, Sampling, _store
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
 from softprompt.tasks.encode import left_pad
@@ -125,12 +125,19 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         return Decoding(bb, [prompts[i] for i in idx], ids, mask, [rows[i] for i in idx], capacity=4)
 
     def buffer(dec):
-        return dec.cache.layers[0]._buffer[0]
+        return dec.cache.layers[0].store.buf
+
+    def one_store(dec):  # every layer's keys and values are views of the batch's one buffer, at their places
+        buf = buffer(dec)
+        assert _store(dec.cache) is not None
+        for i, layer in enumerate(dec.cache.layers):
+            for j, x in enumerate((layer.keys, layer.values)):
+                assert x.data_ptr() == buf[2 * i + j].data_ptr() and x.shape[-2] == dec.width
 
     with torch.no_grad():
         failing = batch([0, 1])
         with monkeypatch.context() as m:  # a merge that fails (out of memory) leaves the batch as it was
-            m.setattr(GrowingLayer, "holding", classmethod(lambda *a, **k: (_ for _ in ()).throw(MemoryError)))
+            m.setattr(KVStore, "holding", classmethod(lambda *a, **k: (_ for _ in ()).throw(MemoryError)))
             with pytest.raises(MemoryError):
                 failing.merge(batch([5]))
         assert len(failing.rows) == 2 and failing.slots == [0, 1] and failing.mask.shape[0] == 2
@@ -143,6 +150,7 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         held = buffer(first)
         first.merge(batch([2, 3]))  # one into the free slot, one into a new slot within the room of 4 rows
         assert buffer(first) is held and first.slots == [0, 2, 3]
+        one_store(first)
         first.pick()
         first.advance()
         first.merge(batch([4]))  # a fourth slot, still in place
@@ -151,11 +159,13 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         first.advance()
         first.merge(batch([5]))  # wider than the batch: the buffers are rebuilt with the live rows only
         assert buffer(first) is not held and None not in first.slots
+        one_store(first)
         while first.running:
             first.pick()
             assert 2 * len(first.running) >= len(first.slots) or not first.running  # mostly-free batches gathered
             if first.running:
                 first.advance()
+                one_store(first)
     for i in range(6):
         want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
         assert rows[i].tokens[:len(want)] == want, i

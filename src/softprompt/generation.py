@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
 from .fastpath.decode import Fresh, Step
-from .joins import check_mask, input_positions
+from .joins import check_mask, input_positions, stack_prefixes
 from .model import MixedPromptedModel
 from .prompts import Prompt, as_prompt, content_hash
 from .runtime import runtime
@@ -185,10 +185,12 @@ class Decoding:
         self.backbone, self.rows = backbone, rows
         self.eos = set(backbone.eos_token_ids or [])
         self.rt = runtime(backbone)
-        prefix = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefix()
-        P = prefix.length
-        full_mask = torch.cat([prefix.mask(B, mask), mask], dim=1)
-        positions = input_positions(mask, prefix.offsets(B))
+        prefixes = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefixes()
+        lengths = torch.tensor([p.length for p in prefixes], device=mask.device)
+        P = int(lengths.max())
+        full_mask = torch.cat([(torch.arange(P, device=mask.device) >= P - lengths[:, None]).to(mask.dtype), mask],
+                              dim=1)
+        positions = input_positions(mask, lengths[:, None])
         self.capacity = max(B, capacity)
         self.mask = full_mask
         self.position = positions[:, -1:]  # (B, 1); a free slot's stays 0 (never past the model's positions)
@@ -198,7 +200,7 @@ class Decoding:
         self._feed: list[int] = []  # the tokens pick() chose, one per slot, for advance()
         # the prefill to run: now, or (prefill=False) in another batch's next step (`advance(joining=self)`)
         self._fresh: Fresh | None = Fresh(input_ids, mask, positions, full_mask,
-                                          backbone.new_cache(prefix.batch(B) if P else None))
+                                          _new_cache(backbone, prefixes, P, input_ids.shape[1], self._room(B)))
         if prefill:
             self._prefill()
 
@@ -219,7 +221,7 @@ class Decoding:
         self._prefilled(cache, logits)
 
     def _prefilled(self, cache, logits: torch.Tensor) -> None:
-        self.cache = _growing(cache, self._room(len(self.slots)))
+        self.cache = cache
         self.logits = logits.float()  # (B, V): the next token's logits of each slot
         self.prefill_logits = self.logits
         self._fresh = None
@@ -333,16 +335,16 @@ class Decoding:
         picked = bool(self._feed)
         if picked != bool(other._feed):
             raise SoftPromptError("merge batches at the same point of a step: both before pick() or both after it")
-        for layer in self.cache.layers:
-            if getattr(layer, "is_sliding", False):
-                raise SoftPromptError("continuous batching does not merge sliding-window caches")
+        if _store(self.cache) is None or _store(other.cache) is None:
+            raise SoftPromptError("continuous batching merges only caches of full-attention layers (not "
+                                  "sliding-window ones)")
         offset = len(self.rows)
         theirs = [b for b, i in enumerate(other.slots) if i is not None]
         new = [offset + other.slots[b] for b in theirs]
         free = [b for b, i in enumerate(self.slots) if i is None][:len(theirs)]
         slots = free + list(range(len(self.slots), len(self.slots) + len(theirs) - len(free)))
         L = self.mask.shape[1]
-        if other.mask.shape[1] <= L and all(_room_for(layer, slots[-1] + 1) for layer in self.cache.layers):
+        if other.mask.shape[1] <= L and _store(self.cache).buf.shape[1] >= slots[-1] + 1:
             self._write(other, theirs, slots, L)
             feed = self._feed + [0] * (slots[-1] + 1 - len(self._feed)) if picked else []
             for b, i, src in zip(slots, new, theirs, strict=True):
@@ -358,14 +360,14 @@ class Decoding:
             L = max(L, other.mask.shape[1])
             self.capacity = max(self.capacity, len(mine) + len(theirs))
             room = self._room(len(mine) + len(theirs))
-            layers = [GrowingLayer.holding([(a.keys, a.values, mine), (b.keys, b.values, theirs)], L, room)
-                      for a, b in zip(self.cache.layers, other.cache.layers, strict=True)]
+            store = KVStore.holding([(_store(self.cache), mine), (_store(other.cache), theirs)], L, room)
             mask = torch.cat([_pad_left(self.mask[mine], L, dim=1), _pad_left(other.mask[theirs], L, dim=1)])
             position = torch.cat([self.position[mine], other.position[theirs]])
             alive = torch.cat([self.alive[mine], other.alive[theirs]])
             logits = torch.cat([self.logits[mine], other.logits[theirs]])
             cache = self.backbone.new_cache()
-            cache.layers = layers  # nothing of this batch changed before this point (a failed merge leaves it whole)
+            # nothing of this batch changed before this point (a failed merge leaves it whole)
+            cache.layers = store.layers
             self.cache, self.mask, self.position, self.alive, self.logits = cache, mask, position, alive, logits
             self.slots = [self.slots[b] for b in mine] + new
             if picked:
@@ -391,20 +393,18 @@ class Decoding:
             position = torch.cat([position, position.new_zeros(grow, 1)])
             alive = torch.cat([alive, alive.new_zeros(grow, 1)])
             logits = torch.cat([logits, logits.new_zeros(grow, logits.shape[1])])
-        parts = [x if len(theirs) == x.shape[0] else x.index_select(0, src)
-                 for new in other.cache.layers for x in (new.keys, new.values)]
         mask[dst] = _pad_left(other.mask[src], L, dim=1)
         position[dst] = other.position[src]
         alive[dst] = 1
         logits[dst] = other.logits[src]
-        for n, layer in enumerate(self.cache.layers):
-            k_buf, v_buf = layer._buffer[0], layer._buffer[1]
-            for buf, x in ((k_buf, parts[2 * n]), (v_buf, parts[2 * n + 1])):
-                if pad:
-                    buf[:, :, :pad].index_fill_(0, dst, 0)
-                buf[:, :, pad:L].index_copy_(0, dst, x)
-            layer.keys, layer.values = k_buf[:B, :, :L], v_buf[:B, :, :L]
-            layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
+        store, theirs_store = _store(self.cache), _store(other.cache)
+        part = theirs_store.buf[:, :, :, :other.mask.shape[1]]
+        part = part[:, :len(theirs)] if theirs == list(range(len(theirs))) else part.index_select(1, src)
+        view = store.buf[:, :, :, :L]
+        if pad:
+            view[:, :, :, :pad].index_fill_(1, dst, 0)
+        view[:, :, :, pad:].index_copy_(1, dst, part)
+        store.view(B, L)
         self.mask, self.position, self.alive, self.logits = mask, position, alive, logits
 
     @property
@@ -431,11 +431,11 @@ class Decoding:
         self.mask, self.position, self.logits = self.mask[idx], self.position[idx], self.logits[idx]
         self.alive = self.alive[idx]
         self.mask = self.mask[:, lead:]
-        if all(type(layer) is GrowingLayer for layer in self.cache.layers):
-            # the kept rows, from the first column any of them attends to, gathered once into buffers with room
-            # with room for as many rows as the batch had (a batch under steady load fills them again: no rebuild)
-            self.cache.layers = [GrowingLayer.selected(layer, idx, lead, self._room(len(self.slots)))
-                                 for layer in self.cache.layers]
+        store = _store(self.cache)
+        if store is not None:
+            # the kept rows, from the first column any of them attends to, gathered once into a store with room for
+            # as many rows as the batch had (a batch under steady load fills them again: no rebuild)
+            self.cache.layers = store.selected(idx, lead, self._room(len(self.slots))).layers
             return
         self.cache.batch_select_indices(idx)
         if lead:
@@ -443,95 +443,153 @@ class Decoding:
                 layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
 
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer whose keys and values live in a buffer with room to grow, in positions and in rows: a decode
-    step writes its token into the buffer instead of copying the whole cache (``torch.cat`` at every step and
-    layer), and rows merged into the batch are written into it. ``keys``/``values`` are views of the filled part
-    (the first rows and positions); code that replaces them (row selection, trimming) makes the next update start
-    a new buffer from them. ``rows`` is the number of rows a buffer is made for. Inference only (decoding)."""
+class KVStore:
+    """Every layer's keys and values of a decoding batch in one tensor, (2 * layers, rows, kv_heads, positions, d)
+    (layer i's keys at 2i, its values at 2i + 1), with room for more rows and positions. Its cache layers
+    (`GrowingLayer`) are views of it: a decode step writes each layer's new token into it instead of copying the
+    layer (``torch.cat`` at every step and layer), and a batch's prefixes, a merge of new rows, a gather of the live
+    rows and a growth are each one operation for all layers (per layer, two each: under a server's load, a merge's
+    many small operations cost more than their copies)."""
 
-    rows = 0
+    def __init__(self, buf: torch.Tensor | None, n_layers: int, rows: int = 0):
+        self.buf = buf  # None until the first update when nothing was written before it (no prefix)
+        self.rows = rows  # rows a buffer made at the first update has room for
+        self.layers = [GrowingLayer(self, i) for i in range(n_layers)]
 
     @classmethod
-    def holding(cls, parts: list[tuple[torch.Tensor, torch.Tensor, list[int]]], length: int,
-                rows: int = 0) -> GrowingLayer:
-        """A layer holding the rows (the given batch indices) of each part's (keys, values) stacked over the batch,
-        each left-padded with zeros to `length` positions, in a buffer with room to grow."""
+    def make(cls, like: torch.Tensor, n_layers: int, rows: int, length: int, room: int = 0,
+             reserve: int = 0) -> KVStore:
+        """A store shaped like `like` (.., kv_heads, .., d) whose layers hold `rows` rows and `length` positions (to
+        be filled), with room for `room` rows and for `reserve` positions and the steps after them."""
+        buf = like.new_empty(2 * n_layers, max(rows, room), like.shape[-3], _room(max(length, reserve)),
+                             like.shape[-1])
+        store = cls(buf, n_layers)
+        store.view(rows, length)
+        return store
+
+    def view(self, rows: int, length: int) -> None:
+        """Every layer: the first `rows` rows and `length` positions."""
+        for layer in self.layers:
+            layer.point(rows, length)
+
+    def grow(self, like: torch.Tensor, rows: int, length: int) -> None:
+        """Room for `rows` rows and `length` positions: a new buffer holding what every layer holds."""
+        old = self.buf
+        if old is None:
+            self.buf = like.new_empty(2 * len(self.layers), max(rows, self.rows), like.shape[1], _room(length),
+                                      like.shape[-1])
+            return
+        held = [layer.keys.shape for layer in self.layers]
+        top, upto = max(h[0] for h in held), max(h[-2] for h in held)
+        self.buf = old.new_empty(old.shape[0], max(rows, old.shape[1]), old.shape[2],
+                                 max(_room(length), old.shape[-2]), old.shape[-1])
+        self.buf[:, :top, :, :upto] = old[:, :top, :, :upto]
+        for layer, h in zip(self.layers, held, strict=True):
+            layer.point(h[0], h[-2])
+
+    @classmethod
+    def holding(cls, parts: list[tuple[KVStore, list[int]]], length: int, room: int = 0) -> KVStore:
+        """A store holding the given rows of each store, stacked, each left-padded with zeros to `length`
+        positions, with room to grow."""
         first = parts[0][0]
-        n_rows = sum(len(idx) for _, _, idx in parts)
-        layer, k_buf, v_buf = cls._with_room(first, n_rows, length, rows)
+        n_rows = sum(len(idx) for _, idx in parts)
+        buf = first.buf
+        out = cls.make(buf[0, :1], len(first.layers), n_rows, length, room)
         at = 0
-        for keys, values, idx in parts:
-            n, pad = len(idx), length - keys.shape[-2]
-            pick = None if n == keys.shape[0] else torch.tensor(idx, device=keys.device)
-            for buf, x in ((k_buf, keys), (v_buf, values)):
-                buf[at:at + n, :, :pad].zero_()
-                buf[at:at + n, :, pad:length].copy_(x if pick is None else x.index_select(0, pick))
+        for store, idx in parts:
+            n, L = len(idx), store.layers[0].keys.shape[-2]
+            src = store.buf[:, :, :, :L]
+            src = src[:, :n] if idx == list(range(n)) else src.index_select(1, torch.tensor(idx, device=buf.device))
+            out.buf[:, at:at + n, :, :length - L].zero_()
+            out.buf[:, at:at + n, :, length - L:length] = src
             at += n
-        return layer
-
-    @classmethod
-    def selected(cls, layer: DynamicLayer, rows: torch.Tensor, lead: int, room: int = 0) -> GrowingLayer:
-        """A layer holding `rows` of `layer` from position `lead` on, gathered straight into a buffer with room."""
-        keys, values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
-        out, _, _ = cls._with_room(keys, len(rows), keys.shape[-2], room)
-        torch.index_select(keys, 0, rows, out=out.keys)
-        torch.index_select(values, 0, rows, out=out.values)
         return out
 
-    @classmethod
-    def _with_room(cls, like: torch.Tensor, rows: int, length: int, room: int = 0):
-        """A layer whose keys/values are the first `rows` rows and `length` positions (to be filled) of new buffers
-        with room for `room` rows and the steps to come."""
-        k_buf = like.new_empty(max(rows, room), like.shape[1], _room(length), like.shape[-1])
-        v_buf = torch.empty_like(k_buf)
-        layer = cls()
-        layer.device, layer.is_initialized, layer.rows = like.device, True, max(rows, room)
-        layer.keys, layer.values = k_buf[:rows, :, :length], v_buf[:rows, :, :length]
-        layer._buffer = (k_buf, v_buf, layer.keys, layer.values)
-        return layer, k_buf, v_buf
+    def selected(self, rows: torch.Tensor, lead: int, room: int = 0) -> KVStore:
+        """A store holding `rows` from position `lead` on, gathered straight into a buffer with room."""
+        n = self.layers[0].keys.shape[-2]
+        out = KVStore.make(self.buf[0, :1], len(self.layers), len(rows), n - lead, room)
+        torch.index_select(self.buf[:, :, :, lead:n], 1, rows, out=out.buf[:, :len(rows), :, :n - lead])
+        return out
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of its batch's `KVStore` (inference only: decoding). Code that
+    replaces them (transformers' row selection, trimming) makes the layer a plain dynamic one from then on."""
+
+    def __init__(self, store: KVStore, index: int):
+        super().__init__()
+        self.store, self.index = store, index
+        self._views: tuple | None = None  # the views it set (others: replaced from outside)
+
+    def point(self, rows: int, length: int) -> None:
+        buf = self.store.buf
+        self.keys, self.values = buf[2 * self.index, :rows, :, :length], buf[2 * self.index + 1, :rows, :, :length]
+        self.device, self.is_initialized = buf.device, True
+        self._views = (self.keys, self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        B, n, add = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
-        buf = getattr(self, "_buffer", None)
-        if buf is None or buf[2] is not self.keys or buf[3] is not self.values or buf[0].shape[-2] < n + add \
-                or buf[0].shape[0] < key_states.shape[0] or buf[0].shape[1] != key_states.shape[1]:
-            cap = _room(n + add)
-            k = self.keys.new_empty(max(B, self.rows), *self.keys.shape[1:-2], cap, self.keys.shape[-1])
-            v = torch.empty_like(k)
-            k[:B, ..., :n, :] = self.keys
-            v[:B, ..., :n, :] = self.values
-            buf = (k, v)
-        k, v = buf[0], buf[1]
-        k[:B, ..., n:n + add, :] = key_states
-        v[:B, ..., n:n + add, :] = value_states
-        self.keys, self.values = k[:B, ..., :n + add, :], v[:B, ..., :n + add, :]
-        self._buffer = (k, v, self.keys, self.values)
+        if self._views is None and self.store.buf is None:  # the first write (no prefix): the store's buffer now
+            self.store.grow(key_states, key_states.shape[0], key_states.shape[-2])
+            self.store.view(key_states.shape[0], 0)
+        if self._views is None or self._views[0] is not self.keys or self._views[1] is not self.values:
+            return super().update(key_states, value_states, *args, **kwargs)  # replaced from outside: plain
+        B, n, add = key_states.shape[0], self.keys.shape[-2], key_states.shape[-2]
+        buf = self.store.buf
+        if n + add > buf.shape[-2] or B > buf.shape[1]:
+            self.store.grow(key_states, B, n + add)
+            buf = self.store.buf
+        buf[2 * self.index, :B, :, n:n + add] = key_states
+        buf[2 * self.index + 1, :B, :, n:n + add] = value_states
+        self.point(B, n + add)
         return self.keys, self.values
 
 
-def _room_for(layer, rows: int) -> bool:
-    """Whether a cache layer's buffers can take `rows` rows in place (a growing layer whose views are current)."""
-    buf = getattr(layer, "_buffer", None)
-    return type(layer) is GrowingLayer and buf is not None and buf[2] is layer.keys and buf[3] is layer.values \
-        and buf[0].shape[0] >= rows
+def _new_cache(backbone: CausalLMBackbone, prefixes: list, P: int, T: int, rows: int):
+    """A decoding batch's cache holding each row's prefix, left-padded to P: a `KVStore` with room for `rows` rows
+    and the batch's T input tokens and its steps, where every layer is a full-attention one; else transformers'
+    cache (sliding-window layers) with the prefixes stacked."""
+    cache = backbone.new_cache()
+    full = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers) and all(
+        p.layers is None or len(p.layers) == len(cache.layers) for p in prefixes)
+    B = len(prefixes)
+    if not full:
+        if P:
+            stacked = stack_prefixes(prefixes)
+            for layer, (k, v) in zip(cache.layers, stacked.layers, strict=True):
+                layer.update(k, v)
+        return cache
+    if not P:
+        store = KVStore(None, len(cache.layers), rows)
+    else:
+        joined = {id(p): p.joined() for p in prefixes if p.length}
+        like = next(iter(joined.values()))
+        store = KVStore.make(like, len(cache.layers), B, P, rows, reserve=P + T)  # the prefill writes T more
+        store.buf[:, :B, :, :P].zero_()
+        for b, p in enumerate(prefixes):
+            if p.length:
+                store.buf[:, b, :, P - p.length:P] = joined[id(p)]
+    cache.layers = store.layers
+    return cache
+
+
+def _store(cache) -> KVStore | None:
+    """The store a cache's layers are views of, if all are, and current."""
+    layers = getattr(cache, "layers", None)
+    if not layers or type(layers[0]) is not GrowingLayer:
+        return None
+    store = layers[0].store
+    if store.buf is None or store.layers is not layers:
+        return None
+    for layer in layers:
+        if layer._views is None or layer._views[0] is not layer.keys or layer._views[1] is not layer.values:
+            return None
+    return store
 
 
 def _room(length: int) -> int:
     """Positions to allocate for a cache holding `length`: room for the steps to come without a copy."""
     return max(2 * length, length + 64)
-
-
-def _growing(cache, rows: int = 0):
-    """The cache's plain dynamic layers made growing (same state, another update), their buffers to be made for
-    `rows` rows."""
-    for layer in getattr(cache, "layers", []):
-        if type(layer) is DynamicLayer:
-            layer.__class__ = GrowingLayer
-            layer.rows = rows
-    return cache
 
 
 def _pad_left(x: torch.Tensor, length: int, dim: int = -2) -> torch.Tensor:

@@ -140,7 +140,9 @@ class MixedPromptedModel:
     def lean(self) -> bool:
         return self.runtime.lean
 
-    def prefix(self):
+    def prefixes(self) -> list:
+        """Each row's own prefix (a batch-1 `Prefix`, the same object for rows of one prompt; EMPTY for a row
+        without a prompt)."""
         rt = self.runtime
         seen: dict[int, Any] = {}
         for p in self.prompts:
@@ -155,9 +157,13 @@ class MixedPromptedModel:
                         seen[id(p)] = join.compute_prefix(rt, p)
         from .joins.causal import EMPTY
 
-        if len(seen) == 1 and all(p is not None for p in self.prompts):
-            return next(iter(seen.values()))  # one prompt for every row: batch 1, expanded (a view)
-        return stack_prefixes([EMPTY if p is None else seen[id(p)] for p in self.prompts])
+        return [EMPTY if p is None else seen[id(p)] for p in self.prompts]
+
+    def prefix(self):
+        prefixes = self.prefixes()
+        if prefixes[0].length and all(p is prefixes[0] for p in prefixes):
+            return prefixes[0]  # one prompt for every row: batch 1, expanded (a view)
+        return stack_prefixes(prefixes)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       last_only: bool = False):

@@ -13,7 +13,7 @@ Rows with different prompts (serving, mixed batches) get their prefixes left-pad
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,10 +57,21 @@ class Prefix:
     layers: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (keys, values), (1 or B, kv_heads, P, d)
     last: torch.Tensor | None  # (1 or B, H or V): the last prefix position's hidden state (fast path) or logits
     lengths: torch.Tensor | None = None  # (B,) each row's real prefix length (rows left-padded); None: all P
+    _joined: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def length(self) -> int:
         return 0 if self.layers is None else self.layers[0][0].shape[2]
+
+    def joined(self) -> torch.Tensor:
+        """A batch-1 prefix's keys and values of every layer in one tensor, (2 * layers, kv_heads, P, d): keys of
+        layer i at 2i, values at 2i + 1. Made once (the layers become views of it): a decoding batch copies a row's
+        prefix into its key/value store in one operation (generation.py `KVStore`)."""
+        if self._joined is None:
+            self._joined = torch.stack([x[0] for kv in self.layers for x in kv])
+            self.layers = [(self._joined[2 * i].unsqueeze(0), self._joined[2 * i + 1].unsqueeze(0))
+                           for i in range(len(self.layers))]
+        return self._joined
 
     def batch(self, B: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The layers for B rows (a batch-1 prefix expanded: a view, gradients sum back)."""
