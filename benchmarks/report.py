@@ -367,7 +367,10 @@ def serving_continuous(res: dict) -> str:
              + (f"requests arriving at {meta['arrival_rate']:g} per second (open loop, Poisson), "
                 if meta.get("arrival_rate") else f"{top['concurrency']} closed-loop clients, ")
              + f"median of {meta['repeats']} runs with the engines alternated."
-             + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else ""), "",
+             + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else "")
+             + (" Float32 matmul (1024^3) at the start and end of the run: "
+                + " and ".join(f"{g:.0f}" for g in meta["matmul_gflops_float32"]) + " GFLOP/s."
+                if meta.get("matmul_gflops_float32") else ""), "",
              "| engine | requests/s | output tokens/s | time to first token p50 | latency p50 | latency p99 | p99 / p50 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -409,7 +412,9 @@ def serving_profile(res: dict) -> str:
         lines.append(f"| {r['rows']} | {r['tokens']} | {1000 * r['seconds']:.0f} ms | {r['ms_per_request']:.0f} ms |")
     if res.get("dnnl_prefill"):
         lines += ["", *dnnl_rows(res)]
-    lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    rate = res["machine"].get("matmul_gflops", {}).get("float32")
+    lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}"
+              + (f"; 1024³ float32 matmuls at {rate:.0f} GFLOP/s when the run ended" if rate else "") + "."]
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import softprompt as sp
+from softprompt.precision import matmul_rates
 from softprompt.serve import PromptBank
 from softprompt.serve.engine import Engine
 from softprompt.serve.vllm import VLLMEngine, VLLMServer, default_vllm_python, vllm_model_source
@@ -233,6 +234,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     bb = sp.load_backbone(args.model, dtype=args.dtype)
+    gflops = [matmul_rates(bb.device, size=1024)["float32"]]  # the machine's speed: it drifts between runs
     texts = review_prompts(bb, args.requests)
     if "-" in args.max_tokens:
         lo, hi = (int(x) for x in args.max_tokens.split("-"))
@@ -287,7 +289,9 @@ def main() -> None:
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
         if server is not None:
             server.stop()
+    gflops.append(matmul_rates(bb.device, size=1024)["float32"])
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
+            "matmul_gflops_float32": [round(g, 1) for g in gflops],  # at the start and at the end of the run
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
             "arrival_rate": args.arrival_rate,
             "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
