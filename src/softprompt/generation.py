@@ -19,6 +19,7 @@ from .backbones import CausalLMBackbone
 from .errors import SoftPromptError
 from .fastpath.decode import Fresh, Step
 from .joins import check_mask, input_positions, stack_prefixes
+from .joins.causal import prefix_mask
 from .model import MixedPromptedModel
 from .prompts import Prompt, as_prompt, content_hash
 from .runtime import runtime
@@ -186,10 +187,9 @@ class Decoding:
         self.eos = set(backbone.eos_token_ids or [])
         self.rt = runtime(backbone)
         prefixes = MixedPromptedModel(backbone, prompts, reuse_prompt_cache).prefixes()
+        P = max(p.length for p in prefixes)
         lengths = torch.tensor([p.length for p in prefixes], device=mask.device)
-        P = int(lengths.max())
-        full_mask = torch.cat([(torch.arange(P, device=mask.device) >= P - lengths[:, None]).to(mask.dtype), mask],
-                              dim=1)
+        full_mask = torch.cat([prefix_mask(lengths, P, mask), mask], dim=1)
         positions = input_positions(mask, lengths[:, None])
         self.capacity = max(B, capacity)
         self.mask = full_mask

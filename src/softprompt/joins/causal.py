@@ -81,7 +81,7 @@ class Prefix:
         P = self.length
         if self.lengths is None:
             return torch.ones(B, P, dtype=like.dtype, device=like.device)
-        return (torch.arange(P, device=like.device) >= (P - self.lengths)[:, None]).to(like.dtype)
+        return prefix_mask(self.lengths, P, like)
 
     def offsets(self, B: int):
         return self.length if self.lengths is None else self.lengths[:, None]
@@ -91,6 +91,11 @@ class Prefix:
 
 
 EMPTY = Prefix(None, None)
+
+
+def prefix_mask(lengths: torch.Tensor, P: int, like: torch.Tensor) -> torch.Tensor:
+    """(B, P) mask of prefixes of the given lengths left-padded to P, in `like`'s dtype and device."""
+    return (torch.arange(P, device=like.device) >= (P - lengths)[:, None]).to(like.dtype)
 
 
 def stack_prefixes(prefixes: list[Prefix]) -> Prefix:
