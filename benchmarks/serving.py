@@ -62,6 +62,7 @@ MODES = {
     "i_continuous_128": dict(step_tokens=128),
     "j_continuous_256": dict(step_tokens=256),
     "k_continuous_1024": dict(step_tokens=1024),
+    "l_unpaced": dict(pace=False),  # every waiting request the budget allows taken in at once (as before)
 }
 
 

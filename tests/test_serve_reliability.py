@@ -198,6 +198,59 @@ def test_a_step_after_rows_finish_waits_briefly_for_their_clients_next_requests(
     assert engine._take(False) == [job] and time.perf_counter() - start < 0.25
 
 
+def test_pacing_spreads_a_burst_over_steps_and_holds_no_request_long(bank):
+    """Beside a running batch whose rows live 8 steps, a step takes in (running + waiting) / 8 new generations
+    once its prefill passes the floor; the rest wait, at most half a row's life; no pacing before a row has
+    finished, with pacing off, or while the step's prefill is short. Classification is never held."""
+    engine = Engine(bank, max_batch=64, window_ms=0, step_tokens=4096)  # its worker not started
+    engine.pace_floor = 1
+
+    def queue(n, kind="generate"):
+        jobs = [engine.generation_job("alpha", "the movie", max_tokens=8, temperature=0) if kind == "generate"
+                else engine.classify_job("sentiment", "the movie was fun") for _ in range(n)]
+        with engine._cv:
+            engine._waiting.extend(jobs)
+            engine._queued_tokens += sum(j.queued_tokens for j in jobs)
+        return jobs
+
+    class Running:  # what _take reads of a running batch
+        def __init__(self, n):
+            self.running = list(range(n))
+
+    engine._decoding = Running(21)
+    burst = queue(12)
+    assert engine._take(False) == burst  # no row has finished yet: the whole burst
+    burst = queue(12)
+    engine._lifetime = 8.0
+    assert engine._take(False) == burst[:5]  # ceil((21 + 12) / 8)
+    assert [j.held for j in burst[5:]] == [1] * 7
+    engine._decoding = Running(26)
+    assert engine._take(False) == burst[5:10]  # ceil((26 + 7) / 8)
+    assert list(engine._waiting) == burst[10:]
+    engine._waiting.clear()
+    engine._lifetime, engine._decoding = 32.0, Running(20)  # a pace of one a step; a wait of at most 16 steps
+    burst = queue(6)
+    for job in burst[:4]:
+        job.held = 16
+    assert engine._take(False) == burst[:4]  # waited half a row's life: taken in past the pace
+    assert list(engine._waiting) == burst[4:]
+    engine._waiting.clear()
+    engine._lifetime = 8.0
+    burst, scored = queue(6), queue(3, "classify")
+    engine.pace_floor = 10**6  # a short prefill is never held back
+    assert engine._take(False) == burst + scored
+    engine.pace_floor = 1
+    engine._decoding, engine.max_batch = Running(2), 4
+    burst, scored = queue(6), queue(5, "classify")
+    # ceil(8 / 8); the classification behind the held ones is not held (up to max_batch of it)
+    assert engine._take(False) == burst[:1] + scored[:4]
+    assert list(engine._waiting) == burst[1:] + scored[4:]  # the held ones keep their place
+    engine._waiting.clear()
+    engine.pace = False
+    burst = queue(5)
+    assert engine._take(False) == burst[:2]  # max_batch
+
+
 def test_requests_arriving_mid_decode_join_the_batch_and_answer_as_alone(bank):
     engine = Engine(bank, max_batch=8, window_ms=0).start()
     forward = bank.backbone.forward

@@ -352,7 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise SoftPromptError(f"{flag} must be positive (got {value})")
     engine = build_server(args.model, args.prompts, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
                           window_ms=args.window_ms, reuse_prompt_cache=not args.no_prompt_cache,
-                          continuous=not args.no_continuous, step_tokens=args.step_tokens, max_queue=args.max_queue,
+                          continuous=not args.no_continuous, pace=not args.no_pacing, step_tokens=args.step_tokens,
+                          max_queue=args.max_queue,
                           engine=args.engine, vllm_python=args.vllm_python, vllm_url=args.vllm_url,
                           vllm_args=tuple(shlex.split(args.vllm_args or "")))
     bank = engine.bank
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are failed (default 30)")
     s.add_argument("--no-continuous", action="store_true",
                    help="run each batch to its end before taking new requests (the older policy; benchmarking)")
+    s.add_argument("--no-pacing", action="store_true",
+                   help="take every waiting request the step budget allows at once, instead of spreading a burst "
+                        "over steps (see docs/serving.md)")
     s.add_argument("--no-prompt-cache", action="store_true", help="recompute each prompt per batch (benchmarking)")
     s.add_argument("--engine", default="builtin", choices=["builtin", "vllm"],
                    help="what runs the model: the built-in engine, or a vLLM server fed prompt embeddings (input-"

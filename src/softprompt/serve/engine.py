@@ -18,6 +18,7 @@ worker goes on; `stop()` fails whatever is still waiting.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -42,13 +43,17 @@ class Engine(Frontend):
     a request whose prefill alone exceeds it still runs, by itself. Default: 512 on a CPU, where a 2,048-token
     prefill stalls the running rows for seconds (benchmarks/serving.py could not separate the two on 2 cores:
     their requests/s differ less than runs of one cell do), 2,048 on an accelerator. max_queue / max_queued_tokens: most requests,
-    and most tokens (inputs + max_tokens), waiting; past either, `submit` raises `Overloaded`.
+    and most tokens (inputs + max_tokens), waiting; past either, `submit` raises `Overloaded`. pace: beside a running
+    batch, take in about as many new generations per step as finish per step in a steady state (`_pace`), so that
+    requests that arrived together are prefilled over several steps and their clients, answered in different steps,
+    ask again in different steps: steps stay even instead of a few long ones (every prefill at once) between
+    decode-only ones.
     """
 
     def __init__(self, bank: PromptBank, max_batch: int = 32, window_ms: float = 5.0,
                  reuse_prompt_cache: bool = True, mix_tasks: bool = True, max_tokens_limit: int = 2048,
                  chat_max_tokens: int = 512, continuous: bool = True, step_tokens: int | None = None,
-                 max_queue: int = 256, max_queued_tokens: int = 1_000_000):
+                 max_queue: int = 256, max_queued_tokens: int = 1_000_000, pace: bool = True):
         if step_tokens is None:
             step_tokens = 512 if bank.backbone.device.type == "cpu" else 2048
         for name, value in (("step_tokens", step_tokens), ("max_queue", max_queue),
@@ -71,6 +76,9 @@ class Engine(Frontend):
         self._decoding: Decoding | None = None
         self._joining: tuple[Decoding, list[Job]] | None = None  # new rows whose prefill rides in the next step
         self._freed, self._step_s = 0, 0.0  # rows the last decode step finished; how long its forward took
+        self.pace = pace and continuous
+        self.pace_floor = step_tokens // 4  # prefill tokens a step takes in before pacing holds any back
+        self._lifetime: float | None = None  # steps a finished generation decoded (a moving average)
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -143,7 +151,7 @@ class Engine(Frontend):
     def _take(self, block: bool) -> list[Job] | None:
         """Waiting requests for this step, in arrival order, within the step's budget (None: stop). With nothing
         running, waits for a first request and then up to the window for more. When rows just finished, waits up
-        to the window (at most a tenth of the last decode step) for as many requests: a client that got its answer
+        to the window (at most a tenth of the last decode step) for as many new requests: a client that got its answer
         often sends its next request at once, and a request that misses this step waits a whole step longer."""
         with self._cv:
             if block:
@@ -159,7 +167,8 @@ class Engine(Frontend):
                     self._cv.wait(left)
             elif self._freed:
                 deadline = time.perf_counter() + min(self.window, self._step_s / 10)
-                while len(self._waiting) < self._freed and not self._stopping:
+                want = len(self._waiting) + self._freed  # (requests pacing holds back are waiting already)
+                while len(self._waiting) < want and not self._stopping:
                     left = deadline - time.perf_counter()
                     if left <= 0:
                         break
@@ -167,9 +176,12 @@ class Engine(Frontend):
             self._freed = 0
             if self._stopping:
                 return None
-            rows = len(self._decoding.running) if self._decoding is not None else 0
+            running = rows = len(self._decoding.running) if self._decoding is not None else 0
             budget = self.step_tokens - rows
+            pace, hold = self._pace()
+            prefill = 0
             taken: list[Job] = []
+            held: list[Job] = []  # generations pacing keeps for a later step, in order
             classify = 0
             while self._waiting:
                 job = self._waiting[0]
@@ -186,11 +198,34 @@ class Engine(Frontend):
                 else:
                     if rows >= self.max_batch or (job.cost > budget and (taken or self._decoding is not None)):
                         break
+                    # paced: the rest wait for the next step (classification behind them does not), unless this
+                    # step's prefill is still short (a quarter of the budget costs about a decode step on a CPU:
+                    # holding it back gains nothing)
+                    if rows - running >= pace and prefill >= self.pace_floor and job.held < hold:
+                        job.held += 1
+                        held.append(self._waiting.popleft())
+                        continue
+                    prefill += job.cost
                     rows += 1
                 budget -= job.cost
                 taken.append(self._waiting.popleft())
                 self._queued_tokens -= job.queued_tokens
+            self._waiting.extendleft(reversed(held))
             return taken
+
+    def _pace(self) -> tuple[int, int]:
+        """The generations this step may take in, and the most steps pacing may keep a request waiting. In a
+        steady state as many rows join per step as finish: the rows running and waiting over the steps a row lives
+        (from the rows that finished lately). Taking in about that many spreads a burst over steps (a burst taken
+        in at once makes one long step, which every running row waits for, and its rows finish together and come
+        back together). No pacing until a row has finished, or with nothing running; a request waits at most half
+        a row's life."""
+        life = self._lifetime
+        if not self.pace or life is None or self._decoding is None:
+            return 1 << 30, 0
+        steps = max(1, round(life))
+        waiting = sum(j.kind == "generate" for j in self._waiting)
+        return -(-(len(self._decoding.running) + waiting) // steps), max(1, steps // 2)
 
     def _run(self) -> None:
         while True:
@@ -383,6 +418,8 @@ class Engine(Frontend):
                 job.send("delta", row.text[job.sent:upto])
                 job.sent = upto
             if row.done:
+                life = len(row.tokens) + (row.finish_reason == "stop")  # the steps it decoded
+                self._lifetime = life if self._lifetime is None else 0.8 * self._lifetime + 0.2 * life
                 self.metrics.finished(job, len(row.tokens))
                 job.send("done", Result(text=row.text, tokens=list(row.tokens), finish_reason=row.finish_reason,
                                         prompt_tokens=len(job.ids)))

@@ -66,6 +66,7 @@ class Job:
     threshold: float = 0.5  # a detection request's lowest score kept
     row: Row | None = None
     sent: int = 0  # characters of text already streamed
+    held: int = 0  # steps the engine's pacing kept it waiting
     created: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cancelled: bool = False
