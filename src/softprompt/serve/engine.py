@@ -18,7 +18,6 @@ worker goes on; `stop()` fails whatever is still waiting.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
