@@ -32,6 +32,7 @@ requests/s) is kept. Writes benchmarks/results/serving.json and prints a markdow
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import statistics
@@ -295,7 +296,8 @@ def main() -> None:
     meta = {"model": bb.name, "dtype": str(bb.dtype), "device": str(bb.device), "threads": torch.get_num_threads(),
             "matmul_gflops_float32": [round(g, 1) for g in gflops],  # at the start and at the end of the run
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
-            "arrival_rate": args.arrival_rate, "paced": True,  # the continuous engine paces its admissions
+            "arrival_rate": args.arrival_rate,
+            "paced": inspect.signature(Engine).parameters["pace"].default,  # the default engine paces its admissions
             "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -2,7 +2,8 @@
 
 Requests (generation or classification, any task) wait in one bounded queue. The worker runs continuous
 batching: at every decode step it takes in waiting requests while the step's token budget allows (a new
-generation's prefill tokens plus one token per running row), scores the classification requests at once (they never
+generation's prefill tokens plus one token per running row) and pacing does (about as many new generations as finish
+per step in a steady state, so that a burst spreads over steps), scores the classification requests at once (they never
 wait for generations), and runs one decode step for every running row, each attending to its own task's cached
 prompt key/values, with the new generations' prefill riding in the same forward (with nothing running, the
 prefill is a forward of its own). The new rows' first tokens are sent as soon as that forward ends; they then join
