@@ -107,17 +107,19 @@ def test_decoding_merge_gives_every_row_its_solo_tokens(join):
 def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, monkeypatch):
     """A finished row frees its slot without a copy; rows merged later are written into free slots (and slots
     after the last, within the buffers' room) without rebuilding the buffers; a merge of rows wider than the batch
-    rebuilds them; a batch more than half free is gathered. Every row gets its solo greedy tokens throughout, on
-    the lean decode step (Llama) and the model's own forward (GPT-2)."""
+    moves the batch's rows right in the same buffers; a merge past the buffers' room of rows rebuilds them; a batch
+    more than half free is gathered within its buffers. Every row gets its solo greedy tokens throughout, on the
+    lean decode step (Llama) and the model's own forward (GPT-2)."""
     bb = make_backbone(model_type)
     tok = bb.tokenizer
     prompts = [sp.PromptTuning.create(bb, num_virtual_tokens=3, seed=1)(), None,
                sp.PrefixTuning.create(bb, num_virtual_tokens=5, seed=2)(),
                sp.PromptTuning.create(bb, num_virtual_tokens=7, seed=3)(), None,
-               sp.PrefixTuning.create(bb, num_virtual_tokens=2, seed=4)()]
+               sp.PrefixTuning.create(bb, num_virtual_tokens=2, seed=4)(), None]
     texts = ["the movie was great and long and the cast", "hello world", "what is", "a", "b c",
-             "a much longer input than every other row here so that it is wider than the batch it joins"]
-    lengths = [14, 2, 9, 6, 3, 5]
+             "a much longer input than every other row here so that it is wider than the batch it joins, by several "
+             "columns", "one more"]
+    lengths = [14, 2, 9, 6, 3, 5, 4]
     rows = [Row(Sampling(max_new_tokens=n, ignore_eos=True)) for n in lengths]
 
     def batch(idx):
@@ -139,7 +141,7 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         with monkeypatch.context() as m:  # a merge that fails (out of memory) leaves the batch as it was
             m.setattr(KVStore, "holding", classmethod(lambda *a, **k: (_ for _ in ()).throw(MemoryError)))
             with pytest.raises(MemoryError):
-                failing.merge(batch([5]))
+                failing.merge(batch([2, 3, 5]))  # five rows past the room of four: new buffers
         assert len(failing.rows) == 2 and failing.slots == [0, 1] and failing.mask.shape[0] == 2
         first = batch([0, 1])
         for _ in range(3):  # row 1 finishes after 2 tokens: its slot is freed, the batch keeps 2 slots
@@ -157,8 +159,23 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
         assert buffer(first) is held and len(first.slots) == 4
         first.pick()
         first.advance()
-        first.merge(batch([5]))  # wider than the batch: the buffers are rebuilt with the live rows only
-        assert buffer(first) is not held and None not in first.slots
+        for _ in range(3):  # row 4 finishes after 3 tokens: its slot is freed
+            first.pick()
+            first.advance()
+        assert first.slots == [0, 2, 3, None]
+        width = first.width
+
+        def attended(dec, b):  # every layer's keys and values a slot attends to
+            return buffer(dec)[:, b, :, :dec.width][:, :, dec.mask[b].bool()]
+        before = {b: attended(first, b) for b in (0, 1, 2)}
+        wide = batch([5])
+        assert wide.width > width + 2
+        first.merge(wide)  # wider than the batch: its rows moved right in the same buffers, the new row in slot 3
+        assert buffer(first) is held and first.slots == [0, 2, 3, 5] and first.width == wide.width
+        assert all(torch.equal(attended(first, b), x) for b, x in before.items())
+        one_store(first)
+        first.merge(batch([6]))  # a fifth row past the room of four: the buffers are rebuilt with the live rows
+        assert buffer(first) is not held and None not in first.slots and len(first.slots) == 5
         one_store(first)
         while first.running:
             first.pick()
@@ -166,7 +183,7 @@ def test_finished_rows_free_slots_that_merged_rows_fill_in_place(model_type, mon
             if first.running:
                 first.advance()
                 one_store(first)
-    for i in range(6):
+    for i in range(7):
         want = sp.generate(bb, prompts[i], [texts[i]], max_new_tokens=lengths[i]).tokens[0]
         assert rows[i].tokens[:len(want)] == want, i
         assert len(rows[i].tokens) == lengths[i]

@@ -200,7 +200,8 @@ class Decoding:
         self._feed: list[int] = []  # the tokens pick() chose, one per slot, for advance()
         # the prefill to run: now, or (prefill=False) in another batch's next step (`advance(joining=self)`)
         self._fresh: Fresh | None = Fresh(input_ids, mask, positions, full_mask,
-                                          _new_cache(backbone, prefixes, P, input_ids.shape[1], self._room(B)))
+                                          _new_cache(backbone, prefixes, P, input_ids.shape[1],
+                                                     self._room(B) if prefill else 0))
         if prefill:
             self._prefill()
 
@@ -324,9 +325,10 @@ class Decoding:
         with it. Both must be at the same point of a step: holding fresh logits (after a prefill or `advance()`,
         before `pick()`), or picked (before `advance()`: each row's chosen token is carried over, so a server sends
         the new rows' first tokens before they join). The new rows' keys/values are written into free slots (and
-        slots after the last, within the buffers' room), left-padded (masked) to this batch's width, so every row
-        attends to what it attended to alone; positions stay per row. When the new rows are wider than this batch or do not fit, both batches'
-        live rows are gathered into new buffers."""
+        slots after the last, within the buffers' room), left-padded (masked) to this batch's width (or this batch's
+        rows moved right in place, when the new rows are wider), so every row attends to what it attended to alone;
+        positions stay per row. When the new rows do not fit in the buffers' room, both batches' live rows are
+        gathered into new buffers."""
         if not other.running:
             return
         if not self.running:
@@ -343,8 +345,13 @@ class Decoding:
         new = [offset + other.slots[b] for b in theirs]
         free = [b for b, i in enumerate(self.slots) if i is None][:len(theirs)]
         slots = free + list(range(len(self.slots), len(self.slots) + len(theirs) - len(free)))
-        L = self.mask.shape[1]
-        if other.mask.shape[1] <= L and _store(self.cache).buf.shape[1] >= slots[-1] + 1:
+        L, W = self.mask.shape[1], other.mask.shape[1]
+        store = _store(self.cache)
+        if store.buf.shape[1] >= slots[-1] + 1 and store.buf.shape[-2] > W:
+            if W > L:  # the new rows are wider: this batch's rows move right in place, its mask padded on the left
+                store.widen(len(self.slots), W - L)
+                self.mask = _pad_left(self.mask, W, dim=1)
+                L = W
             self._write(other, theirs, slots, L)
             feed = self._feed + [0] * (slots[-1] + 1 - len(self._feed)) if picked else []
             for b, i, src in zip(slots, new, theirs, strict=True):
@@ -433,9 +440,9 @@ class Decoding:
         self.mask = self.mask[:, lead:]
         store = _store(self.cache)
         if store is not None:
-            # the kept rows, from the first column any of them attends to, gathered once into a store with room for
-            # as many rows as the batch had (a batch under steady load fills them again: no rebuild)
-            self.cache.layers = store.selected(idx, lead, self._room(len(self.slots))).layers
+            # the kept rows, from the first column any of them attends to, moved to the front of the same buffer
+            # (its room stays: a batch under steady load fills it again, no rebuild)
+            store.select(idx, lead)
             return
         self.cache.batch_select_indices(idx)
         if lead:
@@ -458,10 +465,11 @@ class KVStore:
 
     @classmethod
     def make(cls, like: torch.Tensor, n_layers: int, rows: int, length: int, room: int = 0,
-             reserve: int = 0) -> KVStore:
+             reserve: int = 0, steps: bool = True) -> KVStore:
         """A store shaped like `like` (.., kv_heads, .., d) whose layers hold `rows` rows and `length` positions (to
-        be filled), with room for `room` rows and for `reserve` positions and the steps after them."""
-        buf = like.new_empty(2 * n_layers, max(rows, room), like.shape[-3], _room(max(length, reserve)),
+        be filled), with room for `room` rows and for `reserve` positions and (``steps``) the steps after them."""
+        positions = max(length, reserve)
+        buf = like.new_empty(2 * n_layers, max(rows, room), like.shape[-3], _room(positions) if steps else positions,
                              like.shape[-1])
         store = cls(buf, n_layers)
         store.view(rows, length)
@@ -505,12 +513,25 @@ class KVStore:
             at += n
         return out
 
-    def selected(self, rows: torch.Tensor, lead: int, room: int = 0) -> KVStore:
-        """A store holding `rows` from position `lead` on, gathered straight into a buffer with room."""
-        n = self.layers[0].keys.shape[-2]
-        out = KVStore.make(self.buf[0, :1], len(self.layers), len(rows), n - lead, room)
-        torch.index_select(self.buf[:, :, :, lead:n], 1, rows, out=out.buf[:, :len(rows), :, :n - lead])
-        return out
+    # The two in-place moves below go a layer's keys (or values) at a time through a temporary of that size: a
+    # temporary that small comes from the allocator's free memory, where a new buffer of the store's size costs a
+    # page fault per page at its first use (under a server's load, several times the copy itself).
+    def select(self, rows: torch.Tensor, lead: int) -> None:
+        """Keep `rows` (in that order, as rows 0..) from position `lead` on, in place."""
+        n, k, buf = self.layers[0].keys.shape[-2], len(rows), self.buf
+        for i in range(buf.shape[0]):
+            buf[i, :k, :, :n - lead] = buf[i, :, :, lead:n].index_select(0, rows)
+        self.view(k, n - lead)
+
+    def widen(self, rows: int, by: int) -> None:
+        """Move the first `rows` rows `by` positions right (zeros on their left), in place: every row attends to
+        what it did, in a batch `by` columns wider. The buffer must have room for them."""
+        n, buf = self.layers[0].keys.shape[-2], self.buf
+        for i in range(buf.shape[0]):
+            part = buf[i, :rows, :, :n].clone()
+            buf[i, :rows, :, by:by + n] = part
+            buf[i, :rows, :, :by].zero_()
+        self.view(rows, n + by)
 
 
 class GrowingLayer(DynamicLayer):
@@ -548,7 +569,9 @@ class GrowingLayer(DynamicLayer):
 def _new_cache(backbone: CausalLMBackbone, prefixes: list, P: int, T: int, rows: int):
     """A decoding batch's cache holding each row's prefix, left-padded to P: a `KVStore` with room for `rows` rows
     and the batch's T input tokens and its steps, where every layer is a full-attention one; else transformers'
-    cache (sliding-window layers) with the prefixes stacked."""
+    cache (sliding-window layers) with the prefixes stacked. ``rows=0``: exactly the batch's rows and P + T
+    positions, no room (a batch prefilled to be merged into another: its buffer is read once, and a small one is
+    reused from the allocator's free memory where a large one costs fresh pages every time)."""
     cache = backbone.new_cache()
     full = bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers) and all(
         p.layers is None or len(p.layers) == len(cache.layers) for p in prefixes)
@@ -564,7 +587,8 @@ def _new_cache(backbone: CausalLMBackbone, prefixes: list, P: int, T: int, rows:
     else:
         joined = {id(p): p.joined() for p in prefixes if p.length}
         like = next(iter(joined.values()))
-        store = KVStore.make(like, len(cache.layers), B, P, rows, reserve=P + T)  # the prefill writes T more
+        store = KVStore.make(like, len(cache.layers), B, P, rows, reserve=P + T,  # the prefill writes T more
+                             steps=rows > 0)
         store.buf[:, :B, :, :P].zero_()
         for b, p in enumerate(prefixes):
             if p.length:
