@@ -372,6 +372,7 @@ def serving_continuous(res: dict) -> str:
                 if meta.get("arrival_rate") else f"{top['concurrency']} closed-loop clients, ")
              + f"median of {meta['repeats']} runs with the engines alternated."
              + (f" CPU flags: {', '.join(meta['cpu_flags'])}." if meta.get("cpu_flags") else "")
+             + (f" Float32 products: {meta['products']}." if meta.get("products") else "")
              + (" Float32 matmul (1024^3) at the start and end of the run: "
                 + " and ".join(f"{g:.0f}" for g in meta["matmul_gflops_float32"]) + " GFLOP/s."
                 if meta.get("matmul_gflops_float32") else ""), "",

@@ -135,6 +135,17 @@ def warm_up(engine, names: list[str], texts: list[str]) -> None:
     engine.stop()
 
 
+def products(bb) -> str | None:
+    """Which float32 CPU products the fast path ran (its defaults follow the CPU's flags), for the report."""
+    config = sp.runtime(bb).fastpath.config if sp.runtime(bb).fastpath is not None else None
+    if config is None or bb.dtype != torch.float32 or bb.device.type != "cpu":
+        return None
+    if config.transposed_products:
+        return "weight-first (feature-major) products"
+    return ("prefills through oneDNN" if config.dnnl_prefill else "prefills through MKL") + (
+        ", decode steps through packed weights" if config.packed_decode else "")
+
+
 def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max_tokens: int | list[int]) -> dict:
     """Closed loop: `concurrency` clients, each sending its next request when the last one is done."""
     lock = threading.Lock()
@@ -298,6 +309,7 @@ def main() -> None:
             "max_tokens": args.max_tokens, "requests": args.requests, "repeats": args.repeats,
             "arrival_rate": args.arrival_rate,
             "paced": inspect.signature(Engine).parameters["pace"].default,  # the default engine paces its admissions
+            "products": products(bb),
             "torch": torch.__version__, "cpu_flags": cpu_flags(), "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
