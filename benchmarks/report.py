@@ -430,7 +430,7 @@ def serving_profile(res: dict) -> str:
 def dnnl_rows(res: dict) -> list[str]:
     rows = res["dnnl_prefill"]
     flipped = all("transposed_ms" in r for r in rows)  # measured since the feature-major layout
-    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, off by default) against MKL" +
+    lines = ["Float32 prefill products through oneDNN (`dnnl_prefill`, the default with AVX-512) against MKL" +
              (" and MKL feature-major with the weight first (`transposed_products`)" if flipped else "") +
              ", alternated in one process (medians of 4 rounds):", "",
              "| new rows | beside a decode step of | tokens | oneDNN | MKL | MKL / oneDNN |" +
@@ -630,6 +630,8 @@ RENDERERS = {
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
     "serving_continuous_8_long": (serving_continuous, "serving_continuous_8_long.json"),
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
+    "serving_continuous_8_avx512": (serving_continuous, "serving_continuous_8_avx512.json"),
+    "serving_continuous_8_long_avx512": (serving_continuous, "serving_continuous_8_long_avx512.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
     "serving_budget_8_fp32": (serving_continuous, "serving_budget_8_fp32.json"),
     "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
