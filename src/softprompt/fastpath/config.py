@@ -32,9 +32,10 @@ class FastPathConfig:
     packed_decode: bool = True
     # float32 inference on CPU: the lean forward's prefill products (a new batch's tokens, alone or beside a decode
     # step) through oneDNN with the layer weights reordered once (fastpath/packed.py): one copy of them. On by
-    # default where the CPU has AVX-512: 1.05-1.18x faster prefills there (1.12-1.16x beside a decode step, what the
-    # continuous serving engine runs); about even with AVX2 only, where a served process also grew 183 MB after
-    # warm-up with it (61 MB without) in benchmarks/loadtest.py
+    # default where the CPU has AVX-512: 1.10-1.18x faster prefills there in two runs of
+    # benchmarks/serving_profile.py (1.14-1.16x beside a decode step, what the continuous serving engine runs);
+    # about even with AVX2 only, where a served process also grew 183 MB after warm-up with it (61 MB without) in
+    # benchmarks/loadtest.py
     dnnl_prefill: bool = field(default_factory=lambda: not _without_avx512())
     # float32 inference on CPU: the lean forward feature-major, its products (decode steps and prefills) weight @ h,
     # so that MKL packs the few token columns rather than the whole weight at every call (fastpath/packed.py
