@@ -669,3 +669,18 @@ def test_slow_loris_clients_hold_connections_not_the_worker(tmp_path):
             for s in slow_headers + slow_bodies:
                 s.close()
         assert proc.poll() is None
+
+
+def test_warm_up_makes_every_row_buckets_packed_weights_before_the_first_request(bank):
+    """`softprompt serve` warms its engine before taking requests: a generation at each row count whose decode steps
+    have their own packed weights, so that none is made in the middle of the load (the server's memory after start
+    is what it holds under load). Where packed decode steps are not used (weight-first products), nothing is
+    packed; either way the engine is left idle."""
+    engine = Engine(bank, max_batch=16)
+    fp = sp.runtime(engine.backbone).fastpath
+    fp.packed.clear()
+    engine.warm_up()
+    assert not engine.busy()
+    buckets = {b for (_, b) in fp.packed.store if b != "dnnl"}
+    packs = fp.config.packed_decode and not fp.config.transposed_products
+    assert buckets == ({8, 16} if packs else set())

@@ -365,6 +365,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print("softprompt serve: warning: listening beyond loopback without --api-key", file=sys.stderr)
     if args.engine == "vllm" and args.vllm_url is None:
         print("softprompt serve: starting the vLLM server (a minute or more)...", file=sys.stderr)
+    if hasattr(engine, "warm_up"):  # the built-in engine: its per-row-count structures made before the first request
+        engine.warm_up()
     engine.start()
     logging.basicConfig(level=logging.INFO)
     try:

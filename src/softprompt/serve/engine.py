@@ -81,6 +81,18 @@ class Engine(Frontend):
         self._lifetime: float | None = None  # steps a finished generation decoded (a moving average)
 
     # --- lifecycle ------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run a short generation at each row count whose decode steps use their own structures (float32 on a CPU:
+        weights packed per row bucket of 8, 16 and 32 rows, the prefill's reordered weights), so that they are made
+        before the first request: the first requests are not slowed by them, and the server's memory after start is
+        what it holds under load (made on first use, a bucket's copy appeared in the middle of a load test)."""
+        if self.backbone.kind != "causal_lm":
+            return
+        from ..generation import generate
+
+        for rows in dict.fromkeys(min(n, self.max_batch) for n in (4, 12, 32)):
+            generate(self.backbone, None, ["warm up"] * rows, max_new_tokens=2)
+
     def start(self) -> Engine:
         if self._thread is None:
             self._stopping, self._accepting = False, True
