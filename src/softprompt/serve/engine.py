@@ -88,9 +88,10 @@ class Engine(Frontend):
         what it holds under load (made on first use, a bucket's copy appeared in the middle of a load test)."""
         if self.backbone.kind != "causal_lm":
             return
+        from ..fastpath.packed import BUCKETS
         from ..generation import generate
 
-        for rows in dict.fromkeys(min(n, self.max_batch) for n in (4, 12, 32)):
+        for rows in dict.fromkeys(min(b, self.max_batch) for b in BUCKETS):
             generate(self.backbone, None, ["warm up"] * rows, max_new_tokens=2)
 
     def start(self) -> Engine:
