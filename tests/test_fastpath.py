@@ -17,7 +17,7 @@ from softprompt.train.loop import classification_loss, generation_loss
 
 # the lean forward in rows (its products as F.linear, or packed / oneDNN) rather than feature-major with
 # weight-first products, whichever this CPU's default is
-ROWS = FastPathConfig(transposed_products=False)
+ROWS = FastPathConfig(transposed_products=False, dnnl_decode=False)  # decode steps on packed weights
 
 TEXTS = ["the movie was great and fun", "bad", "this plot is not very good !"]
 
@@ -437,9 +437,9 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
 
     bb = make_backbone("llama")
     texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
-    switched(bb, FastPathConfig(dnnl_prefill=False))
+    switched(bb, FastPathConfig(dnnl_prefill=False, dnnl_decode=False))
     plain = generate(bb, None, texts, max_new_tokens=6)
-    switched(bb, FastPathConfig(dnnl_prefill=True, transposed_products=False))
+    switched(bb, FastPathConfig(dnnl_prefill=True, dnnl_decode=False, transposed_products=False))
     fp = sp.runtime(bb).fastpath
     fp.packed.clear()
     assert generate(bb, None, texts, max_new_tokens=6).tokens == plain.tokens
@@ -453,6 +453,47 @@ def test_dnnl_prefill_products_equal_the_plain_ones_and_are_taken_only_for_float
     assert torch.is_grad_enabled() and fp._dnnl() is None
 
 
+@pytest.mark.skipif(not __import__("softprompt.fastpath.packed", fromlist=["DNNL_AVAILABLE"]).DNNL_AVAILABLE,
+                    reason="this torch has no oneDNN")
+def test_dnnl_decode_steps_and_lm_head_equal_the_plain_ones_and_replace_packed_weights(switched):
+    """With `dnnl_decode`, decode steps (1 to 32 rows) and the LM head go through oneDNN: the same greedy tokens as
+    the modules' own products, the decode step's logits equal the plain step's to float32 rounding, one reordered
+    weight per layer product and one for the LM head, and no packed copy per row bucket; training never takes it."""
+    from softprompt.fastpath.decode import LeanDecode
+    from softprompt.generation import generate
+
+    bb = make_backbone("llama")
+    texts = ["the movie was", "a film is", "hello world", "what is the capital of france ?", "it was fun"]
+    switched(bb, FastPathConfig(transposed_products=False, dnnl_prefill=False, dnnl_decode=False,
+                                packed_decode=False))
+    plain = {n: generate(bb, None, texts[:n], max_new_tokens=6).tokens for n in (1, 5)}
+    switched(bb, FastPathConfig(transposed_products=False, dnnl_decode=True))
+    fp = sp.runtime(bb).fastpath
+    fp.packed.clear()
+    assert fp.decode_step() is not None  # its self-check passed with these products
+    for n in (1, 5):
+        assert generate(bb, None, texts[:n], max_new_tokens=6).tokens == plain[n]
+    kinds = [b for (_, b) in fp.packed.store]
+    head = bb.model.get_output_embeddings()
+    assert set(kinds) == {"dnnl"} and len(kinds) == 4 * bb.config.num_hidden_layers + 1
+    assert (head,) in [m for (m, _) in fp.packed.store]
+    # one step's logits against the modules' own products, on the same cache
+    ids, mask = left_pad([bb.tokenizer(t)["input_ids"] for t in texts], bb.pad_token_id, bb.device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    lean = LeanDecode(bb)
+    with torch.no_grad():
+        prefilled = [bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=bb.new_cache(),
+                              use_cache=True).cache
+                     for _ in range(2)]
+        nxt = torch.tensor([[7]] * len(texts))
+        step_mask = torch.cat([mask, torch.ones(len(texts), 1, dtype=mask.dtype)], dim=1)
+        with fp.engaged():
+            got = lean.step(nxt, step_mask, pos[:, -1:] + 1, prefilled[0], None, False, fp.packed)
+            want = lean.step(nxt, step_mask, pos[:, -1:] + 1, prefilled[1])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.is_grad_enabled() and fp._dnnl("dnnl_decode") is None
+
+
 def test_float32_cpu_products_default_by_the_cpus_capability():
     """With AVX-512 prefill products go through oneDNN (measured faster there); without it, weight-first products
     (measured faster there, and oneDNN about even)."""
@@ -460,6 +501,7 @@ def test_float32_cpu_products_default_by_the_cpus_capability():
 
     avx512 = "avx512f" in cpu_flags()
     assert FastPathConfig().dnnl_prefill is avx512 and FastPathConfig().transposed_products is not avx512
+    assert FastPathConfig().dnnl_decode is avx512
 
 
 def test_weight_first_products_equal_f_linear_at_every_token_count():
@@ -599,8 +641,8 @@ def test_the_lean_forward_is_not_taken_when_its_prefill_fails_the_self_check(bro
 
     real = decode.LeanDecode.run
 
-    def run(self, step, fresh, packed=None, dnnl=None, flipped=False):
-        logits, theirs = real(self, step, fresh, packed, dnnl, flipped)
+    def run(self, step, fresh, packed=None, dnnl=None, flipped=False, head=None):
+        logits, theirs = real(self, step, fresh, packed, dnnl, flipped, head)
         if fresh is not None and broken == "logits":
             theirs = theirs + 1
         if fresh is not None and broken == "keys":

@@ -17,7 +17,7 @@ from test_serve import TEXTS, alone, error_of, make_bank, submit_all
 import softprompt as sp
 from softprompt.errors import SoftPromptError
 from softprompt.fastpath import FastPathConfig
-from softprompt.generation import Decoding, KVStore, Row, Sampling, _store
+from softprompt.generation import Decoding, KVStore, Row, Sampling, _store, generate
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine
 from softprompt.tasks.encode import left_pad
@@ -671,16 +671,35 @@ def test_slow_loris_clients_hold_connections_not_the_worker(tmp_path):
         assert proc.poll() is None
 
 
-def test_warm_up_makes_every_row_buckets_packed_weights_before_the_first_request(bank):
+@pytest.mark.parametrize("products", ["default", "packed"])
+def test_warm_up_makes_every_weight_copy_the_decode_steps_use_before_the_first_request(bank, products):
     """`softprompt serve` warms its engine before taking requests: a generation at each row count whose decode steps
-    have their own packed weights, so that none is made in the middle of the load (the server's memory after start
-    is what it holds under load). Where packed decode steps are not used (weight-first products), nothing is
-    packed; either way the engine is left idle."""
+    have weights of their own (packed per row bucket), so that no weight copy is made in the middle of the load (the
+    server's memory after start is what it holds under load): after the warm-up, generations at other row counts,
+    and new rows joining a running batch, make none. With the default products (oneDNN's with AVX-512, weight-first
+    without) and with packed decode steps; either way the engine is left idle."""
     engine = Engine(bank, max_batch=16)
-    fp = sp.runtime(engine.backbone).fastpath
-    fp.packed.clear()
-    engine.warm_up()
-    assert not engine.busy()
-    buckets = {b for (_, b) in fp.packed.store if b != "dnnl"}
-    packs = fp.config.packed_decode and not fp.config.transposed_products
-    assert buckets == ({8, 16} if packs else set())
+    bb = engine.backbone
+    config = FastPathConfig(transposed_products=False, dnnl_decode=False) if products == "packed" else None
+    rt = sp.runtime(bb)
+    if config is not None:
+        rt.configure(config)
+    try:
+        fp = rt.fastpath
+        fp.packed.clear()
+        engine.warm_up()
+        assert not engine.busy()
+        made = set(fp.packed.store)
+        if products == "packed":
+            assert {b for (_, b) in made if b != "dnnl"} == {8, 16}
+        for rows in (3, 5, 11, 16):
+            generate(bb, None, ["more words here"] * rows, max_new_tokens=3)
+        ids, mask = left_pad([bb.tokenizer("a new row")["input_ids"]] * 3, bb.pad_token_id, bb.device)
+        with torch.inference_mode():  # rows joining a running batch: their prefill rides in its step
+            running = Decoding(bb, [None] * 3, ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in range(3)])
+            running.pick()
+            running.advance(Decoding(bb, [None] * 3, ids, mask, [Row(Sampling(max_new_tokens=4)) for _ in range(3)],
+                                     prefill=False))
+        assert set(fp.packed.store) == made
+    finally:
+        rt.configure(FastPathConfig())

@@ -279,11 +279,13 @@ class FastPath:
                 caches = [prefilled().cache for _ in range(2)]
                 fresh = [Fresh(ids, mask, positions, full, prefix()) for _ in range(2)]
                 with self.engaged():
-                    lean_step = lean.step(nxt, step_mask, step_pos, caches[0], _ACTIVE.get().packed, flipped)
+                    packed, dnnl = self._step_products()
+                    lean_step = lean.step(nxt, step_mask, step_pos, caches[0], packed, flipped, dnnl)
                 with self.engaged(mask):
-                    alone = lean.run(None, fresh[0], None, self._dnnl(), flipped)[1]
+                    head = self._dnnl("dnnl_decode")
+                    alone = lean.run(None, fresh[0], None, self._dnnl(), flipped, head)[1]
                     beside, joined = lean.run(Step(nxt, step_mask, step_pos, caches[1]), fresh[1], None,
-                                              self._dnnl(), flipped)
+                                              self._dnnl(), flipped, head)
                 got.append((lean_step, beside, alone, joined, fresh))
             self.packed.clear()  # the probe's packed weights: made again on first use, if the rows layout runs
         tol = (1e-4 if bb.dtype == torch.float32 else 2e-2) * max(1.0, float(step.abs().max()))
@@ -311,9 +313,16 @@ class FastPath:
             return None
 
         def step(ids, mask, positions, cache):
-            plan = _ACTIVE.get()
-            return lean.step(ids, mask, positions, cache, plan.packed if plan is not None else None, self._flipped())
+            packed, dnnl = self._step_products()
+            return lean.step(ids, mask, positions, cache, packed, self._flipped(), dnnl)
         return step
+
+    def _step_products(self) -> tuple[PackedWeights | None, PackedWeights | None]:
+        """A lean decode step's (packed weights, oneDNN weights): oneDNN's where `dnnl_decode` applies, else the
+        engaged plan's packed weights, if any."""
+        dnnl = self._dnnl("dnnl_decode")
+        plan = _ACTIVE.get()
+        return (None if dnnl is not None or plan is None else plan.packed), dnnl
 
     def joint_forward(self):
         """``run(step, fresh)`` -> (step logits, fresh logits): a decode step and/or a new batch's prefill in one
@@ -324,7 +333,7 @@ class FastPath:
             return None
 
         def run(step, fresh):
-            return lean.run(step, fresh, None, self._dnnl(), self._flipped())
+            return lean.run(step, fresh, None, self._dnnl(), self._flipped(), self._dnnl("dnnl_decode"))
         return run
 
     def _lean_decode(self) -> LeanDecode | None:
@@ -403,11 +412,12 @@ class FastPath:
             return None  # a packed copy per bucket would cost too much memory
         return self.packed
 
-    def _dnnl(self) -> PackedWeights | None:
-        """The store of oneDNN weights for a prefill's products: float32 inference on CPU, one copy of the layers'
-        weights at most PACKING_MAX_BYTES; else None (the modules' own products)."""
+    def _dnnl(self, switch: str = "dnnl_prefill") -> PackedWeights | None:
+        """The store of oneDNN weights for the products `switch` governs (`dnnl_prefill`: a prefill's layer
+        products; `dnnl_decode`: a decode step's, and the LM head's): float32 inference on CPU, one copy of the
+        layers' weights at most PACKING_MAX_BYTES; else None (the modules' own products)."""
         dev = self.backbone.device
-        if (not self.config.dnnl_prefill or not DNNL_AVAILABLE or dev.type != "cpu" or torch.is_grad_enabled()
+        if (not getattr(self.config, switch) or not DNNL_AVAILABLE or dev.type != "cpu" or torch.is_grad_enabled()
                 or torch.is_autocast_enabled(dev.type)):
             return None
         if any(m.weight.dtype != torch.float32 or m.weight.requires_grad for m in self.linears):

@@ -37,6 +37,12 @@ class FastPathConfig:
     # about even with AVX2 only, where a served process also grew 183 MB after warm-up with it (61 MB without) in
     # benchmarks/loadtest.py
     dnnl_prefill: bool = field(default_factory=lambda: not _without_avx512())
+    # float32 inference on CPU: the lean forward's decode steps (a few rows, one token each) and its LM head (in every
+    # lean forward) through oneDNN as well, the same reordered layer weights and one of the LM head's; taken before
+    # packed_decode (no packed copy per row bucket). On by default where the CPU has AVX-512: on an AMD EPYC the
+    # layers' products of a step through oneDNN were 1.4-1.6x faster than packed weights at 8-32 rows
+    # (benchmarks/generation.py --decode measures the whole step, results/decode_speed_avx512.json)
+    dnnl_decode: bool = field(default_factory=lambda: not _without_avx512())
     # float32 inference on CPU: the lean forward feature-major, its products (decode steps and prefills) weight @ h,
     # so that MKL packs the few token columns rather than the whole weight at every call (fastpath/packed.py
     # `weight_first`): no copy of any weight; taken before packed_decode and dnnl_prefill. On by default where the

@@ -93,32 +93,33 @@ class LeanDecode:
         self.lm_head = backbone.model.get_output_embeddings()
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache,
-             packed: PackedWeights | None = None, flipped: bool = False) -> torch.Tensor:
-        return self.run(Step(ids, mask, positions, cache), None, packed, flipped=flipped)[0]
+             packed: PackedWeights | None = None, flipped: bool = False,
+             dnnl: PackedWeights | None = None) -> torch.Tensor:
+        return self.run(Step(ids, mask, positions, cache), None, packed, dnnl, flipped, head=dnnl)[0]
 
     def run(self, step: Step | None, fresh: Fresh | None, packed: PackedWeights | None = None,
-            dnnl: PackedWeights | None = None, flipped: bool = False):
+            dnnl: PackedWeights | None = None, flipped: bool = False, head: PackedWeights | None = None):
         """One forward of a decode `step` (one new token per row of a running batch) and/or a `fresh` batch's
         prefill, their tokens side by side in every product (the fresh rows' real tokens only: no padding).
         Attention stays per batch: each step row on its cache, each fresh row on its own prefix and tokens. Both
         caches are updated. Returns (the step's next-token logits (B, V), the fresh rows' next-token logits
         (B', V)), None for a part not given. `packed`: a step's products through weights packed for its rows'
-        bucket; `dnnl`: a prefill's layer products through oneDNN; `flipped`: feature-major, the hidden states (H, N)
-        and every product weight @ h, its output (out, N) as it is (float32 on CPU, fastpath/packed.py
-        `weight_first`; before the other two)."""
+        bucket; `dnnl`: the layers' products through oneDNN; `head`: the LM head's through oneDNN; `flipped`:
+        feature-major, the hidden states (H, N) and every product weight @ h, its output (out, N) as it is (float32
+        on CPU, fastpath/packed.py `weight_first`; before the others)."""
         nh, nkv, d = self.heads, self.kv_heads, self.head_dim
         groups, half = nh // nkv, d // 2
         B = step.ids.shape[0] if step is not None else 0
         rows = B if packed is not None and fresh is None and bucket(B) is not None else None
-        many = dnnl if fresh is not None else None
 
         def product(modules, h, layer=True):
             if flipped:
                 return weight_first(modules, h)
             if rows is not None:
                 return packed.product(modules, h, rows)
-            if many is not None and layer:
-                return many.dnnl(modules, h)
+            through = dnnl if layer else head
+            if through is not None:
+                return through.dnnl(modules, h)
             out = [m(h) for m in modules]
             return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
@@ -193,7 +194,7 @@ class LeanDecode:
                 x = x.index_select(1 if flipped else 0, torch.cat([torch.arange(B, device=x.device), last]))
             gate, up = product(self.gate_up[i], rms(x, layer.post_attention_layernorm)).chunk(2, dim=0 if flipped else -1)
             x = x + product((layer.mlp.down_proj,), nn.functional.silu(gate) * up)
-        logits = product((self.lm_head,), rms(x, self.base.norm), layer=False)  # a few rows: never oneDNN
+        logits = product((self.lm_head,), rms(x, self.base.norm), layer=False)
         if flipped:
             logits = logits.t()[:B + (Bf if fresh is not None else 0)].contiguous()
         return (logits[:B] if step is not None else None), (logits[B:] if fresh is not None else None)

@@ -29,7 +29,8 @@ MAX_BYTES = 2 * 2**30  # the packed copies of every bucket together: only for mo
 
 AVAILABLE = hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
 # a prefill's products (many tokens at once) through oneDNN: float32 weights reordered once into its layout
-DNNL_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch._C._nn, "mkldnn_linear")
+DNNL_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def bucket(rows: int) -> int | None:
@@ -84,10 +85,13 @@ class PackedWeights:
         got = self.store.get((modules, "dnnl"))
         if got is None or got[0] != stamp:
             w, bias = _side_by_side(modules)
-            got = (stamp, w.to_mkldnn(), bias)
+            # oneDNN's own blocked layout for any row count, and a product on plain (dense) tensors: against the
+            # weight as a plain oneDNN tensor with the input and output converted at every call, 1.5-1.8x faster at 8
+            # rows, 1.2-1.3x at 32, 1.05-1.1x at 160 (SmolLM2's products, AMD EPYC with AVX-512)
+            got = (stamp, torch.ops.mkldnn._reorder_linear_weight(w, None), bias)
             self.store[(modules, "dnnl")] = got
         _, weight, bias = got
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), weight, bias).to_dense()
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
 
     def clear(self) -> None:
         self.store.clear()

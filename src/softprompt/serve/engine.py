@@ -82,10 +82,11 @@ class Engine(Frontend):
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Run a short generation at each row count whose decode steps use their own structures (float32 on a CPU:
-        weights packed per row bucket of 8, 16 and 32 rows, the prefill's reordered weights), so that they are made
-        before the first request: the first requests are not slowed by them, and the server's memory after start is
-        what it holds under load (made on first use, a bucket's copy appeared in the middle of a load test)."""
+        """Run a short generation at each row count whose decode steps may use their own weight copies (float32 on a
+        CPU: oneDNN's reordered weights, or with packed decode steps a copy per row bucket of 8, 16 and 32 rows), so
+        that they are made before the first request: the first requests are not slowed by them, and the server's
+        memory after start is what it holds under load (made on first use, a bucket's copy appeared in the middle of
+        a load test)."""
         if self.backbone.kind != "causal_lm":
             return
         from ..fastpath.packed import BUCKETS
