@@ -506,7 +506,8 @@ def loadtest(res: dict) -> str:
         f"| {res['requests']:,} ({kinds}) | {res['clients']} | {res['tasks']} | {res['errors']} | {res['mismatches']} | "
         f"{res['requests_per_s']:.2f} | {res['latency_p50_s']:.1f} / {res['latency_p99_s']:.1f} s | "
         f"{res['rss_after_warmup_mb']:.0f} -> {res['rss_end_mb']:.0f} MB |", "",
-        f"Command: `{res.get('command', 'python benchmarks/loadtest.py')}` -> `benchmarks/results/loadtest.json` "
+        f"Command: `{res.get('command', 'python benchmarks/loadtest.py')}` -> "
+        f"`benchmarks/results/{res.get('_file', 'loadtest.json')}` "
         + (f"(softprompt {res['softprompt']}, torch {res['torch']})." if "softprompt" in res
            else "(measured with softprompt 0.1, before the core's redesign).")])
 
@@ -641,8 +642,10 @@ RENDERERS = {
     "dnnl_prefill_avx512": (dnnl_prefill, "serving_profile_avx512.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
+    "loadtest_reduced_avx512": (loadtest, "loadtest_reduced_avx512.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),
     "decode_speed_avx2": (decode_speed, "decode_speed_avx2.json"),
+    "decode_speed_avx512": (decode_speed, "decode_speed_avx512.json"),
     "decode_memory": (decode_memory, "decode_memory.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),

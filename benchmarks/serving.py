@@ -142,8 +142,9 @@ def products(bb) -> str | None:
         return None
     if config.transposed_products:
         return "weight-first (feature-major) products"
-    return ("prefills through oneDNN" if config.dnnl_prefill else "prefills through MKL") + (
-        ", decode steps through packed weights" if config.packed_decode else "")
+    decode = (", decode steps through oneDNN" if config.dnnl_decode else
+              ", decode steps through packed weights" if config.packed_decode else "")
+    return ("prefills through oneDNN" if config.dnnl_prefill else "prefills through MKL") + decode
 
 
 def drive(engine: Engine, requests: list[tuple[str, str]], concurrency: int, max_tokens: int | list[int]) -> dict:
