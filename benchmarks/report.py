@@ -443,11 +443,6 @@ def dnnl_rows(res: dict) -> list[str]:
     return lines
 
 
-def dnnl_prefill(res: dict) -> str:
-    """benchmarks/serving_profile.py's oneDNN-against-MKL prefill table alone (a profile from another machine)."""
-    return "\n".join([*dnnl_rows(res), "", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."])
-
-
 def soak(res: dict) -> str:
     """benchmarks/loadtest.py --soak-minutes: a served process under load for a bounded time, with hot reloads."""
     mins = res["minutes"]
@@ -628,6 +623,7 @@ RENDERERS = {
     "demo_avx2": (demo, "demo_avx2.json"),
     "serving": (serving, "serving.json"),
     "serving_continuous": (serving_continuous, "serving_continuous.json"),
+    "serving_continuous_avx512": (serving_continuous, "serving_continuous_avx512.json"),
     "serving_continuous_8": (serving_continuous, "serving_continuous_8.json"),
     "serving_continuous_8_long": (serving_continuous, "serving_continuous_8_long.json"),
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
@@ -639,10 +635,11 @@ RENDERERS = {
     "serving_open_8": (serving_continuous, "serving_open_8.json"),
     "serving_open_8_pacing": (serving_continuous, "serving_open_8_pacing.json"),
     "serving_profile": (serving_profile, "serving_profile.json"),
-    "dnnl_prefill_avx512": (dnnl_prefill, "serving_profile_avx512.json"),
+    "serving_profile_avx512": (serving_profile, "serving_profile_avx512.json"),
     "serving_vllm": (serving_continuous, "serving_vllm.json"),
     "loadtest": (loadtest, "loadtest.json"),
     "loadtest_reduced_avx512": (loadtest, "loadtest_reduced_avx512.json"),
+    "loadtest_1000_avx512": (loadtest, "loadtest_1000_avx512.json"),
     "decode_speed": (decode_speed, "decode_speed.json"),
     "decode_speed_avx2": (decode_speed, "decode_speed_avx2.json"),
     "decode_speed_avx512": (decode_speed, "decode_speed_avx512.json"),

@@ -32,10 +32,9 @@ class FastPathConfig:
     packed_decode: bool = True
     # float32 inference on CPU: the lean forward's prefill products (a new batch's tokens, alone or beside a decode
     # step) through oneDNN with the layer weights reordered once (fastpath/packed.py): one copy of them. On by
-    # default where the CPU has AVX-512: 1.10-1.18x faster prefills there in two runs of
-    # benchmarks/serving_profile.py (1.14-1.16x beside a decode step, what the continuous serving engine runs);
-    # about even with AVX2 only, where a served process also grew 183 MB after warm-up with it (61 MB without) in
-    # benchmarks/loadtest.py
+    # default where the CPU has AVX-512: 1.13-1.19x faster prefills there than MKL's products (1.15x beside a decode
+    # step, what the continuous serving engine runs; benchmarks/serving_profile.py, results/serving_profile_avx512.json);
+    # about even with AVX2 only (measured before oneDNN's products ran on dense tensors)
     dnnl_prefill: bool = field(default_factory=lambda: not _without_avx512())
     # float32 inference on CPU: the lean forward's decode steps (a few rows, one token each) and its LM head (in every
     # lean forward) through oneDNN as well, the same reordered layer weights and one of the LM head's; taken before

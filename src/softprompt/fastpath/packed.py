@@ -9,9 +9,11 @@ nothing when the step is bound by reading the weights. Each bucket used keeps a 
 path is taken only for models whose copies for every bucket fit `MAX_BYTES` together (SmolLM2-135M: 3 x 0.54 GB). The packed product equals the plain one
 to float32 rounding (the same sums in another order).
 
-A prefill (many tokens at once) takes another route: oneDNN, with the weights reordered once into its layout
-(`PackedWeights.dnnl`, the `dnnl_prefill` switch), faster than MKL's float32 GEMM at those shapes on an AMD EPYC
-with AVX-512 (1.10-1.18x), about even on one with AVX2 only (benchmarks/serving_profile.py).
+A prefill (many tokens at once) takes another route: oneDNN, with the weights reordered once into its own layout
+and every product on dense tensors (`PackedWeights.dnnl`, the `dnnl_prefill` switch), faster than MKL's float32 GEMM
+at those shapes on an AMD EPYC with AVX-512 (1.13-1.19x), about even on one with AVX2 only
+(benchmarks/serving_profile.py). There, decode steps and the LM head take it too (`dnnl_decode`): the decode step at 8
+rows in less than half the packed weights' time (benchmarks/generation.py --decode), so no packed copy is made.
 
 Without AVX-512 both give way to `weight_first` (the `transposed_products` switch): the lean forward kept
 feature-major and every product weight @ h, so that MKL packs the few token columns rather than the weight. No copy
@@ -79,15 +81,15 @@ class PackedWeights:
     def dnnl(self, modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
         """x (N, in) float32, many rows (a prefill's tokens) -> the outputs of `modules` side by side, one oneDNN
         product through their weights concatenated and reordered once. On an AMD EPYC with AVX-512 MKL's float32 GEMM
-        is the slower of the two at these shapes (prefills 1.10-1.18x faster this way); with AVX2 only they are about
+        is the slower of the two at these shapes (prefills 1.13-1.19x faster this way); with AVX2 only they are about
         even (0.98-1.07x; benchmarks/serving_profile.py)."""
         stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
         got = self.store.get((modules, "dnnl"))
         if got is None or got[0] != stamp:
             w, bias = _side_by_side(modules)
-            # oneDNN's own blocked layout for any row count, and a product on plain (dense) tensors: against the
-            # weight as a plain oneDNN tensor with the input and output converted at every call, 1.5-1.8x faster at 8
-            # rows, 1.2-1.3x at 32, 1.05-1.1x at 160 (SmolLM2's products, AMD EPYC with AVX-512)
+            # oneDNN's own blocked layout for any row count, and a product on plain (dense) tensors: faster than the
+            # weight as a plain oneDNN tensor with the input and output converted at every call, the most at a
+            # decode step's few rows (SmolLM2's products, AMD EPYC with AVX-512)
             got = (stamp, torch.ops.mkldnn._reorder_linear_weight(w, None), bias)
             self.store[(modules, "dnnl")] = got
         _, weight, bias = got
