@@ -492,6 +492,11 @@ def test_dnnl_decode_steps_and_lm_head_equal_the_plain_ones_and_replace_packed_w
             want = lean.step(nxt, step_mask, pos[:, -1:] + 1, prefilled[1])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert torch.is_grad_enabled() and fp._dnnl("dnnl_decode") is None
+    # the model's own forward (lean decode step off): its decode steps' Linears through oneDNN, one by one
+    switched(bb, FastPathConfig(transposed_products=False, dnnl_decode=True, lean_decode=False))
+    fp.packed.clear()
+    assert generate(bb, None, texts, max_new_tokens=6).tokens == plain[5]
+    assert {b for (_, b) in fp.packed.store} == {"dnnl"} and len(fp.packed.store) == len(fp.linears)
 
 
 def test_float32_cpu_products_default_by_the_cpus_capability():

@@ -57,6 +57,7 @@ class Engaged:
     gqa: bool = False
     math: bool = False
     packed: PackedWeights | None = None  # float32 CPU inference: decode-shaped products through packed weights
+    dnnl: PackedWeights | None = None  # float32 CPU inference: decode-shaped products through oneDNN (before packed)
 
 
 _ACTIVE: contextvars.ContextVar[Engaged | None] = contextvars.ContextVar("softprompt_fastpath", default=None)
@@ -81,6 +82,8 @@ def _linear_forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
         if plan.casts is not None:
             out = nn.functional.linear(flat, plan.casts.weight(self), self.bias)
+        elif plan.dnnl is not None and x.dtype == torch.float32 and flat.shape[0] == x.shape[0]:
+            out = plan.dnnl.dnnl((self,), flat)  # one position per row: a decode step
         elif plan.packed is not None and x.dtype == torch.float32 and flat.shape[0] == x.shape[0] \
                 and bucket(x.shape[0]) is not None:  # one position per row: a decode step
             out = plan.packed.linear(self, flat, x.shape[0])
@@ -380,7 +383,8 @@ class FastPath:
         plan = Engaged(self, casts=self._weight_casts(auto),
                        gqa=dev.type == "cpu" and cfg.sdpa_gqa and _GQA_OK,
                        math=dev.type == "cpu" and cfg.bf16_math_attention and bf16 and torch.is_grad_enabled(),
-                       packed=self._packing(auto) if mask is None else None)  # rows' forward: never a decode step
+                       packed=self._packing(auto) if mask is None else None,  # rows' forward: never a decode step
+                       dnnl=self._dnnl("dnnl_decode") if mask is None and auto is None else None)
         if mask is not None:
             real = None
             if cfg.unpadded_mlp and not bool(mask.all()):

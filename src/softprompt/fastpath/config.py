@@ -37,8 +37,8 @@ class FastPathConfig:
     # about even with AVX2 only (measured before oneDNN's products ran on dense tensors)
     dnnl_prefill: bool = field(default_factory=lambda: not _without_avx512())
     # float32 inference on CPU: the lean forward's decode steps (a few rows, one token each) and its LM head (in every
-    # lean forward) through oneDNN as well, the same reordered layer weights and one of the LM head's; taken before
-    # packed_decode (no packed copy per row bucket). On by default where the CPU has AVX-512: on an AMD EPYC the
+    # lean forward) through oneDNN as well, the same reordered layer weights and one of the LM head's (and a decode
+    # step's Linears through the model's own forward); taken before packed_decode (no packed copy per row bucket). On by default where the CPU has AVX-512: on an AMD EPYC the
     # layers' products of a step through oneDNN were 1.4-1.6x faster than packed weights at 8-32 rows
     # (benchmarks/generation.py --decode measures the whole step, results/decode_speed_avx512.json)
     dnnl_decode: bool = field(default_factory=lambda: not _without_avx512())
