@@ -30,7 +30,7 @@ MIN_ROWS = 3  # below this the plain GEMM is as fast
 MAX_BYTES = 2 * 2**30  # the packed copies of every bucket together: only for models where they take at most this
 
 AVAILABLE = hasattr(torch.ops, "mkl") and hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available()
-# a prefill's products (many tokens at once) through oneDNN: float32 weights reordered once into its layout
+# products through oneDNN (prefills; decode steps with AVX-512): float32 weights reordered once into its layout
 DNNL_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                   and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -79,8 +79,8 @@ class PackedWeights:
         return torch.ops.mkl._mkl_reorder_linear_weight(w, b), w.new_empty(1).expand(w.shape), bias
 
     def dnnl(self, modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
-        """x (N, in) float32, many rows (a prefill's tokens) -> the outputs of `modules` side by side, one oneDNN
-        product through their weights concatenated and reordered once. On an AMD EPYC with AVX-512 MKL's float32 GEMM
+        """x (N, in) float32 (a prefill's tokens, or a decode step's rows) -> the outputs of `modules` side by side,
+        one oneDNN product through their weights concatenated and reordered once. On an AMD EPYC with AVX-512 MKL's float32 GEMM
         is the slower of the two at these shapes (prefills 1.13-1.19x faster this way); with AVX2 only they are about
         even (0.98-1.07x; benchmarks/serving_profile.py)."""
         stamp = tuple((m.weight.data_ptr(), m.weight._version) for m in modules)
