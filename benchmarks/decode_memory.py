@@ -1,8 +1,9 @@
 """The memory a float32 CPU decode costs on top of the model, per product route of the lean forward: each route in a
 fresh process (one route's memory never hides another's), SmolLM2 loaded, then greedy generation at 8, 16 and 28
 rows (the packed weights' three row buckets), and the process's resident memory (RSS, Linux's /proc) read after the load and after
-the decoding. Routes: feature-major with weight-first products (`transposed_products`), rows with packed weights
-(`packed_decode`: a packed copy of the weights per row bucket used), rows with neither.
+the decoding. Routes: feature-major with weight-first products (`transposed_products`), rows through oneDNN
+(`dnnl_prefill` and `dnnl_decode`: one reordered copy of the weights), rows with packed weights (`packed_decode`: a
+packed copy of the weights per row bucket used), rows with none of them.
 
     python benchmarks/decode_memory.py [--model smollm2-135m]  -> benchmarks/results/decode_memory.json
 """
@@ -17,8 +18,10 @@ from pathlib import Path
 
 ROUTES = {
     "feature-major, weight-first products": dict(transposed_products=True),
-    "rows, packed weights": dict(transposed_products=False),
-    "rows, neither": dict(transposed_products=False, packed_decode=False),
+    "rows, oneDNN (prefills, decode steps, LM head)": dict(transposed_products=False, dnnl_prefill=True,
+                                                             dnnl_decode=True),
+    "rows, packed weights": dict(transposed_products=False, dnnl_prefill=False, dnnl_decode=False),
+    "rows, neither": dict(transposed_products=False, packed_decode=False, dnnl_prefill=False, dnnl_decode=False),
 }
 
 CHILD = """
@@ -58,7 +61,7 @@ def main() -> None:
         rows.append({"route": route, "switches": switches, **got,
                      "added_mb": got["rss_after_decoding_mb"] - got["rss_loaded_mb"]})
         print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/decode_memory.py" + ("" if args.model == "smollm2-135m" else f" --model {args.model}")
+    command = " ".join(["python benchmarks/decode_memory.py", *sys.argv[1:]])
     result = {"model": args.model, "rows_decoded": [8, 16, 28], "cpu_flags": cpu_flags(), "rows": rows,
               "command": command}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

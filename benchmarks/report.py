@@ -484,11 +484,12 @@ def decode_memory(res: dict) -> str:
     lines = [f"{res['model']} (float32), greedy generation at {', '.join(map(str, res['rows_decoded']))} rows, each "
              "route in a fresh process; resident memory after loading the model and after the decoding." +
              (f" CPU flags: {', '.join(res['cpu_flags'])}." if res.get("cpu_flags") else ""), "",
-             "| route | after loading | after decoding | added | packed weights made (per product and row bucket) |", "|---|---|---|---|---|"]
+             "| route | after loading | after decoding | added | weight copies made (packed: per product and row "
+             "bucket; oneDNN: per product) |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['route']} | {r['rss_loaded_mb']:.0f} MB | {r['rss_after_decoding_mb']:.0f} MB | "
                      f"{r['added_mb']:.0f} MB | {r['packed_copies']} |")
-    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/decode_memory.json`."]
+    lines += ["", f"Command: `{res['command']}` -> `benchmarks/results/{res.get('_file', 'decode_memory.json')}`."]
     return "\n".join(lines)
 
 
@@ -644,6 +645,7 @@ RENDERERS = {
     "decode_speed_avx2": (decode_speed, "decode_speed_avx2.json"),
     "decode_speed_avx512": (decode_speed, "decode_speed_avx512.json"),
     "decode_memory": (decode_memory, "decode_memory.json"),
+    "decode_memory_avx512": (decode_memory, "decode_memory_avx512.json"),
     "soak": (soak, "soak.json"),
     "speedups": (speedups, "speedups.json"),
     "lm_head_products": (lm_head_products, "lm_head_products.json"),
