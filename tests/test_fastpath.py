@@ -467,7 +467,7 @@ def test_dnnl_decode_steps_and_lm_head_equal_the_plain_ones_and_replace_packed_w
     switched(bb, FastPathConfig(transposed_products=False, dnnl_prefill=False, dnnl_decode=False,
                                 packed_decode=False))
     plain = {n: generate(bb, None, texts[:n], max_new_tokens=6).tokens for n in (1, 5)}
-    switched(bb, FastPathConfig(transposed_products=False, dnnl_decode=True))
+    switched(bb, FastPathConfig(transposed_products=False, dnnl_prefill=False, dnnl_decode=True))  # layers: decode only
     fp = sp.runtime(bb).fastpath
     fp.packed.clear()
     assert fp.decode_step() is not None  # its self-check passed with these products

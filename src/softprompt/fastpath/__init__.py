@@ -321,11 +321,12 @@ class FastPath:
         return step
 
     def _step_products(self) -> tuple[PackedWeights | None, PackedWeights | None]:
-        """A lean decode step's (packed weights, oneDNN weights): oneDNN's where `dnnl_decode` applies, else the
-        engaged plan's packed weights, if any."""
-        dnnl = self._dnnl("dnnl_decode")
+        """A lean decode step's (packed weights, oneDNN weights) from the engaged plan: oneDNN's where `dnnl_decode`
+        applies, else the packed weights, if any."""
         plan = _ACTIVE.get()
-        return (None if dnnl is not None or plan is None else plan.packed), dnnl
+        if plan is None:
+            return None, None
+        return (plan.packed if plan.dnnl is None else None), plan.dnnl
 
     def joint_forward(self):
         """``run(step, fresh)`` -> (step logits, fresh logits): a decode step and/or a new batch's prefill in one
@@ -384,7 +385,7 @@ class FastPath:
                        gqa=dev.type == "cpu" and cfg.sdpa_gqa and _GQA_OK,
                        math=dev.type == "cpu" and cfg.bf16_math_attention and bf16 and torch.is_grad_enabled(),
                        packed=self._packing(auto) if mask is None else None,  # rows' forward: never a decode step
-                       dnnl=self._dnnl("dnnl_decode") if mask is None and auto is None else None)
+                       dnnl=self._dnnl("dnnl_decode") if mask is None else None)
         if mask is not None:
             real = None
             if cfg.unpadded_mlp and not bool(mask.all()):
