@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -14,6 +15,7 @@ from conftest import SYNTH_TASK, make_backbone
 from fastapi.testclient import TestClient
 
 import softprompt as sp
+from softprompt.runtime import threads
 from softprompt.serve import PromptBank
 from softprompt.serve.app import create_app
 from softprompt.serve.engine import Engine, RequestError
@@ -82,6 +84,27 @@ def submit_all(engine, jobs):
         engine.submit(job)
     assert done.wait(60)
     return [results[i] for i in range(len(jobs))]
+
+
+def test_starting_the_engine_ends_the_starting_threads_openmp_pool_and_answers_stay_equal(bank):
+    """A thread that ran parallel operations keeps a pool of OpenMP workers; beside the engine worker's own pool,
+    libgomp stops spinning between parallel regions and every parallel operation of the worker wakes its threads
+    through the kernel (runtime/threads.py). Starting the engine ends the starting thread's pool: the process holds
+    the worker's thread more and that pool's helpers fewer; answers and later parallel operations stay right."""
+    helpers = torch.get_num_threads() - 1
+    if helpers < 1 or threads._pause() is None:
+        pytest.skip("torch runs one thread here, or not on libgomp: no pool to end")
+    x = torch.arange(1 << 20, dtype=torch.float32)
+    assert float((x * 2).sum()) == float(x.sum()) * 2  # a parallel region on this thread: its pool exists
+    before = len(os.listdir("/proc/self/task"))
+    eng = Engine(bank, max_batch=8).start()
+    try:
+        assert len(os.listdir("/proc/self/task")) == before - helpers + 1
+        [(kind, result)] = submit_all(eng, [eng.generation_job("alpha", "the cat sat", max_tokens=5, temperature=0)])
+        assert kind == "done" and result.tokens == alone(bank, "alpha", "the cat sat", 5)
+    finally:
+        eng.stop()
+    assert torch.equal(x * 2, x + x)  # this thread's next parallel regions: a new pool
 
 
 # --- engine: mixed-task batches ---------------------------------------------------------------------------

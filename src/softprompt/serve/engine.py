@@ -30,6 +30,7 @@ from ..ensemble import combine
 from ..errors import SoftPromptError
 from ..generation import Decoding
 from ..model import MixedPromptedModel
+from ..runtime.threads import release_openmp_threads
 from ..tasks.encode import left_pad
 from .bank import PromptBank
 from .jobs import Frontend, Job, Overloaded, RequestError, Result, _holdback, log  # noqa: F401 (re-exported)
@@ -98,6 +99,10 @@ class Engine(Frontend):
     def start(self) -> Engine:
         if self._thread is None:
             self._stopping, self._accepting = False, True
+            # this thread (which loaded and warmed the model) hands its OpenMP workers back: beside the worker's
+            # own, they would make every parallel operation of the worker wake its threads through the kernel
+            # (runtime/threads.py)
+            release_openmp_threads()
             self._thread = threading.Thread(target=self._run, name="softprompt-engine", daemon=True)
             self._thread.start()
         return self
