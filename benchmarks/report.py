@@ -606,7 +606,23 @@ def encoder_speed(res: dict) -> str:
     return "\n".join(lines)
 
 
+def openmp_threads(res: dict) -> str:
+    """benchmarks/openmp_threads.py: the serving worker's operations on the model's thread and on a second thread."""
+    lines = [f"{res['model']} (float32): medians over {res['rounds']} rounds of the three cases in turn, in one "
+             f"process ({res['steps']} steps of each kind per case and round; the same 4 new requests in every joint "
+             "step).", "",
+             f"| where it runs | element-wise product ({res['elementwise_shape'][0]} x {res['elementwise_shape'][1]}) "
+             f"| decode step, {res['running_rows']} rows | the same step with {res['joining']} requests' prefill "
+             "riding in it |", "|---|---|---|---|"]
+    for case in res["cases"].values():
+        lines.append(f"| {case['name']} | {case['elementwise_us']:.1f} us | {case['decode_step_ms']:.1f} ms | "
+                     f"{case['joint_step_ms']:.1f} ms |")
+    lines += ["", f"Command: `{res['command']}`. Machine: {machine_line(res['machine'])}."]
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "openmp_threads": (openmp_threads, "openmp_threads.json"),
     "speed": (speed, "train_vs_peft.json"),
     "speed_headline": (speed_headline, "train_vs_peft.json"),
     "speed_gemma": (speed, "train_vs_peft_gemma.json"),
