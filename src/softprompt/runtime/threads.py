@@ -5,8 +5,8 @@ parallel region keeps its own pool of OpenMP worker threads for the rest of its 
 more threads than the machine has cores, libgomp stops spinning between parallel regions (``GOMP_SPINCOUNT``'s
 throttled count) and every region wakes its workers through the kernel. A server loads and warms its model on one
 thread and decodes on another: on 2 cores (benchmarks/openmp_threads.py, docs/serving.md), an element-wise product
-of (160, 576) floats took 63.8 us instead of 7.5 on the second thread while the first thread's pool was kept, a
-decode step of 28 rows 76.7 ms instead of 68.9. So the thread that starts the worker hands its own pool back
+of (160, 576) floats took 64.2 us instead of 8.0 on the second thread while the first thread's pool was kept, a
+decode step of 28 rows 83.0 ms instead of 73.9. So the thread that starts the worker hands its own pool back
 (OpenMP 5.0's ``omp_pause_resource_all``, which libgomp implements by ending the calling thread's pool; its next
 parallel region makes a new one).
 
