@@ -9,7 +9,9 @@ weight-first products, oneDNN (packed weights instead), packed weights; the mode
 engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. The vLLM server
 is paused (SIGSTOP) while the others run: idle, its threads still spin and would take a core from them. A step's cost
 is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
-every weight of the model once (a sum over each parameter, median): a decode step must stream them all. Writes
+every weight of the model once (a sum over each parameter, median): a decode step must stream them all. Beside it,
+the step's weight products alone, one after another, through the route the default takes (how much of the step
+they are). Writes
 benchmarks/results/decode_speed.json.
 
 Reports the backbone load time, then for each mode the median wall time of a whole generate() call
@@ -124,6 +126,41 @@ def weight_floor(bb, repeats: int = 9) -> float:
     return statistics.median(times)
 
 
+def products_alone(bb, rows: int):
+    """(route, run): `run()` does a decode step's weight products alone at `rows` rows (each layer's q/k/v, output,
+    gate/up and down projections, then the LM head, one after another as in the step) through the route the CPU's
+    default fast path takes: how much of the step the products are. None for a model without a lean decode step,
+    or off a CPU in float32."""
+    from softprompt.fastpath import FastPathConfig
+    from softprompt.fastpath.decode import LeanDecode, unsupported
+    from softprompt.fastpath.packed import DNNL_AVAILABLE, PackedWeights, weight_first
+
+    if unsupported(bb.model) is not None or bb.dtype != torch.float32 or bb.device.type != "cpu":
+        return None  # the routes are float32 CPU ones
+    lean, config, store = LeanDecode(bb), FastPathConfig(), PackedWeights()
+    products = [p for i, la in enumerate(lean.layers)
+                for p in (lean.qkv[i], (la.self_attn.o_proj,), lean.gate_up[i], (la.mlp.down_proj,))]
+    products.append((lean.lm_head,))
+    flipped = config.transposed_products
+    inputs = {}
+    for mods in products:
+        n = mods[0].in_features
+        inputs.setdefault(n, torch.randn(n, rows) if flipped else torch.randn(rows, n))
+    if flipped:
+        route, one = "weight-first, MKL", lambda mods: weight_first(mods, inputs[mods[0].in_features])
+    elif config.dnnl_decode and DNNL_AVAILABLE:
+        route, one = "oneDNN", lambda mods: store.dnnl(mods, inputs[mods[0].in_features])
+    else:
+        route, one = "packed weights, MKL", lambda mods: store.product(mods, inputs[mods[0].in_features], rows)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for mods in products:
+                one(mods)
+    run()  # the route's weight copies made here, not timed
+    return route, run
+
+
 PLAIN = "softprompt, lean decode step, transposed products and packed weights off"
 
 
@@ -231,10 +268,16 @@ def decode_speed(args) -> None:
             run(2)
         times: dict[str, dict[int, list[float]]] = {m: {1: [], args.new: []} for m in runners}
         tokens = {}
-        floors = []
+        floors, products = [], []
+        alone = products_alone(bb, args.batch)
         for _ in range(args.repeats):
             switch("floor")
             floors.append(weight_floor(bb, 3))
+            if alone is not None:
+                for _ in range(3):
+                    t = time.perf_counter()
+                    alone[1]()
+                    products.append(time.perf_counter() - t)
             for m, run in runners.items():
                 switch(m)
                 for n in (1, args.new):
@@ -272,6 +315,8 @@ def decode_speed(args) -> None:
               "torch": torch.__version__, "cpu_flags": flags, "repeats": args.repeats,
               "weights_mb": sum(q.numel() * q.element_size() for q in bb.model.parameters()) / 1e6,
               "floor_ms": 1000 * floor, "rows": rows,
+              "products_ms": 1000 * statistics.median(products) if products else None,
+              "products_route": alone[0] if alone is not None else None,
               "command": "python benchmarks/generation.py " + " ".join(_public(sys.argv[1:]))}
     out = Path(args.out or "benchmarks/results/decode_speed.json")
     out.parent.mkdir(parents=True, exist_ok=True)

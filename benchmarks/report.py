@@ -468,8 +468,10 @@ def decode_speed(res: dict) -> str:
     lines = [f"{res['model']} ({res['dtype']}, {res['threads']} threads, torch {res['torch']}), batch {res['batch']}, "
              f"a {res['prompt_len']}-token soft prompt, {res['new_tokens']} new tokens, median of {res['repeats']} "
              f"runs, engines alternated. Floor: reading the {res['weights_mb']:.0f} MB of weights once took "
-             f"{res['floor_ms']:.1f} ms." + (f" CPU flags: {', '.join(res['cpu_flags'])}." if res.get("cpu_flags")
-                                           else ""), "",
+             f"{res['floor_ms']:.1f} ms." + (f" The step's weight products alone, one after another ({res['products_route']}, "
+                                            f"{res['batch']} rows): {res['products_ms']:.1f} ms."
+                                            if res.get("products_ms") else "")
+             + (f" CPU flags: {', '.join(res['cpu_flags'])}." if res.get("cpu_flags") else ""), "",
              "| engine | decode step | new tokens/s | floor / step | greedy rows equal to the plain path |",
              "|---|---|---|---|---|"]
     for r in res["rows"]:
