@@ -648,6 +648,8 @@ RENDERERS = {
     "serving_continuous_8_bf16": (serving_continuous, "serving_continuous_8_bf16.json"),
     "serving_continuous_8_avx512": (serving_continuous, "serving_continuous_8_avx512.json"),
     "serving_continuous_8_long_avx512": (serving_continuous, "serving_continuous_8_long_avx512.json"),
+    "serving_continuous_intel": (serving_continuous, "serving_continuous_intel.json"),
+    "serving_continuous_8_long_intel": (serving_continuous, "serving_continuous_8_long_intel.json"),
     "serving_budget_8": (serving_continuous, "serving_budget_8.json"),
     "serving_budget_8_fp32": (serving_continuous, "serving_budget_8_fp32.json"),
     "serving_open_8_rate3": (serving_continuous, "serving_open_8_rate3.json"),
