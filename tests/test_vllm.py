@@ -166,22 +166,29 @@ def test_the_http_api_streams_and_classifies_through_vllm(setup):
 
 
 def test_a_full_engine_refuses_with_overloaded(setup):
+    """The vLLM server is paused (SIGSTOP) while the first request is in flight: a tiny model could otherwise finish
+    its whole answer before the second request is submitted, and the slot would be free again."""
     eng = setup["vllm"]
+    server = eng.server
     saved, eng.max_queue = eng.max_queue, 1
     try:
         first = eng.generation_job("alpha", TEXTS[0], max_tokens=200, temperature=0, ignore_eos=True)
         done = threading.Event()
         first.emit = lambda kind, value: done.set() if kind in ("done", "error") else None
+        server.pause()
         eng.submit(first)
         with pytest.raises(Overloaded):
             eng.submit(eng.generation_job("alpha", TEXTS[1], max_tokens=2))
+        assert not done.is_set()
         first.cancel()  # the client went away: its vLLM request is dropped, the slot freed
+        server.resume()
         for _ in range(100):
             if not eng.busy():
                 break
             threading.Event().wait(0.05)
         assert not eng.busy()
     finally:
+        server.resume()
         eng.max_queue = saved
 
 
