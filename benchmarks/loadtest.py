@@ -13,7 +13,9 @@ requests drawn from a pool of distinct ones: completions (greedy), streaming com
 /v1/classify. Before the server starts, the expected answer of every distinct request is computed offline, in
 this process, one request at a time (`softprompt.generate` / the task's own scoring). Passes when there are no
 errors, every completion and stream equals its offline text, every label equals its offline label, and the
-server's RSS after warm-up stays flat (growth reported). Writes benchmarks/results/loadtest.json.
+server's RSS stays flat after warm-up: at the end no more than WORKING_SWING_MB above the highest sample of the
+first half of the run after warm-up (the working set's peak; growth from the warm-up sample is reported too).
+Writes benchmarks/results/loadtest.json.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from serving import make_tasks, review_prompts  # noqa: E402
 # products) comes and goes with the batch, and the allocator keeps some of it. Measured on a 1.4-1.6 GB server
 # (feature-major decoding, no packed weights): up to 306 MB above the warm-up sample during the 2,000-request run
 # (-34 MB at its end), per-minute peaks between 1,567 and 1,746 MB over the 10-minute soak with no trend, +94 MB at
-# the end of a reduced run. 5% of a 3.8 GB server (packed weights) covered that; 5% of 1.4 GB does not.
+# the end of a reduced run. 5% of a 3.8 GB server (packed weights) covered that; 5% of 1.4 GB does not. Reduced
+# runs on AVX-512 machines (oneDNN's reordered weights, made by the first forwards of each shape) ended +94, +163
+# and +250 MB above a warm-up sample that can fall in a trough: the end is measured from the early peak instead.
 WORKING_SWING_MB = 256
 
 
@@ -108,7 +112,7 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
     rss_stamped: list[tuple[float, float]] = []
     finished = 0
     reloads = 0
-    rss_at_warmup = None
+    rss_at_warmup = warm_t = None
     start = time.perf_counter()
     rng = random.Random(2)
 
@@ -120,7 +124,7 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
         return queue.pop(0) if queue else None
 
     async def worker(client):
-        nonlocal finished, rss_at_warmup
+        nonlocal finished, rss_at_warmup, warm_t
         while True:
             got_item = next_item()
             if got_item is None:
@@ -139,7 +143,7 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
                                    "got": got, "want": item["want"]})
             finished += 1
             if finished == warmup:
-                rss_at_warmup = rss_mb(pid)
+                rss_at_warmup, warm_t = rss_mb(pid), time.perf_counter() - start
 
     async def sample_rss():
         while True:
@@ -183,12 +187,20 @@ async def run_load(base: str, todo: list[dict], clients: int, max_tokens: int, p
             minutes.append({"minute": m, "requests": len(lat), "latency_p50_s": statistics.median(lat),
                             "latency_p99_s": lat[int(0.99 * (len(lat) - 1))], "rss_mb": max(mem) if mem else None})
     n = finished + len(errors)
+    # the working set's high-water mark in the first half of the run after warm-up: a batch's buffers come and go and
+    # the allocator keeps some, so one sample at warm-up may sit in a trough; a leak keeps growing past that peak
+    early_peak = None
+    if rss_at_warmup is not None:
+        mid = (warm_t + wall) / 2
+        early_peak = max([rss_at_warmup] + [x for t, x in rss_stamped if warm_t <= t <= mid])
     return {"requests": n if soak_s else len(todo), "reloads": reloads, "minutes": minutes, "errors": len(errors), "first_errors": errors[:5], "mismatches": len(mismatches),
             "first_mismatches": mismatches[:5], "wall_s": wall, "requests_per_s": (n if soak_s else len(todo)) / wall,
             "latency_p50_s": statistics.median(latencies) if latencies else None,
             "latency_p99_s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
             "rss_after_warmup_mb": rss_at_warmup, "rss_end_mb": end, "rss_max_mb": max(rss or [end]),
             "rss_growth_after_warmup_mb": None if rss_at_warmup is None else end - rss_at_warmup,
+            "rss_early_peak_mb": early_peak, "rss_growth_past_early_peak_mb": None if early_peak is None
+            else end - early_peak,
             "server_metrics": metrics}
 
 
@@ -264,7 +276,7 @@ def main() -> None:
                                 and last < 1.05 * first)
             Path(args.out).write_text(json.dumps(result, indent=2))
             sys.exit(0 if result["passed"] else 1)
-    growth = result["rss_growth_after_warmup_mb"]
+    growth = result["rss_growth_past_early_peak_mb"]
     result["passed"] = (result["errors"] == 0 and result["mismatches"] == 0 and growth is not None
                         and growth < max(0.05 * result["rss_after_warmup_mb"], WORKING_SWING_MB))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The load test at a reduced size, on the real SmolLM2 served by `softprompt serve` in a subprocess: every answer
-equal to its offline one, no errors, RSS flat after warm-up (benchmarks/loadtest.py's own pass criteria)."""
+equal to its offline one, no errors, RSS flat after warm-up: no growth past the working set's early peak
+(benchmarks/loadtest.py's own pass criteria)."""
 
 from __future__ import annotations
 
